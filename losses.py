@@ -1,0 +1,91 @@
+"""Training losses of the cascade, built on segmentation-models-pytorch's losses.
+
+- :class:`TissueLoss` (stage 1): ``dice_weight * soft Dice + ce_weight * cross-entropy`` over the four tissue
+  classes (weights 0.5 / 0.5 by default).
+- :class:`LesionLoss` (stage 2): ``dice_weight * soft Dice + bce_weight * binary cross-entropy`` on the lesion logit
+  (weights 1 / 1 by default).
+- :func:`l1_penalty`: ``l1_lambda * sum |w|`` over the weight tensors of convolutions and linear layers.
+
+Empty-mask convention (smp's ``DiceLoss``, kept on purpose): Dice is computed over the whole batch per class
+("batch Dice"), and a class with no true pixel anywhere in the batch contributes a Dice loss of 0, whatever the
+prediction; the average still runs over all classes. So a batch of lesion-free crops has Dice loss 0 and is trained
+by the cross-entropy term alone, which does penalise every false-positive pixel. The alternative (Dice of an empty
+prediction on an empty truth = 1, of any prediction on an empty truth = 0) would make a single stray pixel cost the
+whole Dice term and destabilise training on lesion-free images.
+
+All losses are computed in float32, also under ``torch.autocast``: the logits are cast up and autocast is switched
+off inside ``forward``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from segmentation_models_pytorch.losses import DiceLoss
+from torch import nn
+
+
+class TissueLoss(nn.Module):
+    """Stage-1 loss: weighted multi-class soft Dice (smp ``DiceLoss(mode="multiclass")``) + cross-entropy.
+
+    Args:
+        dice_weight: weight of the Dice term (default 0.5, the cascade's recipe).
+        ce_weight: weight of the cross-entropy term (default 0.5).
+
+    Shape:
+        - logits: ``(N, C, H, W)`` float (any dtype; computed in float32).
+        - target: ``(N, H, W)`` int64 class indices in ``[0, C)``.
+        - output: scalar float32 tensor.
+    """
+
+    def __init__(self, dice_weight: float = 0.5, ce_weight: float = 0.5):
+        super().__init__()
+        self.dice_weight = float(dice_weight)
+        self.ce_weight = float(ce_weight)
+        self.dice = DiceLoss(mode="multiclass", from_logits=True)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            logits = logits.float()
+            target = target.long()
+            return self.dice_weight * self.dice(logits, target) + self.ce_weight * F.cross_entropy(logits, target)
+
+
+class LesionLoss(nn.Module):
+    """Stage-2 loss: weighted binary soft Dice (smp ``DiceLoss(mode="binary")``) + binary cross-entropy on logits.
+
+    Args:
+        dice_weight: weight of the Dice term (default 1.0).
+        bce_weight: weight of the BCE term (default 1.0).
+
+    Shape:
+        - logits: ``(N, 1, H, W)`` float.
+        - target: ``(N, 1, H, W)`` float (or bool/int) in {0, 1}.
+        - output: scalar float32 tensor.
+    """
+
+    def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0):
+        super().__init__()
+        self.dice_weight = float(dice_weight)
+        self.bce_weight = float(bce_weight)
+        self.dice = DiceLoss(mode="binary", from_logits=True)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            logits = logits.float()
+            target = target.float()
+            return self.dice_weight * self.dice(logits, target) + self.bce_weight * F.binary_cross_entropy_with_logits(logits, target)
+
+
+def l1_penalty(model: nn.Module, l1_lambda: float) -> torch.Tensor:
+    """L1 weight penalty ``l1_lambda * sum(|w|)`` over every parameter with two or more dimensions.
+
+    Convolution and linear weights are penalised; biases and BatchNorm scales/shifts (1-D) are not, since shrinking
+    them does not sparsify the network and only fights the normalisation. Returns a float32 scalar (0 when
+    ``l1_lambda == 0``, without touching the parameters). For the ACA-ASPP ResUNet with its initial weights,
+    ``sum |w|`` is about 5e5, so the default ``l1_lambda`` 5e-5 starts near 25 and is logged as its own term.
+    """
+    weights = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    if l1_lambda == 0 or not weights:
+        return torch.zeros((), dtype=torch.float32, device=weights[0].device if weights else "cpu")
+    return float(l1_lambda) * torch.stack([p.float().abs().sum() for p in weights]).sum()

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Create (or refresh) the project's virtual environment in .venv and install requirements.txt.
+#
+# Idempotent: a stamp file holds the hash of requirements.txt, so a second call with unchanged requirements
+# returns in a second. Set MAMMO_VENV to use another folder, PYTHON to use another interpreter (default python3.11,
+# then python3).
+#
+# Why the last step: albumentations pulls opencv-python-headless and the viewer needs opencv-python (with a GUI);
+# both wheels install the same cv2/ package, and whichever pip writes last wins. Reinstalling opencv-python (same
+# pinned version, no dependencies) last makes the result deterministic: cv2 is the GUI build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${MAMMO_VENV:-.venv}"
+python_bin="${PYTHON:-$(command -v python3.11 || command -v python3)}"
+stamp="$venv/.requirements.sha256"
+want=$(sha256sum requirements.txt | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    exit 0
+fi
+echo "[setup] creating $venv with $python_bin and installing requirements.txt (first run: several minutes)" >&2
+"$python_bin" -m venv "$venv"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r requirements.txt
+gui_cv=$(grep -E '^opencv-python==' requirements.txt)
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps "$gui_cv"
+"$venv/bin/python" - <<'PY'
+import cv2
+gui = [line.strip() for line in cv2.getBuildInformation().splitlines() if line.strip().startswith("GUI:")]
+print(f"[setup] OpenCV {cv2.__version__} ({gui[0] if gui else 'GUI: unknown'})")
+PY
+echo "$want" > "$stamp"

@@ -1,0 +1,58 @@
+"""Shared pytest fixtures: where the real data lives, and skips when it is absent.
+
+The real public mammograms sit beside the project root at ``../shared/data`` (see that folder's README).
+CI mounts them read-only, so tests write only under ``tmp_path``. A test that needs them skips with a reason
+when the folder is missing; it never falls back to fake data silently.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+if str(PROJECT_ROOT) not in sys.path:
+    sys.path.insert(0, str(PROJECT_ROOT))
+
+#: Real-data folder; override with MAMMO_SHARED_DATA for a checkout laid out differently.
+SHARED_DATA = Path(os.environ.get("MAMMO_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data")).resolve()
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real data not found at {path} (expected ../shared/data beside the project root; "
+                    "set MAMMO_SHARED_DATA to point elsewhere)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Root of the real data (``../shared/data``); skips the test if absent."""
+    return _require(SHARED_DATA)
+
+
+@pytest.fixture(scope="session")
+def tissue_dir() -> Path:
+    """DDSM tissue-label set: ``fgt_seg/<name>.png`` + ``fgt_seg_labels/<name>_LI.png`` (60 pairs, 960x480)."""
+    return _require(SHARED_DATA / "tissue" / "train_valid")
+
+
+@pytest.fixture(scope="session")
+def lesion_dir() -> Path:
+    """CDD-CESM lesion pairs: ``images/<name>.jpg`` + ``masks/<name>.jpg`` (98 pairs, 512x512)."""
+    return _require(SHARED_DATA / "lesion_cdd_cesm")
+
+
+@pytest.fixture(scope="session")
+def nyu_dir() -> Path:
+    """Two 16-bit full-field NYU images (2944x1920) with binary lesion masks."""
+    return _require(SHARED_DATA / "nyu_16bit")
+
+
+@pytest.fixture(scope="session")
+def cbis_csv_dir() -> Path:
+    """The four official CBIS-DDSM description CSVs (no images)."""
+    return _require(SHARED_DATA / "cbis_ddsm_csv")
