@@ -1,0 +1,865 @@
+"""Reading every mammogram format into one array type, preprocessing, and letterbox geometry.
+
+One path from any mammogram file to a network-ready 8-bit image, and back to the original image's pixels:
+
+1. :func:`read_image` reads PNG / TIFF (8 and 16 bit, full range kept), JPEG, BMP, PGM and DICOM (with its
+   modality LUT, VOI LUT / first window, MONOCHROME1 and Presentation LUT Shape INVERSE, compressed transfer
+   syntaxes via the pylibjpeg plug-ins) into a :class:`MammogramImage` holding a ``(H, W)`` uint8 or uint16 array.
+   :func:`read_mask` reads binary lesion masks and DDSM tissue label maps; :func:`write_png` writes 8/16-bit PNGs
+   atomically. Every read error is an :class:`ImageReadError` that names the file and the reason.
+2. :func:`preprocess` turns the pixels into the ``(H, W)`` uint8 image the networks see: intensity scaling to
+   8 bit, median filter, CLAHE (optionally a stronger "adaptive" CLAHE for low-contrast images) and orientation
+   normalisation (mirror so that the chest wall, where the breast is widest, is on the left). It is configured
+   by a plain, JSON-serialisable dict (:data:`DEFAULT_PREPROCESS`) that checkpoints store, so training and
+   inference preprocess identically.
+   :func:`unflip` undoes the orientation flip on any output.
+3. :func:`letterbox` / :func:`unletterbox`: aspect-preserving resize to a network size whose sides are multiples
+   of 32 (image at the top-left, zero padding at the bottom / right) and its exact inverse (crop + resize).
+   Masks use nearest-neighbour interpolation everywhere (pixel-centre rule, done with integer index arrays so
+   that any dtype stays integer-valued and an upscale followed by the inverse is exactly the identity).
+
+Non-ASCII paths work on every OS: files are read as bytes and decoded in memory (``cv2.imdecode``) and written
+with ``cv2.imencode`` + a byte write; no C-level path handling is involved.
+
+This module creates no threads at import time and leaves ``cv2.setNumThreads`` to the caller.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "DEFAULT_PREPROCESS",
+    "ImageReadError",
+    "LetterboxGeometry",
+    "MammogramImage",
+    "Preprocessed",
+    "breast_on_right",
+    "check_preprocess_config",
+    "letterbox",
+    "network_size",
+    "preprocess",
+    "read_image",
+    "read_mask",
+    "scale_to_uint8",
+    "unflip",
+    "unletterbox",
+    "write_png",
+]
+
+#: Network input sides must be multiples of this (five 2x down-samplings in the U-Net encoders).
+SIZE_MULTIPLE = 32
+
+#: File suffixes treated as DICOM even without the 128-byte preamble + ``DICM`` magic.
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
+
+#: Formats whose values are exact (no lossy compression): masks read from them must be exactly binary.
+LOSSLESS_FORMATS = ("png", "tiff", "bmp", "pgm", "dicom")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------------------------
+class ImageReadError(Exception):
+    """A mammogram (or mask) file could not be read.
+
+    The message always names the file and the reason (missing, empty, corrupt, unsupported, ...), and where
+    possible the fix. ``path`` and ``reason`` are also available as attributes.
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"cannot read image {self.path!r}: {reason}")
+
+    def __reduce__(self):  # keep the exception picklable (DataLoader workers send it to the main process)
+        return (type(self), (self.path, self.reason))
+
+
+@dataclass
+class MammogramImage:
+    """A mammogram as read from disk, before any preprocessing.
+
+    Attributes:
+        pixels: ``(H, W)`` uint8 or uint16 grayscale array, in display orientation (higher = brighter = denser
+            tissue; MONOCHROME1 DICOMs are already inverted).
+        path: the file it was read from.
+        bit_depth: 8 or 16, the container depth (``pixels.dtype``); a 16-bit PNG keeps its stored values.
+        pixel_spacing_mm: ``(row, col)`` pixel spacing in mm when the file states it (DICOM PixelSpacing, else
+            ImagerPixelSpacing); None otherwise (PNG/JPEG/TIFF resolution tags are not trusted).
+        source_format: "png", "jpeg", "tiff", "bmp", "pgm", "dicom" (or the decoder's guess from the suffix).
+        notes: human-readable remarks on conversions made (colour to gray, frame dropped, DICOM range mapping).
+    """
+
+    pixels: np.ndarray
+    path: str
+    bit_depth: int
+    pixel_spacing_mm: tuple[float, float] | None = None
+    source_format: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def _sniff_format(head: bytes, suffix: str) -> str:
+    """Guess the file format from its magic bytes (then from its suffix)."""
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "dicom"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8"):
+        return "jpeg"
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "tiff"
+    if head.startswith(b"BM"):
+        return "bmp"
+    if head[:2] in (b"P2", b"P5"):
+        return "pgm"
+    if suffix in DICOM_SUFFIXES:
+        return "dicom"
+    return {".jpg": "jpeg", ".jpeg": "jpeg", ".tif": "tiff", ".tiff": "tiff", ".png": "png", ".bmp": "bmp",
+            ".pgm": "pgm", ".pnm": "pgm"}.get(suffix, suffix.lstrip(".") or "unknown")
+
+
+def _to_grayscale(arr: np.ndarray, notes: list[str], channel_order: str) -> np.ndarray:
+    """(H, W, C) colour -> (H, W): equal channels are taken as gray; true colour is converted (and noted)."""
+    if arr.ndim == 2:
+        return arr
+    if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4):
+        raise ValueError(f"unexpected array shape {arr.shape}")
+    channels = arr.shape[2]
+    if channels in (2, 4):
+        notes.append("alpha channel dropped")
+        arr = arr[:, :, : channels - 1]
+    if arr.shape[2] == 1:
+        return arr[:, :, 0]
+    if np.array_equal(arr[:, :, 0], arr[:, :, 1]) and np.array_equal(arr[:, :, 0], arr[:, :, 2]):
+        return np.ascontiguousarray(arr[:, :, 0])
+    notes.append("true colour image converted to grayscale (ITU-R BT.601 luma weights, OpenCV cvtColor)")
+    code = cv2.COLOR_BGR2GRAY if channel_order == "bgr" else cv2.COLOR_RGB2GRAY
+    return cv2.cvtColor(np.ascontiguousarray(arr), code)
+
+
+def _finish_dtype(arr: np.ndarray, path: Path, notes: list[str]) -> np.ndarray:
+    """Accept uint8 / uint16; convert what can be converted losslessly; reject the rest."""
+    if arr.dtype == np.uint8 or arr.dtype == np.uint16:
+        return arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    if np.issubdtype(arr.dtype, np.integer) and arr.size and arr.min() >= 0 and arr.max() <= 65535:
+        notes.append(f"{arr.dtype} pixels stored as uint16")
+        return arr.astype(np.uint16)
+    raise ImageReadError(path, f"unsupported pixel type {arr.dtype} (expected 8- or 16-bit unsigned grayscale); "
+                               "convert the file to an 8- or 16-bit PNG")
+
+
+def _decode_raster(data: bytes, path: Path, fmt: str, notes: list[str]) -> np.ndarray:
+    """Decode PNG/JPEG/TIFF/BMP/PGM bytes with OpenCV (Pillow as a fallback) to (H, W) uint8/uint16."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    arr = None
+    cv_error = ""
+    try:
+        # IMREAD_UNCHANGED keeps 16-bit data and does not apply EXIF rotation.
+        arr = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:  # pragma: no cover - OpenCV raises rather than returning None only for odd inputs
+        cv_error = str(exc).strip().splitlines()[-1]
+    order = "bgr"
+    if arr is None:
+        try:
+            from PIL import Image, UnidentifiedImageError
+
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                if im.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+                    arr = np.array(im, dtype=np.uint16)
+                elif im.mode == "I":
+                    arr = np.array(im)
+                elif im.mode in ("1", "L", "P", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "PA"):
+                    if im.mode in ("P", "PA", "CMYK", "YCbCr"):
+                        im2 = im.convert("RGB")
+                    elif im.mode == "1":
+                        im2 = im.convert("L")
+                    else:
+                        im2 = im
+                    arr = np.array(im2)
+                    order = "rgb"
+                else:
+                    raise ImageReadError(path, f"unsupported {fmt} pixel mode {im.mode!r}")
+        except ImageReadError:
+            raise
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            detail = f" (OpenCV: {cv_error})" if cv_error else ""
+            raise ImageReadError(path, f"corrupt or unsupported {fmt} file: {exc}{detail}") from exc
+    try:
+        arr = _to_grayscale(arr, notes, order)
+    except ValueError as exc:
+        raise ImageReadError(path, str(exc)) from exc
+    return _finish_dtype(arr, path, notes)
+
+
+def _dicom_value_range(ds: Any, arr_is_lut_output: bool) -> tuple[float, float]:
+    """Nominal output range of the stored values after the modality LUT / rescale (DICOM PS3.3 C.11.1)."""
+    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
+    if ds.get("ModalityLUTSequence") and arr_is_lut_output:
+        lut_bits = int(ds.ModalityLUTSequence[0].LUTDescriptor[2])
+        return 0.0, float(2**lut_bits - 1)
+    if int(ds.get("PixelRepresentation", 0)) == 0:
+        lo, hi = 0.0, float(2**bits - 1)
+    else:
+        lo, hi = float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+    slope = ds.get("RescaleSlope", None)
+    intercept = ds.get("RescaleIntercept", None)
+    if slope is not None and intercept is not None:
+        a, b = lo * float(slope) + float(intercept), hi * float(slope) + float(intercept)
+        lo, hi = min(a, b), max(a, b)
+    return lo, hi
+
+
+def _read_dicom(data: bytes, path: Path, notes: list[str]) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """Decode a DICOM file to (H, W) uint8/uint16 in display orientation, plus its pixel spacing in mm.
+
+    Grayscale pipeline (DICOM PS3.3 C.11 and PS3.4 N.2): stored values -> modality LUT or rescale
+    (``pydicom.pixels.apply_modality_lut``) -> VOI LUT, else the first window centre/width
+    (``pydicom.pixels.apply_voi_lut(index=0)``) -> inversion when Photometric Interpretation is MONOCHROME1 or
+    Presentation LUT Shape is INVERSE (for DX/MG images these state the same single inversion, PS3.3 C.8.11.1)
+    -> the nominal output range ``[lo, hi]`` of that chain (not the image's own min/max, so that a MONOCHROME1
+    copy of an image reads back identically) is mapped linearly onto uint8 when it is exactly 0..255, else
+    onto the full uint16 range 0..65535.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    has_preamble = len(data) >= 132 and data[128:132] == b"DICM"
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble)
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, AttributeError) as exc:
+        raise ImageReadError(path, f"corrupt DICOM file: {type(exc).__name__}: {exc}") from exc
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise ImageReadError(path, "DICOM file has no pixel data (not an image: a report, structured "
+                                   "report or presentation state?)")
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    ts_name = getattr(tsyntax, "name", str(tsyntax))
+    try:
+        arr = ds.pixel_array
+    except (NotImplementedError, RuntimeError, ImportError) as exc:
+        raise ImageReadError(path, f"cannot decode DICOM pixel data with transfer syntax {ts_name}: {exc}. "
+                                   "Install the pylibjpeg plug-ins (pylibjpeg-libjpeg, pylibjpeg-openjpeg, "
+                                   "pylibjpeg-rle; see requirements.txt)") from exc
+    except (ValueError, AttributeError, KeyError, TypeError, EOFError, OSError) as exc:
+        raise ImageReadError(path, f"corrupt DICOM pixel data ({ts_name}): {type(exc).__name__}: {exc}") from exc
+
+    samples = int(ds.get("SamplesPerPixel", 1))
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        notes.append(f"multi-frame DICOM ({frames} frames): first frame used")
+        arr = arr[0]
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+
+    spacing = None
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(keyword, None)
+        if value is not None:
+            try:
+                row_mm, col_mm = float(value[0]), float(value[1])
+            except (TypeError, ValueError, IndexError):
+                continue
+            if row_mm > 0 and col_mm > 0:
+                spacing = (row_mm, col_mm)
+                if keyword != "PixelSpacing":
+                    notes.append(f"pixel spacing from {keyword}")
+                break
+
+    if samples != 1:
+        # pydicom returns colour as RGB (YBR converted); LUTs do not apply to colour data.
+        try:
+            arr = _to_grayscale(np.asarray(arr), notes, "rgb")
+        except ValueError as exc:
+            raise ImageReadError(path, str(exc)) from exc
+        return _finish_dtype(arr, path, notes), spacing
+
+    try:
+        values = apply_modality_lut(arr, ds)
+        lo, hi = _dicom_value_range(ds, arr_is_lut_output=True)
+        has_voi_lut = bool(ds.get("VOILUTSequence"))
+        has_window = ds.get("WindowCenter", None) is not None and ds.get("WindowWidth", None) is not None
+        if has_voi_lut:
+            values = apply_voi_lut(values, ds, index=0)
+            lo, hi = 0.0, float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
+            notes.append("VOI LUT applied (first of the VOI LUT sequence)")
+        elif has_window:
+            n_windows = ds["WindowCenter"].VM
+            values = apply_voi_lut(values, ds, index=0)
+            # pydicom's windowing maps into the same nominal range as computed above
+            notes.append("window centre/width applied" + (f" (first of {n_windows})" if n_windows > 1 else ""))
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise ImageReadError(path, f"invalid DICOM grayscale LUT / window: {type(exc).__name__}: {exc}") from exc
+
+    values = np.asarray(values, dtype=np.float64)
+    shape = str(ds.get("PresentationLUTShape", "")).strip().upper()
+    if photometric == "MONOCHROME1" or shape == "INVERSE":
+        values = (lo + hi) - values
+        notes.append("inverted (" + ("MONOCHROME1" if photometric == "MONOCHROME1" else
+                                     "Presentation LUT Shape INVERSE") + ")")
+    elif photometric != "MONOCHROME2":
+        notes.append(f"unexpected Photometric Interpretation {photometric!r} for one sample: read as MONOCHROME2")
+    values = np.clip(values, lo, hi)
+    if lo == 0 and hi == 255:
+        return np.rint(values).astype(np.uint8), spacing
+    if hi <= lo:
+        raise ImageReadError(path, f"invalid DICOM value range [{lo}, {hi}]")
+    if not (lo == 0 and hi == 65535):
+        notes.append(f"DICOM values mapped from [{lo:g}, {hi:g}] to 0..65535")
+    out = np.rint((values - lo) * (65535.0 / (hi - lo))).astype(np.uint16)
+    return out, spacing
+
+
+def read_image(path: str | os.PathLike) -> MammogramImage:
+    """Read a mammogram in any supported format into a grayscale uint8 / uint16 array.
+
+    Formats: PNG and TIFF (8 and 16 bit; stored values kept exactly), JPEG, BMP, PGM, and DICOM (a ``.dcm`` /
+    ``.dicom`` / ``.dic`` file, or any file with the 128-byte preamble and ``DICM`` magic) through pydicom and
+    the pylibjpeg plug-ins (JPEG Baseline/Extended/Lossless, JPEG-LS, JPEG 2000, RLE Lossless). See
+    ``_read_dicom`` for the DICOM grayscale pipeline: the DICOM nominal output range is mapped onto 0..65535
+    (or kept as uint8 when it is exactly 0..255), so uint16 DICOM output always uses the full 16-bit scale.
+
+    A colour file whose channels are all equal becomes grayscale silently; a true colour image is converted
+    (BT.601 luma) and a note is added. An alpha channel is dropped (noted). Non-ASCII paths work: the file is
+    read as bytes by Python and decoded in memory.
+
+    Args:
+        path: the image file.
+
+    Returns:
+        MammogramImage with ``pixels`` ``(H, W)`` uint8 or uint16, ``bit_depth`` 8 or 16, pixel spacing in mm
+        (DICOM only) and notes.
+
+    Raises:
+        ImageReadError: the file is missing, not a file, empty, corrupt, of an unsupported format or pixel
+            type, or a DICOM without decodable pixel data. The message names the file and the reason.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ImageReadError(p, "file not found (check the path and the CSV's folder for relative paths)")
+    if not p.is_file():
+        raise ImageReadError(p, "not a regular file (a folder?)")
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ImageReadError(p, f"cannot open: {exc.strerror or exc}") from exc
+    if not data:
+        raise ImageReadError(p, "file is empty (0 bytes): an interrupted copy or download?")
+    fmt = _sniff_format(data[:132], p.suffix.lower())
+    notes: list[str] = []
+    spacing = None
+    if fmt == "dicom":
+        pixels, spacing = _read_dicom(data, p, notes)
+    else:
+        pixels = _decode_raster(data, p, fmt, notes)
+    if pixels.ndim != 2 or pixels.shape[0] < 1 or pixels.shape[1] < 1:
+        raise ImageReadError(p, f"expected a 2-D grayscale image, found shape {pixels.shape}")
+    return MammogramImage(pixels=np.ascontiguousarray(pixels), path=str(p),
+                          bit_depth=8 if pixels.dtype == np.uint8 else 16, pixel_spacing_mm=spacing,
+                          source_format=fmt, notes=notes)
+
+
+#: DDSM tissue label intensities -> class indices (dataset readme of tiryakiv/Mammogram-segmentation; see
+#: ../shared/data/README.md): 64 background, 128 adipose, 192 fibroglandular tissue (FGT), 255 pectoral muscle.
+TISSUE_LABEL_VALUES: dict[int, int] = {64: 0, 128: 1, 192: 2, 255: 3}
+
+
+def read_mask(path: str | os.PathLike, kind: str = "binary") -> np.ndarray:
+    """Read a lesion mask or a DDSM tissue label map.
+
+    Args:
+        path: mask file (any format :func:`read_image` reads).
+        kind: ``"binary"``: a lesion mask. JPEG masks (lossy, values near 0 and 255) are thresholded at > 127
+            (the midpoint of 8 bit, as the CDD-CESM readme advises). Lossless masks must hold exactly two
+            levels, 0 and 1 or 0 and the maximum of their type (255 / 65535); anything else is an error.
+            ``"tissue"``: a DDSM tissue label map whose intensities 64/128/192/255 are mapped to classes 0..3
+            (:data:`TISSUE_LABEL_VALUES`); any other value is an error.
+
+    Returns:
+        ``(H, W)`` uint8: values in {0, 1} for ``"binary"``, in {0, 1, 2, 3} for ``"tissue"``.
+
+    Raises:
+        ImageReadError: the file cannot be read (see :func:`read_image`).
+        ValueError: unexpected values (the message names the file and the values found) or a bad ``kind``.
+    """
+    if kind not in ("binary", "tissue"):
+        raise ValueError(f"kind must be 'binary' or 'tissue', got {kind!r}")
+    img = read_image(path)
+    arr = img.pixels
+    if kind == "tissue":
+        lut = np.full(65536 if arr.dtype == np.uint16 else 256, 255, dtype=np.uint8)
+        for value, cls in TISSUE_LABEL_VALUES.items():
+            lut[value] = cls
+        out = lut[arr]
+        if (out == 255).any():
+            stray = np.unique(arr[out == 255])
+            shown = ", ".join(str(int(v)) for v in stray[:10]) + (" ..." if stray.size > 10 else "")
+            raise ValueError(
+                f"tissue label file {img.path!r} holds unexpected values [{shown}] "
+                f"({int((out == 255).sum())} pixels); expected only {sorted(TISSUE_LABEL_VALUES)} "
+                "(64 background, 128 adipose, 192 FGT, 255 pectoral). Was it saved as JPEG or resized with "
+                "interpolation? Re-export it as PNG with nearest-neighbour resizing.")
+        return out
+    if img.source_format not in LOSSLESS_FORMATS:
+        return (arr > 127).astype(np.uint8) if arr.dtype == np.uint8 else (arr > 32767).astype(np.uint8)
+    values = np.unique(arr)
+    top = np.iinfo(arr.dtype).max
+    if values.size <= 2 and (set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, top}):
+        return (arr > 0).astype(np.uint8)
+    shown = ", ".join(str(int(v)) for v in values[:10]) + (" ..." if values.size > 10 else "")
+    raise ValueError(f"binary mask {img.path!r} ({img.source_format}) holds values [{shown}]; expected 0/1 or "
+                     f"0/{top}. A tissue label map (64/128/192/255) passed as a lesion mask? Otherwise binarise "
+                     "it first (e.g. mask > 0) and save it as PNG.")
+
+
+def write_png(path: str | os.PathLike, array: np.ndarray, overwrite: bool = True) -> Path:
+    """Write a ``(H, W)`` (or ``(H, W, 3)``) uint8 / uint16 array as PNG, atomically.
+
+    The PNG is encoded in memory, written to a temporary file in the target folder and moved into place with
+    ``os.replace``, so a half-written file never carries the final name. Non-ASCII paths work. Missing parent
+    folders are created.
+
+    Args:
+        path: target file; should end in ``.png``.
+        array: uint8 or uint16 array. bool arrays are written as 0/255 uint8.
+        overwrite: when False, an existing file raises FileExistsError instead of being replaced.
+
+    Returns:
+        The path written.
+
+    Raises:
+        TypeError: unsupported dtype. ValueError: unsupported shape or suffix. FileExistsError: see above.
+        OSError: the folder cannot be written.
+    """
+    p = Path(path)
+    if p.suffix.lower() != ".png":
+        raise ValueError(f"write_png: {str(p)!r} does not end in .png")
+    arr = np.asarray(array)
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * 255
+    if arr.dtype not in (np.uint8, np.uint16):
+        raise TypeError(f"write_png: {str(p)!r}: expected uint8 or uint16, got {arr.dtype} "
+                        "(convert with np.clip(...).astype(np.uint8))")
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
+        raise ValueError(f"write_png: {str(p)!r}: expected (H, W) or (H, W, 3|4), got shape {arr.shape}")
+    if not overwrite and p.exists():
+        raise FileExistsError(f"write_png: {str(p)!r} exists; remove it or allow overwriting")
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(arr))
+    if not ok:  # pragma: no cover - OpenCV fails only on unsupported input, checked above
+        raise OSError(f"write_png: PNG encoding failed for {str(p)!r}")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".png", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(encoded.tobytes())
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preprocessing
+# ----------------------------------------------------------------------------------------------------------------
+#: The preprocessing used by training and inference; stored in every checkpoint (plain JSON types only).
+#: Do not modify it in place: make a variant with ``dict(DEFAULT_PREPROCESS, key=value)``.
+DEFAULT_PREPROCESS: dict[str, Any] = {
+    # How 8/16-bit pixels become 8 bit:
+    #   "bit_depth": uint8 unchanged; uint16 divided by (2**b - 1) / 255 where b is the smallest detector depth
+    #       in (10, 12, 14, 16) bits that holds the image's maximum (a 12-bit image stored in a 16-bit PNG is
+    #       not darkened 16x; a full-range 16-bit image, e.g. NYU or any DICOM read by read_image, uses b=16).
+    #       The 8-bit copy of a 16-bit image (x / 257) gives the same result up to rounding.
+    #   "percentile": linear stretch between the given percentiles of the foreground (pixels above the image
+    #       minimum), per image; robust to burned-in labels, for mixed sources.
+    "intensity_scaling": "bit_depth",
+    "percentiles": [0.5, 99.5],          # (low, high) in percent, used by "percentile" only
+    "median_kernel": 3,                  # median filter aperture in pixels (odd; 0 or 1 = off); issue spec: 3x3
+    "clahe_clip_limit": 1.5,             # OpenCV CLAHE clipLimit; issue spec: 1.5 (0 = CLAHE off)
+    "clahe_tile_grid": [8, 8],           # CLAHE tiles (rows, cols); issue spec: 8x8 (also the OpenCV default)
+    "adaptive_clahe": False,             # stronger CLAHE for low-contrast images (also switchable per call)
+    "adaptive_clahe_clip_limit": 3.0,    # clipLimit for low-contrast images when adaptive CLAHE is on (ours: 2x)
+    # 8-bit std of the breast pixels (after the median) below which an image counts as low-contrast. Measured:
+    # DDSM tissue 41-74 (never low); CDD-CESM DM median 39 (10% below 30), CM median 32 (~45% below 30).
+    "low_contrast_std": 30.0,
+    "normalize_orientation": True,       # mirror left-right so that the chest wall (breast base) is on the left
+}
+
+_BREAST_THRESHOLD_8BIT = 20  # 8-bit level separating breast from (dark) background for orientation / contrast
+
+
+def check_preprocess_config(config: dict | None) -> dict[str, Any]:
+    """Validate a preprocessing config and fill missing keys from :data:`DEFAULT_PREPROCESS`.
+
+    Args:
+        config: a (possibly partial) config dict, e.g. from a checkpoint. None means the default.
+
+    Returns:
+        A new complete dict (the input is not modified).
+
+    Raises:
+        ValueError: unknown keys or invalid values (the message names the key and the allowed values).
+    """
+    cfg = dict(DEFAULT_PREPROCESS)
+    if config is None:
+        return cfg
+    unknown = sorted(set(config) - set(DEFAULT_PREPROCESS))
+    if unknown:
+        raise ValueError(f"unknown preprocessing config keys {unknown}; known: {sorted(DEFAULT_PREPROCESS)}")
+    cfg.update(config)
+    if cfg["intensity_scaling"] not in ("bit_depth", "percentile"):
+        raise ValueError(f"intensity_scaling must be 'bit_depth' or 'percentile', got {cfg['intensity_scaling']!r}")
+    lo, hi = (float(v) for v in cfg["percentiles"])
+    if not 0 <= lo < hi <= 100:
+        raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {cfg['percentiles']!r}")
+    k = int(cfg["median_kernel"])
+    if k < 0 or (k > 1 and k % 2 == 0):
+        raise ValueError(f"median_kernel must be 0/1 (off) or an odd number of pixels, got {k}")
+    if float(cfg["clahe_clip_limit"]) < 0 or float(cfg["adaptive_clahe_clip_limit"]) < 0:
+        raise ValueError("CLAHE clip limits must be >= 0")
+    grid = list(cfg["clahe_tile_grid"])
+    if len(grid) != 2 or min(int(g) for g in grid) < 1:
+        raise ValueError(f"clahe_tile_grid must be two positive ints (rows, cols), got {cfg['clahe_tile_grid']!r}")
+    return cfg
+
+
+def _effective_depth(max_value: int) -> int:
+    for bits in (10, 12, 14, 16):
+        if max_value <= 2**bits - 1:
+            return bits
+    return 16
+
+
+def scale_to_uint8(pixels: np.ndarray, config: dict | None = None) -> np.ndarray:
+    """Intensity scaling step of :func:`preprocess` alone (see ``DEFAULT_PREPROCESS["intensity_scaling"]``).
+
+    Args:
+        pixels: ``(H, W)`` uint8 or uint16.
+        config: preprocessing config (only ``intensity_scaling`` and ``percentiles`` are used).
+
+    Returns:
+        ``(H, W)`` uint8.
+
+    Raises:
+        TypeError: pixels are not uint8 / uint16. ValueError: bad config or shape.
+    """
+    cfg = check_preprocess_config(config)
+    if pixels.dtype not in (np.uint8, np.uint16):
+        raise TypeError(f"expected uint8 or uint16 pixels (from read_image), got {pixels.dtype}")
+    if pixels.ndim != 2:
+        raise ValueError(f"expected (H, W) pixels, got shape {pixels.shape}")
+    if cfg["intensity_scaling"] == "bit_depth":
+        if pixels.dtype == np.uint8:
+            return pixels.copy()
+        full = 2 ** _effective_depth(int(pixels.max())) - 1
+        return np.rint(pixels.astype(np.float32) * (255.0 / full)).astype(np.uint8)
+    # percentile stretch over the foreground (pixels above the image minimum; the whole image if flat)
+    values = pixels.astype(np.float32)
+    foreground = values[values > values.min()]
+    if foreground.size == 0:
+        return np.zeros(pixels.shape, np.uint8)
+    p_lo, p_hi = np.percentile(foreground, [float(v) for v in cfg["percentiles"]])
+    if p_hi <= p_lo:
+        p_lo, p_hi = float(values.min()), float(values.max())
+    out = (values - p_lo) * (255.0 / max(p_hi - p_lo, 1e-6))
+    return np.rint(np.clip(out, 0, 255)).astype(np.uint8)
+
+
+def breast_on_right(image8: np.ndarray) -> bool:
+    """Whether the chest wall (the side the breast is attached to) lies on the right of an 8-bit mammogram.
+
+    Rule: after a 5x5 median filter, the half (left / right of the middle column) holding more foreground
+    pixels (above 20/255, i.e. not the dark background) holds the chest wall: a breast is widest where it
+    meets the chest wall and narrows towards the nipple. Counting pixels rather than summing intensities
+    keeps the rule right for dense or contrast-enhanced breasts whose brightest part is away from the chest
+    wall. Measured on the real data (tests): correct on all 60 DDSM tissue images (49 with the chest wall left,
+    11 with it right; truth from the pectoral label), all 98 CDD-CESM images (truth from the L/R name and the
+    ``mirrored_`` prefix) and both NYU images. An intensity-sum rule failed on 26 of these 160 and a
+    "which edge column touches tissue" rule on 45 (the CDD-CESM images have black margins on both sides).
+
+    Args:
+        image8: ``(H, W)`` uint8 (scaled, before CLAHE).
+
+    Returns:
+        True when the right half holds more breast pixels (mirror it for orientation normalisation).
+    """
+    w = image8.shape[1]
+    smooth = cv2.medianBlur(np.ascontiguousarray(image8), 5) if min(image8.shape) >= 5 else image8
+    counts = (smooth > _BREAST_THRESHOLD_8BIT).sum(axis=0)
+    left, right = int(counts[: w // 2].sum()), int(counts[w - w // 2:].sum())
+    return right > left
+
+
+@dataclass
+class Preprocessed:
+    """Result of :func:`preprocess`.
+
+    Attributes:
+        image: ``(H, W)`` uint8, the network's view of the mammogram (same H, W as the input).
+        flipped: True when the image was mirrored left-right for orientation normalisation; undo with
+            :func:`unflip` on every output derived from ``image``.
+        clahe_clip_limit: the CLAHE clip limit actually used (the adaptive one for low-contrast images).
+        breast_std: standard deviation of the 8-bit breast pixels before CLAHE (the low-contrast measure).
+    """
+
+    image: np.ndarray
+    flipped: bool
+    clahe_clip_limit: float = 0.0
+    breast_std: float = 0.0
+
+
+def preprocess(pixels: np.ndarray, config: dict | None = DEFAULT_PREPROCESS,
+               adaptive_clahe: bool = False) -> Preprocessed:
+    """Preprocess a mammogram for the networks; the same function for training and inference.
+
+    Steps: (1) intensity scaling to 8 bit (:func:`scale_to_uint8`); (2) median filter (``median_kernel``,
+    ``cv2.medianBlur``); (3) orientation normalisation (below); (4) CLAHE
+    (``cv2.createCLAHE(clahe_clip_limit, clahe_tile_grid)``); when adaptive CLAHE is on (``adaptive_clahe``
+    argument or config key) and the breast pixels' standard deviation after the median is below
+    ``low_contrast_std``, ``adaptive_clahe_clip_limit`` is used instead. Orientation normalisation: mirrored
+    left-right when :func:`breast_on_right` says the chest wall is on the right, so that the chest wall is
+    always on the left and the breast points right (decided on the median-filtered image before CLAHE).
+    This is the side of 49 of the 60 DDSM tissue training images (right MLO), so most training data needs no
+    flip.
+
+    Args:
+        pixels: ``(H, W)`` uint8 or uint16 (``MammogramImage.pixels``).
+        config: preprocessing config (:data:`DEFAULT_PREPROCESS`; partial dicts are completed from it).
+        adaptive_clahe: switch adaptive CLAHE on for this call (in addition to ``config["adaptive_clahe"]``).
+
+    Returns:
+        Preprocessed(image ``(H, W)`` uint8, flipped, clahe_clip_limit, breast_std).
+
+    Raises:
+        TypeError / ValueError: bad pixel type / shape or config (see :func:`check_preprocess_config`).
+    """
+    cfg = check_preprocess_config(config)
+    img = scale_to_uint8(pixels, cfg)
+    k = int(cfg["median_kernel"])
+    if k > 1:
+        img = cv2.medianBlur(img, k)
+    flipped = bool(cfg["normalize_orientation"]) and breast_on_right(img)
+    if flipped:  # before CLAHE, so that CLAHE always sees the canonical orientation
+        img = np.ascontiguousarray(img[:, ::-1])
+    breast = img[img > _BREAST_THRESHOLD_8BIT]
+    breast_std = float(breast.std()) if breast.size else 0.0
+    clip = float(cfg["clahe_clip_limit"])
+    if (adaptive_clahe or bool(cfg["adaptive_clahe"])) and breast_std < float(cfg["low_contrast_std"]):
+        clip = float(cfg["adaptive_clahe_clip_limit"])
+    if clip > 0:
+        rows, cols = (int(g) for g in cfg["clahe_tile_grid"])
+        img = cv2.createCLAHE(clipLimit=clip, tileGridSize=(cols, rows)).apply(img)
+    return Preprocessed(image=img, flipped=flipped, clahe_clip_limit=clip, breast_std=breast_std)
+
+
+def unflip(array: np.ndarray, flipped: bool) -> np.ndarray:
+    """Undo the orientation flip of :func:`preprocess` on an ``(H, W)`` or ``(..., H, W)`` array.
+
+    Works for numpy arrays and torch tensors (the last axis is mirrored). Returns the input unchanged when
+    ``flipped`` is False, else a mirrored copy.
+    """
+    if not flipped:
+        return array
+    if hasattr(array, "flip") and not isinstance(array, np.ndarray):  # torch.Tensor
+        return array.flip(-1)
+    return np.ascontiguousarray(np.asarray(array)[..., ::-1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Geometry: letterbox to the network size and back
+# ----------------------------------------------------------------------------------------------------------------
+def network_size(value: int | str | tuple | list) -> tuple[int, int]:
+    """Parse a network input size: one int (square) or two (height, width); both multiples of 32.
+
+    Args:
+        value: ``512``, ``"512"``, ``"1024,512"``, ``"1024x512"``, ``(1024, 512)`` or ``[1024, 512]``.
+
+    Returns:
+        ``(h, w)`` in pixels.
+
+    Raises:
+        ValueError: unparsable, not positive, or not a multiple of 32 (the message names the nearest valid size).
+    """
+    if isinstance(value, str):
+        parts = [p for p in value.replace("x", ",").replace("X", ",").replace(" ", ",").split(",") if p]
+    elif isinstance(value, (list, tuple)):
+        parts = list(value)
+    else:
+        parts = [value]
+    try:
+        nums = [int(p) for p in parts]
+        if any(float(p) != n for p, n in zip(parts, nums)):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(f"network size must be one int (square) or two ints (height, width), got {value!r}") \
+            from None
+    if len(nums) == 1:
+        nums = nums * 2
+    if len(nums) != 2:
+        raise ValueError(f"network size must be one int (square) or two ints (height, width), got {value!r}")
+    h, w = nums
+    if h <= 0 or w <= 0 or h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
+        def nearest(n: int) -> int:
+            return max(SIZE_MULTIPLE, int(round(n / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
+        raise ValueError(f"network size {h}x{w} (HxW): both sides must be positive multiples of {SIZE_MULTIPLE} "
+                         f"(the encoders down-sample 5 times); nearest valid size: {nearest(h)}x{nearest(w)}")
+    return h, w
+
+
+@dataclass(frozen=True)
+class LetterboxGeometry:
+    """Where an image went in a letterboxed network input.
+
+    The original ``(orig_h, orig_w)`` image is resized (aspect ratio kept) to ``(resized_h, resized_w)``,
+    placed at the top-left corner of the ``(net_h, net_w)`` network input, and the bottom / right remainder is
+    zero padding. The inverse is a crop of the top-left ``(resized_h, resized_w)`` followed by a resize to the
+    original size. All values in pixels.
+    """
+
+    orig_h: int
+    orig_w: int
+    net_h: int
+    net_w: int
+    resized_h: int
+    resized_w: int
+
+    @property
+    def scale(self) -> float:
+        """Uniform scale factor (network pixels per original pixel) used to compute the resized size."""
+        return min(self.net_h / self.orig_h, self.net_w / self.orig_w)
+
+    def to_dict(self) -> dict[str, int]:
+        """Flat dict of ints (JSON-serialisable; collates into tensors in a DataLoader batch)."""
+        return {"orig_h": self.orig_h, "orig_w": self.orig_w, "net_h": self.net_h, "net_w": self.net_w,
+                "resized_h": self.resized_h, "resized_w": self.resized_w}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LetterboxGeometry":
+        """Inverse of :meth:`to_dict`; accepts ints, 0-d tensors or numpy scalars as values."""
+        keys = ("orig_h", "orig_w", "net_h", "net_w", "resized_h", "resized_w")
+        missing = [k for k in keys if k not in d]
+        if missing:
+            raise KeyError(f"letterbox geometry dict lacks {missing}; got keys {sorted(d)}")
+        return cls(**{k: int(d[k]) for k in keys})
+
+
+def letterbox_geometry(orig_hw: tuple[int, int], size_hw: tuple[int, int] | int) -> LetterboxGeometry:
+    """Geometry of :func:`letterbox` for an ``orig_hw`` image and a network size (see :func:`network_size`)."""
+    net_h, net_w = network_size(size_hw)
+    h, w = int(orig_hw[0]), int(orig_hw[1])
+    if h < 1 or w < 1:
+        raise ValueError(f"image size must be positive, got {h}x{w}")
+    scale = min(net_h / h, net_w / w)
+    rh = min(net_h, max(1, int(round(h * scale))))
+    rw = min(net_w, max(1, int(round(w * scale))))
+    return LetterboxGeometry(h, w, net_h, net_w, rh, rw)
+
+
+def _nearest_indices(src: int, dst: int) -> np.ndarray:
+    """Pixel-centre nearest-neighbour source index for each destination index (as OpenCV INTER_NEAREST_EXACT).
+
+    ``src_index = floor((dst_index + 0.5) * src / dst)``. With this rule an upscale followed by the
+    downscale back to the original size is exactly the identity.
+    """
+    idx = ((np.arange(dst, dtype=np.float64) + 0.5) * (src / dst)).astype(np.int64)
+    return np.minimum(idx, src - 1)
+
+
+_INTERPOLATIONS = ("linear", "nearest", "area")
+
+
+def _resize(array: np.ndarray, out_hw: tuple[int, int], interpolation: str) -> np.ndarray:
+    """Resize the last two axes of ``array`` to ``out_hw``."""
+    if interpolation not in _INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {_INTERPOLATIONS}, got {interpolation!r}")
+    h, w = array.shape[-2:]
+    oh, ow = out_hw
+    if (h, w) == (oh, ow):
+        return array.copy()
+    if interpolation == "nearest":
+        rows, cols = _nearest_indices(h, oh), _nearest_indices(w, ow)
+        return array[..., rows[:, None], cols[None, :]]
+    if array.dtype not in (np.uint8, np.uint16, np.float32, np.float64, np.int16):
+        raise TypeError(f"{interpolation} resizing needs uint8/uint16/int16/float32/float64 data, got {array.dtype};"
+                        " use interpolation='nearest' for label maps")
+    # INTER_AREA when shrinking (anti-aliasing), INTER_LINEAR when enlarging; "area" forces INTER_AREA.
+    shrinking = oh * ow < h * w
+    flag = cv2.INTER_AREA if (interpolation == "area" or shrinking) else cv2.INTER_LINEAR
+    if array.ndim == 2:
+        return cv2.resize(array, (ow, oh), interpolation=flag)
+    flat = array.reshape((-1, h, w))
+    out = np.stack([cv2.resize(np.ascontiguousarray(c), (ow, oh), interpolation=flag) for c in flat])
+    return out.reshape(array.shape[:-2] + (oh, ow))
+
+
+def letterbox(image: np.ndarray, size_hw: tuple[int, int] | int,
+              interpolation: str = "linear") -> tuple[np.ndarray, LetterboxGeometry]:
+    """Aspect-preserving resize of an image or mask into a network-size canvas (zero padding bottom / right).
+
+    The scale is ``min(net_h / H, net_w / W)``; the resized image (sides rounded to whole pixels) sits at the
+    top-left corner so that the inverse (:func:`unletterbox`) is a plain crop + resize.
+
+    Args:
+        image: ``(H, W)`` or ``(C, H, W)`` array (uint8 / uint16 / float; any integer type with "nearest").
+        size_hw: network size ``(h, w)`` (multiples of 32) or one int for a square.
+        interpolation: "linear" for images (OpenCV INTER_LINEAR when enlarging, INTER_AREA when shrinking),
+            "area", or "nearest" for masks and label maps (pixel-centre nearest neighbour; values are only
+            copied, never mixed, so binary / integer masks stay binary / integer-valued).
+
+    Returns:
+        ``(out, geometry)``: ``out`` of shape ``(net_h, net_w)`` or ``(C, net_h, net_w)`` and the input's dtype,
+        and the :class:`LetterboxGeometry` to undo it.
+
+    Raises:
+        ValueError: bad size (see :func:`network_size`), shape or interpolation. TypeError: dtype unsupported by
+            the interpolation.
+    """
+    arr = np.asarray(image)
+    if arr.ndim not in (2, 3):
+        raise ValueError(f"letterbox expects (H, W) or (C, H, W), got shape {arr.shape}")
+    geom = letterbox_geometry(arr.shape[-2:], size_hw)
+    resized = _resize(arr, (geom.resized_h, geom.resized_w), interpolation)
+    out = np.zeros(arr.shape[:-2] + (geom.net_h, geom.net_w), dtype=arr.dtype)
+    out[..., : geom.resized_h, : geom.resized_w] = resized
+    return out, geom
+
+
+def unletterbox(array: np.ndarray, geometry: LetterboxGeometry | dict,
+                interpolation: str = "linear") -> np.ndarray:
+    """Map a network-size output back onto the original image's pixel grid (inverse of :func:`letterbox`).
+
+    Args:
+        array: ``(net_h, net_w)`` or ``(C, net_h, net_w)`` array (probabilities: float, "linear"; class or binary
+            masks: any integer dtype, "nearest"). A torch tensor is converted with ``.numpy()`` on the CPU.
+        geometry: the :class:`LetterboxGeometry` returned by :func:`letterbox` (or its ``to_dict()``).
+        interpolation: "linear", "area" or "nearest" (see :func:`letterbox`).
+
+    Returns:
+        ``(orig_h, orig_w)`` or ``(C, orig_h, orig_w)`` array of the input's dtype.
+
+    Guarantees (tested on real masks): with "nearest", when the network size is at least the image size (the
+    letterbox enlarges) ``unletterbox(letterbox(m)) == m`` exactly; when it shrinks by a factor f, every pixel
+    that differs takes a value found within ``ceil(f / 2)`` pixels of it in the original (only pixels next
+    to a class boundary can change).
+
+    Raises:
+        ValueError: the array's last two axes do not match the geometry's network size.
+    """
+    geom = geometry if isinstance(geometry, LetterboxGeometry) else LetterboxGeometry.from_dict(geometry)
+    arr = array.detach().cpu().numpy() if hasattr(array, "detach") else np.asarray(array)
+    if arr.ndim not in (2, 3) or arr.shape[-2:] != (geom.net_h, geom.net_w):
+        raise ValueError(f"unletterbox: expected (..., {geom.net_h}, {geom.net_w}) for this geometry, "
+                         f"got shape {arr.shape}")
+    crop = arr[..., : geom.resized_h, : geom.resized_w]
+    return _resize(np.ascontiguousarray(crop), (geom.orig_h, geom.orig_w), interpolation)
