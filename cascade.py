@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import os
 import platform
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 
 import imaging
+from fileio import atomic_writer
 from models import build_model
 
 CHECKPOINT_FORMAT_VERSION = 1
@@ -116,23 +116,11 @@ def make_checkpoint(*, stage: int, model: torch.nn.Module, model_config: dict, p
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
-    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, then ``os.replace``.
-
-    A crash mid-write leaves the previous file intact (never a truncated one). Parent folders are created.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(state, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``state`` to ``path`` atomically (``fileio.atomic_writer``): a crash mid-write leaves the previous file
+    intact, never a truncated one. Parent folders are created."""
+    with atomic_writer(path) as stream:
+        torch.save(state, stream)
+    return Path(path)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

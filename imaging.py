@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+
+from fileio import atomic_write_bytes
 
 __all__ = [
     "DEFAULT_PREPROCESS",
@@ -50,6 +51,7 @@ __all__ = [
     "read_image",
     "read_mask",
     "scale_to_uint8",
+    "sniff_format",
     "unflip",
     "unletterbox",
     "write_png",
@@ -107,8 +109,11 @@ class MammogramImage:
     notes: list[str] = field(default_factory=list)
 
 
-def _sniff_format(head: bytes, suffix: str) -> str:
-    """Guess the file format from its magic bytes (then from its suffix)."""
+def sniff_format(head: bytes, suffix: str) -> str:
+    """Guess an image file's format from its first 132 bytes (magic numbers), then from its ``suffix``.
+
+    Returns one of "dicom", "png", "jpeg", "tiff", "bmp", "pgm", or the suffix without its dot ("unknown" when there is none).
+    """
     if len(head) >= 132 and head[128:132] == b"DICM":
         return "dicom"
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -355,7 +360,7 @@ def read_image(path: str | os.PathLike) -> MammogramImage:
         raise ImageReadError(p, f"cannot open: {exc.strerror or exc}") from exc
     if not data:
         raise ImageReadError(p, "file is empty (0 bytes): an interrupted copy or download?")
-    fmt = _sniff_format(data[:132], p.suffix.lower())
+    fmt = sniff_format(data[:132], p.suffix.lower())
     notes: list[str] = []
     spacing = None
     if fmt == "dicom":
@@ -457,16 +462,7 @@ def write_png(path: str | os.PathLike, array: np.ndarray, overwrite: bool = True
     ok, encoded = cv2.imencode(".png", np.ascontiguousarray(arr))
     if not ok:  # pragma: no cover - OpenCV fails only on unsupported input, checked above
         raise OSError(f"write_png: PNG encoding failed for {str(p)!r}")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".png", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(encoded.tobytes())
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(p, encoded.tobytes())
     return p
 
 

@@ -100,6 +100,7 @@ from tqdm import tqdm
 import datasets
 import imaging
 import synthetic
+from fileio import atomic_write_bytes, atomic_writer
 
 #: Bump when the outputs made from the same inputs change; part of every cache key in the manifest.
 PREPARER_VERSION = 1
@@ -202,20 +203,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------------------------------------------
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _norm_column(name: object) -> str:
     """``"ROI mask file path "`` -> ``"roi_mask_file_path"``; ``"breast_density"`` stays."""
     return re.sub(r"[\s_]+", "_", str(name).strip().lower())
@@ -411,7 +398,7 @@ class Manifest:
 
     def save(self) -> None:
         data = {"version": PREPARER_VERSION, "entries": {k: self.entries[k] for k in sorted(self.entries)}}
-        _atomic_write_bytes(self.path, json.dumps(data, indent=1).encode("utf-8"))
+        atomic_write_bytes(self.path, json.dumps(data, indent=1).encode("utf-8"))
 
 
 def process_samples(samples: list[Sample], workspace: Path, manifest: Manifest, report: Report,
@@ -547,14 +534,10 @@ def download(url: str, downloads: Path, timeout_s: float = 30.0) -> Path:
     if target.is_file():
         return target
     downloads.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".zip", dir=downloads)
     try:
-        with os.fdopen(fd, "wb") as fh, urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        with atomic_writer(target) as fh, urllib.request.urlopen(url, timeout=timeout_s) as resp:
             shutil.copyfileobj(resp, fh, length=1 << 20)
-        os.replace(tmp, target)
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         raise RuntimeError(
             f"could not download the tissue-label archive from {url} ({exc}). This machine may be offline. "
             "Download the repository archive elsewhere (github.com/tiryakiv/Mammogram-segmentation), extract it "
@@ -1050,7 +1033,7 @@ def _table(rows: list[dict], columns: list[str]) -> pd.DataFrame:
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
     buf = io.StringIO()
     df.to_csv(buf, index=False, lineterminator="\n")
-    _atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
 
 
 def _counts(df: pd.DataFrame, mask_column: str | None) -> dict:
@@ -1083,22 +1066,13 @@ def archive_workspace(workspace: Path, target: Path) -> Path:
             p = Path(dirpath) / f
             if p.resolve() != target.resolve():
                 files.append(p)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".zip", dir=target.parent)
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w") as zf:
-            for p in tqdm(files, desc="archive", unit="file", disable=None):
-                arc = f"{workspace.name}/{p.relative_to(workspace).as_posix()}"
-                info = zipfile.ZipInfo(arc, date_time=(1980, 1, 1, 0, 0, 0))
-                info.compress_type = zipfile.ZIP_STORED if p.suffix == ".png" else zipfile.ZIP_DEFLATED
-                info.external_attr = 0o644 << 16
-                zf.writestr(info, p.read_bytes())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_writer(target) as stream, zipfile.ZipFile(stream, "w") as zf:
+        for p in tqdm(files, desc="archive", unit="file", disable=None):
+            arc = f"{workspace.name}/{p.relative_to(workspace).as_posix()}"
+            info = zipfile.ZipInfo(arc, date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_STORED if p.suffix == ".png" else zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, p.read_bytes())
     return target
 
 
@@ -1292,7 +1266,7 @@ def main(args: argparse.Namespace) -> int:
         "reused": report.reused,
         "elapsed_s": round(time.perf_counter() - start, 3),
     }
-    _atomic_write_bytes(workspace / "prepare_report.json",
+    atomic_write_bytes(workspace / "prepare_report.json",
                         json.dumps(report_data, indent=1, ensure_ascii=False).encode("utf-8"))
     _print_summary(report_data)
     if args.archive:

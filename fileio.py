@@ -1,0 +1,65 @@
+"""Atomic file writing, shared by every module that writes outputs (checkpoints, PNGs, CSVs, JSON, archives).
+
+A file is written to a temporary name in its destination folder, flushed to disk, given the permissions a normal
+``open(path, "w")`` would give (``0o666`` minus the umask; ``mkstemp`` alone makes owner-only files), and moved
+into place with ``os.replace``. A crash or an error mid-write therefore never leaves a truncated file under the
+final name, and the previous file (if any) stays intact. Temporary names start with ``.tmp_`` (hidden, and easy to
+sweep after a crash: see :data:`TEMPORARY_PREFIX`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+#: Every temporary file written here starts with this; a file so named is never a finished output.
+TEMPORARY_PREFIX = ".tmp_"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike, overwrite: bool = True) -> Iterator[BinaryIO]:
+    """Open a binary stream whose content replaces ``path`` atomically when the ``with`` block ends without error.
+
+    Args:
+        path: destination file; its parent folders are created.
+        overwrite: when False and ``path`` exists, raise ``FileExistsError`` before writing anything.
+
+    Raises:
+        FileExistsError: ``overwrite`` is False and the file exists (the message says how to allow it).
+    """
+    path = Path(path)
+    if not overwrite and path.exists():
+        raise FileExistsError(f"{path} exists; not overwritten (remove it or ask for overwriting)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f"{TEMPORARY_PREFIX}{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            yield stream
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_writer`); returns the path."""
+    with atomic_writer(path, overwrite) as stream:
+        stream.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = True) -> Path:
+    """Write ``text`` as UTF-8 to ``path`` atomically (see :func:`atomic_writer`); returns the path."""
+    return atomic_write_bytes(path, text.encode("utf-8"), overwrite)
