@@ -1,0 +1,418 @@
+"""cascade_inference.py on real files: sizes and orientation, the ROI, JSON, bad files, read-only inputs, DICOM.
+
+Checkpoints are saved untrained (seeded) at small network sizes (stage 1 128x64, stage 2 64x64; ResNet18 encoder to
+keep the files small), which is enough for geometry: every output must have the input's size and orientation, the
+lesion probability must be zero outside the ROI box, and the files on disk must equal what ``cascade.Cascade``
+returns. Because an untrained stage 1 may find no FGT, the ROI is also tested with fake stage runners whose FGT
+region is known, so that the expected box can be computed by hand.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import cascade
+import cascade_inference as ci
+import imaging
+from models import build_model, default_model_config
+
+STAGE1_SIZE, STAGE2_SIZE = (128, 64), (64, 64)
+TISSUE_NAME = "A_0002_1.RIGHT_MLO.png"
+
+
+# ---------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory) -> Path:
+    """best_stage1.pth / best_stage2.pth, untrained and seeded, saved with cascade.save_checkpoint."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    for stage, classes, size in ((1, 4, STAGE1_SIZE), (2, 1, STAGE2_SIZE)):
+        torch.manual_seed(stage)
+        config = default_model_config(classes, encoder_name="resnet18", encoder_weights=None)
+        checkpoint = cascade.make_checkpoint(stage=stage, model=build_model(config), model_config=config,
+                                             preprocess_config=dict(imaging.DEFAULT_PREPROCESS), input_size=size,
+                                             epoch=2, best_metric=0.25)
+        cascade.save_checkpoint(checkpoint, folder / f"stage{stage}" / f"best_stage{stage}.pth")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def loaded(checkpoint_dir) -> ci.LoadedCascade:
+    return ci.load_cascade(checkpoint_dir / "stage1" / "best_stage1.pth", checkpoint_dir / "stage2" / "best_stage2.pth",
+                           device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tissue_image(tissue_dir) -> Path:
+    return tissue_dir / "fgt_seg" / TISSUE_NAME
+
+
+def _args(checkpoint_dir: Path, *extra: str):
+    return ci.get_args_parser().parse_args(["--checkpoint-dir", str(checkpoint_dir), "--device", "cpu", *extra])
+
+
+def _read(path: Path) -> np.ndarray:
+    return imaging.read_image(path).pixels
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns,
+                                               hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _check_outputs(out_dir: Path, stem: str, pixels: np.ndarray, expected: cascade.CascadeResult | None = None) -> dict:
+    """Every output of one image: size, values, consistency with each other and with the cascade's result."""
+    record = json.loads((out_dir / f"{stem}.json").read_text(encoding="utf-8"))
+    assert ci.validate_record(record) == []
+    shape = pixels.shape
+    assert (record["image_size"]["height"], record["image_size"]["width"]) == shape
+    tissue = _read(out_dir / f"{stem}_tissue_seg.png")
+    color = cv2.imread(str(out_dir / f"{stem}_tissue_seg_color.png"), cv2.IMREAD_COLOR)
+    fgt = _read(out_dir / f"{stem}_fgt_mask.png")
+    prob_png = _read(out_dir / f"{stem}_cancer_prob.png")
+    assert tissue.shape == fgt.shape == prob_png.shape == color.shape[:2] == shape
+    assert tissue.dtype == np.uint8 and set(np.unique(tissue)) <= {0, 1, 2, 3}
+    assert np.array_equal(fgt, (tissue == 2).astype(np.uint8) * 255)
+    palette_bgr = np.array(ci.TISSUE_COLORS_RGB, np.uint8)[:, ::-1]
+    assert np.array_equal(color, palette_bgr[tissue])
+    box = record["roi"]["box"]
+    inside = np.zeros(shape, bool)
+    inside[box["y0"]:box["y1"], box["x0"]:box["x1"]] = True
+    assert prob_png[~inside].max(initial=0) == 0  # exactly zero outside the ROI box
+    assert record["tissue"]["areas_px"]["fgt"] == int((tissue == 2).sum())
+    assert sum(record["tissue"]["areas_px"].values()) == tissue.size
+    assert (out_dir / f"{stem}_visualization.png").stat().st_size > 10_000
+    if expected is not None:  # what was written is what the cascade computed, in the input's orientation
+        assert np.array_equal(tissue, expected.tissue_classes)
+        assert np.array_equal(prob_png, ci.encode_probability(expected.lesion_prob))
+        assert box == expected.roi_box.to_dict()
+    return record
+
+
+# -------------------------------------------------------------------------------------------- sizes and geometry
+@pytest.mark.parametrize("kind", ["tissue_960x480", "nyu_16bit_2944x1920", "odd_1000x613"])
+def test_outputs_have_each_inputs_size(kind, checkpoint_dir, loaded, tissue_image, nyu_dir, tmp_path):
+    if kind == "tissue_960x480":
+        source = tissue_image
+    elif kind == "nyu_16bit_2944x1920":
+        source = nyu_dir / "images" / "0_R-CC.png"
+    else:
+        source = tmp_path / "odd.png"
+        imaging.write_png(source, cv2.resize(_read(tissue_image), (613, 1000), interpolation=cv2.INTER_AREA))
+    pixels = _read(source)
+    expected_shape = {"tissue_960x480": (960, 480), "nyu_16bit_2944x1920": (2944, 1920), "odd_1000x613": (1000, 613)}[kind]
+    assert pixels.shape == expected_shape
+    out = tmp_path / "out"
+    assert ci.main(_args(checkpoint_dir, "--image", str(source), "--output-dir", str(out))) == 0
+    record = _check_outputs(out, source.stem, pixels, loaded.cascade(pixels))
+    assert record["input"]["bit_depth"] == (16 if kind.startswith("nyu") else 8)
+    assert record["checkpoints"]["stage1"]["epoch"] == 2 and record["checkpoints"]["stage1"]["best_metric"] == 0.25
+    sha = hashlib.sha256((checkpoint_dir / "stage1" / "best_stage1.pth").read_bytes()).hexdigest()[:16]
+    assert record["checkpoints"]["stage1"]["sha256_16"] == sha
+    assert record["cancer_prob_encoding"].startswith("uint8")
+
+
+def test_mirrored_input_gives_mirrored_outputs(loaded, tissue_image, tmp_path):
+    """Orientation: the mirrored image is normalised back by preprocessing, so its outputs are the mirror images."""
+    pixels = _read(tissue_image)
+    mirrored_path = tmp_path / "in" / "mirrored.png"
+    imaging.write_png(mirrored_path, np.ascontiguousarray(pixels[:, ::-1]))
+    first = ci.run_image(loaded, tissue_image)
+    second = ci.run_image(loaded, mirrored_path)
+    assert first.result.flipped != second.result.flipped
+    assert np.array_equal(second.result.tissue_classes, first.result.tissue_classes[:, ::-1])
+    np.testing.assert_allclose(second.result.lesion_prob, first.result.lesion_prob[:, ::-1], atol=1e-6)
+    assert second.record["roi"]["box"] == first.result.roi_box.mirrored(pixels.shape[1]).to_dict()
+
+
+def _fake_stage1(rows: tuple[int, int], cols: tuple[int, int], fgt: bool = True):
+    """Stage-1 logits: adipose everywhere, FGT in ``rows x cols`` of the network input (normalised frame)."""
+    def run(batch: np.ndarray) -> np.ndarray:
+        logits = np.zeros((batch.shape[0], 4) + batch.shape[2:], np.float32)
+        logits[:, 1] = 5.0
+        if fgt:
+            logits[:, 2, rows[0]:rows[1], cols[0]:cols[1]] = 10.0
+        return logits
+    return run
+
+
+def _constant_stage2(logit: float):
+    def run(batch: np.ndarray) -> np.ndarray:
+        return np.full((batch.shape[0], 1) + batch.shape[2:], logit, np.float32)
+    return run
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_roi_box_by_hand_and_zero_outside_with_a_known_fgt_region(mirror, loaded, tissue_image, tmp_path):
+    """FGT at network rows [32, 64) x cols [8, 32) of 128x64 -> original rows [240, 480) x cols [60, 240) of
+    960x480 (scale 7.5, pixel-centre nearest); 10 % margin: 24 rows, 18 columns -> box [216, 504) x [42, 258) in
+    the normalised frame, mirrored to [222, 438) when preprocessing mirrored the input."""
+    pixels = _read(tissue_image)
+    if mirror:
+        pixels = np.ascontiguousarray(pixels[:, ::-1])
+    source = tmp_path / "in" / "image.png"
+    imaging.write_png(source, pixels)
+    model = cascade.Cascade(loaded.cascade.stage1_checkpoint, loaded.cascade.stage2_checkpoint,
+                            stage1_runner=_fake_stage1((32, 64), (8, 32)), stage2_runner=_constant_stage2(2.0))
+    fake = ci.LoadedCascade(model, loaded.identities, "cpu", "torch")
+    prediction = ci.run_image(fake, source, threshold=0.5)
+    flipped = imaging.preprocess(pixels, model.preprocess_config).flipped
+    assert flipped == mirror  # this DDSM right MLO has its chest wall on the left
+    x0, x1 = (222, 438) if flipped else (42, 258)
+    expected_box = {"y0": 216, "x0": x0, "y1": 504, "x1": x1}
+    out = tmp_path / "out"
+    record = ci.write_outputs(prediction, out, "image", threshold=0.5)
+    assert record["roi"]["box"] == expected_box and record["roi"]["source"] == "fgt"
+    prob = _read(out / "image_cancer_prob.png")
+    inside = np.zeros(prob.shape, bool)
+    inside[216:504, x0:x1] = True
+    assert np.all(prob[inside] == round(255 / (1 + np.exp(-2.0))))  # sigmoid(2) = 0.8808 -> 225
+    assert np.all(prob[~inside] == 0)
+    fgt = _read(out / "image_fgt_mask.png") > 0
+    assert fgt.sum() == 240 * 180 and fgt[240:480, (240 if flipped else 60):(420 if flipped else 240)].all()
+    lesions = record["lesions"]  # the whole ROI is one component above 0.5
+    assert lesions["count"] == 1 and lesions["components"][0]["box"] == expected_box
+    assert lesions["components"][0]["area_px"] == 288 * 216
+    assert lesions["components"][0]["max_probability"] == pytest.approx(0.8808, abs=1e-4)
+    assert record["density"]["percent"] == pytest.approx(100 * 240 * 180 / (960 * 480))
+    assert record["density"]["category"] == "A"
+    _check_outputs(out, "image", pixels)
+
+
+def test_no_fgt_falls_back_to_the_breast_box_and_says_so(loaded, tissue_image):
+    model = cascade.Cascade(loaded.cascade.stage1_checkpoint, loaded.cascade.stage2_checkpoint,
+                            stage1_runner=_fake_stage1((0, 0), (0, 0), fgt=False), stage2_runner=_constant_stage2(-8.0))
+    record = ci.predict_image(ci.LoadedCascade(model, loaded.identities, "cpu", "torch"), tissue_image)
+    assert record["roi"]["source"] == "breast" and "No FGT" in record["roi"]["explanation"]
+    assert any("No FGT" in line for line in record["findings"])
+    assert record["lesions"]["count"] == 0 and record["density"]["percent"] == 0.0
+    assert ci.validate_record(record) == []
+
+
+# ------------------------------------------------------------------------------------------------ measurements
+def test_lesion_components_by_hand():
+    prob = np.zeros((20, 30), np.float32)
+    prob[2:5, 3:7] = 0.9  # 12 px
+    prob[5, 7] = 0.6  # touches the block only diagonally: joined under 8-connectivity
+    prob[10:12, 20:21] = 0.7  # 2 px
+    prob[15, 15] = 0.4  # below the threshold
+    result = ci.lesion_components(prob, threshold=0.5, spacing_mm=(0.1, 0.2))
+    assert result["count"] == 2 and result["total_area_px"] == 15
+    first, second = result["components"]
+    assert first["id"] == 1 and first["area_px"] == 13 and first["box"] == {"y0": 2, "x0": 3, "y1": 6, "x1": 8}
+    assert first["max_probability"] == pytest.approx(0.9)
+    assert first["mean_probability"] == pytest.approx((12 * 0.9 + 0.6) / 13, abs=1e-4)
+    assert first["area_mm2"] == pytest.approx(13 * 0.02)
+    assert second["box"] == {"y0": 10, "x0": 20, "y1": 12, "x1": 21} and second["centroid_yx"] == [10.5, 20.0]
+    assert result["max_probability"] == pytest.approx(0.9)
+    filtered = ci.lesion_components(prob, threshold=0.5, min_area_px=3)
+    assert filtered["count"] == 1 and filtered["total_area_mm2"] is None
+    assert ci.lesion_components(prob, threshold=0.95)["count"] == 0
+
+
+def test_probability_encodings_round_trip():
+    prob = np.array([[0.0, 0.5, 1.0, 0.25]], np.float32)
+    eight, sixteen = ci.encode_probability(prob, "uint8"), ci.encode_probability(prob, "uint16")
+    assert eight.dtype == np.uint8 and eight.tolist() == [[0, 128, 255, 64]]
+    assert sixteen.dtype == np.uint16 and sixteen.tolist() == [[0, 32768, 65535, 16384]]
+    assert np.abs(ci.decode_probability(sixteen) - prob).max() < 1e-4
+
+
+def test_validate_record_catches_missing_and_mistyped_fields(loaded, tissue_image):
+    record = json.loads(json.dumps(ci._json_safe(ci.predict_image(loaded, tissue_image))))
+    record["outputs"] = {k: "x.png" for k in ci.RECORD_SPEC["outputs"]}
+    assert ci.validate_record(record) == []
+    broken = json.loads(json.dumps(record))
+    del broken["density"]["category"]
+    broken["image_size"]["height"] = "960"
+    broken["roi"]["box"]["x1"] = 10_000
+    problems = ci.validate_record(broken)
+    assert any("density.category: missing" in p for p in problems)
+    assert any("image_size.height: expected int, found str" in p for p in problems)
+    broken = json.loads(json.dumps(record))
+    broken["roi"]["box"]["x1"] = 10_000
+    assert any("not inside" in p for p in ci.validate_record(broken))
+
+
+# ------------------------------------------------------------------------------------------------------ folders
+def test_folder_with_bad_files_processes_the_rest_and_never_touches_inputs(checkpoint_dir, tissue_dir, tmp_path):
+    inputs = tmp_path / "inputs"
+    (inputs / "sub").mkdir(parents=True)
+    names = sorted(p.name for p in (tissue_dir / "fgt_seg").glob("*.png"))[:2]
+    shutil.copy(tissue_dir / "fgt_seg" / names[0], inputs / names[0])
+    shutil.copy(tissue_dir / "fgt_seg" / names[1], inputs / "sub" / names[1])
+    shutil.copy(tissue_dir / "fgt_seg" / names[1], inputs / "sub" / "copy.png")
+    shutil.copy(tissue_dir / "fgt_seg" / names[0], inputs / "sub" / names[0])  # same stem in another folder
+    good = (inputs / names[0]).read_bytes()
+    (inputs / "corrupt.png").write_bytes(good[:400])  # a truncated PNG
+    (inputs / "empty.png").write_bytes(b"")
+    (inputs / "notes.txt").write_text("not an image\n", encoding="utf-8")
+    before = _snapshot(inputs)
+    out = tmp_path / "out"
+    assert ci.main(_args(checkpoint_dir, "--image-dir", str(inputs), "--recursive", "--output-dir", str(out),
+                         "--no-visualization")) == 1
+    assert _snapshot(inputs) == before  # nothing in the input folder changed
+    rows = {row["input"]: row for row in csv.DictReader((out / "predictions.csv").open(encoding="utf-8"))}
+    assert set(rows) == {names[0], f"sub/{names[1]}", "sub/copy.png", f"sub/{names[0]}", "corrupt.png", "empty.png",
+                         "notes.txt"}
+    assert {k: v["status"] for k, v in rows.items()} == {
+        names[0]: "ok", f"sub/{names[1]}": "ok", "sub/copy.png": "ok", f"sub/{names[0]}": "ok",
+        "corrupt.png": "failed", "empty.png": "failed", "notes.txt": "not_image"}
+    assert "empty" in rows["empty.png"]["reason"] and "corrupt.png" in rows["corrupt.png"]["reason"]
+    assert "not an image" in rows["notes.txt"]["reason"]
+    stem = Path(names[0]).stem
+    assert (out / f"{stem}.json").is_file() and (out / "sub" / f"{stem}.json").is_file()  # folders mirrored
+    assert rows[f"sub/{names[0]}"]["json"] == f"sub/{stem}.json"
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert summary["counts"] == {"ok": 4, "failed": 2, "not_image": 1}
+    assert {entry["input"] for entry in summary["failed"]} == {"corrupt.png", "empty.png"}
+    assert sum(summary["density_categories"].values()) == 4
+    # the same pixels in two places give the same results
+    assert np.array_equal(_read(out / f"{stem}_tissue_seg.png"), _read(out / "sub" / f"{stem}_tissue_seg.png"))
+
+    # a second run without --overwrite keeps every output and reports the images as "exists"
+    outputs_before = _snapshot(out)
+    assert ci.main(_args(checkpoint_dir, "--image-dir", str(inputs), "--recursive", "--output-dir", str(out),
+                         "--no-visualization")) == 1
+    after = _snapshot(out)
+    assert all(after[name] == value for name, value in outputs_before.items())
+    new_tables = sorted(set(after) - set(outputs_before))
+    assert len(new_tables) == 2 and all(name.startswith(("predictions_", "summary_")) for name in new_tables)
+    table = next(name for name in new_tables if name.startswith("predictions_"))
+    rows = {row["input"]: row for row in csv.DictReader((out / table).open(encoding="utf-8"))}
+    assert rows[names[0]]["status"] == "exists" and rows[names[0]]["percent_density"] != ""
+    assert _snapshot(inputs) == before
+
+
+def test_stem_collisions_and_output_folder_inside_the_input(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "a.dcm").write_bytes(b"x")
+    (tmp_path / "scan001").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 10)  # extensionless DICOM
+    (tmp_path / ".hidden.png").write_bytes(b"x")
+    (tmp_path / "predictions").mkdir()
+    (tmp_path / "predictions" / "old_tissue_seg.png").write_bytes(b"x")
+    items = ci.list_inputs(tmp_path, recursive=True, output_dir=tmp_path / "predictions")
+    assert {item.relative: (item.stem, item.status) for item in items} == {
+        "a.dcm": ("a_dcm", "pending"), "a.png": ("a_png", "pending"), "scan001": ("scan001", "pending")}
+
+
+def test_usage_errors_exit_2(checkpoint_dir, tissue_image, tmp_path, capsys):
+    parser = ci.get_args_parser()
+    stage1 = str(checkpoint_dir / "stage1" / "best_stage1.pth")
+    stage2 = str(checkpoint_dir / "stage2" / "best_stage2.pth")
+    base = ["--image", str(tissue_image), "--output-dir", str(tmp_path / "o"), "--device", "cpu"]
+    assert ci.main(parser.parse_args(["--stage1-weights", stage2, "--stage2-weights", stage1, *base])) == 2
+    assert "swap" in capsys.readouterr().err
+    assert ci.main(parser.parse_args(["--checkpoint-dir", str(tmp_path), *base])) == 2
+    assert "best_stage1.pth" in capsys.readouterr().err
+    assert ci.main(parser.parse_args(["--checkpoint-dir", str(checkpoint_dir), "--image", str(tmp_path / "none.png"),
+                                      "--device", "cpu"])) == 2
+    assert ci.main(parser.parse_args(["--checkpoint-dir", str(checkpoint_dir), "--image-dir", str(tmp_path),
+                                      "--output-dir", str(tmp_path), "--device", "cpu"])) == 2
+    assert "input folder" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert ci.main(parser.parse_args(["--checkpoint-dir", str(checkpoint_dir), *base[:-2], "--device", "cuda"])) == 2
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--threshold", "1.5"])
+    assert not (tmp_path / "o").exists()
+
+
+def test_unreadable_single_image_exits_1(checkpoint_dir, tmp_path):
+    bad = tmp_path / "in" / "bad.png"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    assert ci.main(_args(checkpoint_dir, "--image", str(bad), "--output-dir", str(tmp_path / "out"))) == 1
+    assert not (tmp_path / "out" / "bad.json").exists()
+
+
+# -------------------------------------------------------------------------------------------------------- DICOM
+def _write_dicom(path: Path, pixels: np.ndarray, spacing_mm=(0.1, 0.1)) -> None:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.2"  # Digital Mammography X-Ray Image (presentation)
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "MG"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    bits = 8 if pixels.dtype == np.uint8 else 16
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+    ds.PixelSpacing = [f"{spacing_mm[0]:g}", f"{spacing_mm[1]:g}"]
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_dicom_input_gives_the_same_masks_as_its_png(checkpoint_dir, tissue_image, tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    shutil.copy(tissue_image, inputs / "scan.png")
+    _write_dicom(inputs / "scan_dicom", _read(tissue_image), spacing_mm=(0.1, 0.2))  # no suffix: found by its magic
+    out = tmp_path / "out"
+    assert ci.main(_args(checkpoint_dir, "--image-dir", str(inputs), "--output-dir", str(out), "--no-visualization")) == 0
+    for suffix in ("_tissue_seg.png", "_fgt_mask.png", "_cancer_prob.png"):
+        assert np.array_equal(_read(out / f"scan{suffix}"), _read(out / f"scan_dicom{suffix}")), suffix
+    png_record = json.loads((out / "scan.json").read_text(encoding="utf-8"))
+    dicom_record = json.loads((out / "scan_dicom.json").read_text(encoding="utf-8"))
+    assert dicom_record["input"]["source_format"] == "dicom" and dicom_record["pixel_spacing_mm"] == [0.1, 0.2]
+    assert png_record["pixel_spacing_mm"] is None and png_record["tissue"]["areas_mm2"] is None
+    areas_px, areas_mm2 = dicom_record["tissue"]["areas_px"], dicom_record["tissue"]["areas_mm2"]
+    assert all(areas_mm2[k] == pytest.approx(areas_px[k] * 0.02, abs=1e-3) for k in areas_px)
+    assert dicom_record["roi"] == png_record["roi"] and dicom_record["density"] == png_record["density"]
+
+
+# ----------------------------------------------------------------------------------------------------- options
+def test_tta_adaptive_clahe_and_16_bit_probability(checkpoint_dir, tissue_image, tmp_path):
+    out = tmp_path / "out"
+    assert ci.main(_args(checkpoint_dir, "--image", str(tissue_image), "--output-dir", str(out), "--tta",
+                         "--adaptive-clahe", "--prob-encoding", "uint16", "--threshold", "0.3")) == 0
+    stem = tissue_image.stem
+    record = _check_outputs(out, stem, _read(tissue_image))
+    assert record["preprocessing"]["tta"] is True and record["preprocessing"]["adaptive_clahe"] == "auto"
+    assert isinstance(record["preprocessing"]["adaptive_clahe_used"], bool)
+    assert record["lesions"]["threshold"] == 0.3 and record["cancer_prob_encoding"].startswith("uint16")
+    assert _read(out / f"{stem}_cancer_prob.png").dtype == np.uint16
+    # an existing output is not overwritten without --overwrite ...
+    mtime = (out / f"{stem}.json").stat().st_mtime_ns
+    assert ci.main(_args(checkpoint_dir, "--image", str(tissue_image), "--output-dir", str(out))) == 0
+    assert (out / f"{stem}.json").stat().st_mtime_ns == mtime
+    # ... and is with it
+    assert ci.main(_args(checkpoint_dir, "--image", str(tissue_image), "--output-dir", str(out), "--overwrite")) == 0
+    record = json.loads((out / f"{stem}.json").read_text(encoding="utf-8"))
+    assert record["preprocessing"]["tta"] is False and _read(out / f"{stem}_cancer_prob.png").dtype == np.uint8
+
+
+def test_onnxruntime_backend_matches_torch(checkpoint_dir, loaded, tissue_image):
+    pytest.importorskip("onnxruntime")
+    onnx_backend = pytest.importorskip("onnx_backend")
+    assert onnx_backend is not None
+    onnx = ci.load_cascade(checkpoint_dir / "stage1" / "best_stage1.pth", checkpoint_dir / "stage2" / "best_stage2.pth",
+                           device="cpu", backend="onnxruntime")
+    first, second = ci.run_image(loaded, tissue_image), ci.run_image(onnx, tissue_image)
+    assert second.record["runtime"]["backend"] == "onnxruntime"
+    assert (first.result.tissue_classes == second.result.tissue_classes).mean() > 0.999
+    assert np.abs(first.result.lesion_prob - second.result.lesion_prob).max() < 1e-3
+
+
+def test_interactive_without_a_display_exits_2(checkpoint_dir, tissue_image, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    if not __import__("sys").platform.startswith("linux"):
+        pytest.skip("the DISPLAY check applies to Linux")
+    assert ci.main(_args(checkpoint_dir, "--image", str(tissue_image), "--output-dir", str(tmp_path / "o"),
+                         "--interactive")) == 2
+    assert "no display" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
