@@ -379,11 +379,14 @@ class Cascade:
         tta: horizontal-flip test-time augmentation in both stages.
         adaptive_clahe: ``"off"``, ``"on"`` (always use the stronger CLAHE) or ``"auto"`` (re-run stage 1 with it
             when the confidence is below :data:`ADAPTIVE_CLAHE_CONFIDENCE`, keep the more confident result).
+        roi_margin: ROI margin fraction; default: the stage-2 checkpoint's ``roi["margin_fraction"]``, else
+            :data:`ROI_MARGIN_FRACTION`.
     """
 
     def __init__(self, stage1_checkpoint: dict, stage2_checkpoint: dict | None = None, *, stage1_runner: LogitsFn | None = None,
                  stage2_runner: LogitsFn | None = None, device: torch.device | str = "cpu", tta: bool = False,
-                 adaptive_clahe: str = "off", amp: bool = False, channels_last: bool = False):
+                 adaptive_clahe: str = "off", amp: bool = False, channels_last: bool = False,
+                 roi_margin: float | None = None):
         if adaptive_clahe not in ("off", "on", "auto"):
             raise ValueError(f"adaptive_clahe must be 'off', 'on' or 'auto', not {adaptive_clahe!r}")
         self.stage1_checkpoint, self.stage2_checkpoint = stage1_checkpoint, stage2_checkpoint
@@ -394,9 +397,9 @@ class Cascade:
         if stage2_checkpoint is not None:
             self.stage2_size = tuple(int(v) for v in stage2_checkpoint["input_size"])
             self.stage2 = stage2_runner or TorchRunner(model_from_checkpoint(stage2_checkpoint, device), device, amp, channels_last)
-            self.roi_margin = float(stage2_checkpoint.get("roi", {}).get("margin_fraction", ROI_MARGIN_FRACTION))
-        else:
-            self.roi_margin = ROI_MARGIN_FRACTION
+        if roi_margin is None:
+            roi_margin = (stage2_checkpoint or {}).get("roi", {}).get("margin_fraction", ROI_MARGIN_FRACTION)
+        self.roi_margin = float(roi_margin)
         self.tta = tta
         self.adaptive_clahe = adaptive_clahe
 
