@@ -25,7 +25,24 @@ from segmentation_models_pytorch.losses import DiceLoss
 from torch import nn
 
 
-class TissueLoss(nn.Module):
+class _DicePlusCrossEntropy(nn.Module):
+    """``dice_weight * smp DiceLoss(mode) + ce_weight * cross_entropy``, in float32 whatever the autocast state."""
+
+    def __init__(self, mode: str, cross_entropy, target_dtype: torch.dtype, dice_weight: float, ce_weight: float):
+        super().__init__()
+        self.dice_weight = float(dice_weight)
+        self.ce_weight = float(ce_weight)
+        self.dice = DiceLoss(mode=mode, from_logits=True)
+        self.cross_entropy = cross_entropy
+        self.target_dtype = target_dtype
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            logits, target = logits.float(), target.to(self.target_dtype)
+            return self.dice_weight * self.dice(logits, target) + self.ce_weight * self.cross_entropy(logits, target)
+
+
+class TissueLoss(_DicePlusCrossEntropy):
     """Stage-1 loss: weighted multi-class soft Dice (smp ``DiceLoss(mode="multiclass")``) + cross-entropy.
 
     Args:
@@ -39,19 +56,10 @@ class TissueLoss(nn.Module):
     """
 
     def __init__(self, dice_weight: float = 0.5, ce_weight: float = 0.5):
-        super().__init__()
-        self.dice_weight = float(dice_weight)
-        self.ce_weight = float(ce_weight)
-        self.dice = DiceLoss(mode="multiclass", from_logits=True)
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=logits.device.type, enabled=False):
-            logits = logits.float()
-            target = target.long()
-            return self.dice_weight * self.dice(logits, target) + self.ce_weight * F.cross_entropy(logits, target)
+        super().__init__("multiclass", F.cross_entropy, torch.long, dice_weight, ce_weight)
 
 
-class LesionLoss(nn.Module):
+class LesionLoss(_DicePlusCrossEntropy):
     """Stage-2 loss: weighted binary soft Dice (smp ``DiceLoss(mode="binary")``) + binary cross-entropy on logits.
 
     Args:
@@ -65,16 +73,7 @@ class LesionLoss(nn.Module):
     """
 
     def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0):
-        super().__init__()
-        self.dice_weight = float(dice_weight)
-        self.bce_weight = float(bce_weight)
-        self.dice = DiceLoss(mode="binary", from_logits=True)
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=logits.device.type, enabled=False):
-            logits = logits.float()
-            target = target.float()
-            return self.dice_weight * self.dice(logits, target) + self.bce_weight * F.binary_cross_entropy_with_logits(logits, target)
+        super().__init__("binary", F.binary_cross_entropy_with_logits, torch.float32, dice_weight, bce_weight)
 
 
 def l1_penalty(model: nn.Module, l1_lambda: float) -> torch.Tensor:
