@@ -289,38 +289,60 @@ def _softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
     return exp / exp.sum(axis=axis, keepdims=True)
 
 
-def predict_tissue(logits_fn: LogitsFn, image_u8: np.ndarray, size_hw: tuple[int, int], tta: bool = False) -> tuple[np.ndarray, float]:
-    """Stage 1 on one preprocessed image.
+def predict_tissue_batch(logits_fn: LogitsFn, images_u8: list[np.ndarray], size_hw: tuple[int, int],
+                         tta: bool = False) -> list[tuple[np.ndarray, float]]:
+    """Stage 1 on several preprocessed images in one network call (each letterboxed to ``size_hw``).
 
     Args:
         logits_fn: the stage-1 runner (:class:`TorchRunner` or an ONNX Runtime runner).
-        image_u8: ``(H, W)`` uint8 preprocessed image (orientation-normalised).
+        images_u8: ``(H_i, W_i)`` uint8 preprocessed images (orientation-normalised); sizes may differ.
         size_hw: network input size (multiples of 32).
         tta: average with the horizontally mirrored prediction.
 
     Returns:
-        ``(classes, confidence)``: ``(H, W)`` uint8 class map at the image's size (argmax at network size, mapped
-        back with nearest interpolation) and the mean max-softmax probability over predicted breast pixels
-        (adipose + FGT + pectoral) at network size, in [0, 1].
+        One ``(classes, confidence)`` per image: ``(H_i, W_i)`` uint8 class map at the image's size (argmax at network
+        size, mapped back with nearest interpolation) and the mean max-softmax probability over predicted breast
+        pixels (adipose + FGT + pectoral) at network size, in [0, 1].
     """
-    net, geometry = imaging.letterbox(image_u8, size_hw, interpolation="linear")
-    probs = _softmax(_network_logits(logits_fn, [net.astype(np.float32) / 255.0], tta))[0]
-    classes_net = probs.argmax(axis=0).astype(np.uint8)
-    breast = classes_net != BACKGROUND
-    confidence = float(probs.max(axis=0)[breast].mean()) if breast.any() else float(probs.max(axis=0).mean())
-    classes = imaging.unletterbox(classes_net, geometry, interpolation="nearest")
-    return classes.astype(np.uint8), confidence
+    nets, geometries = zip(*(imaging.letterbox(image, size_hw, interpolation="linear") for image in images_u8))
+    probs = _softmax(_network_logits(logits_fn, [net.astype(np.float32) / 255.0 for net in nets], tta))
+    results = []
+    for prob, geometry in zip(probs, geometries):
+        classes_net = prob.argmax(axis=0).astype(np.uint8)
+        top = prob.max(axis=0)
+        breast = classes_net != BACKGROUND
+        confidence = float(top[breast].mean()) if breast.any() else float(top.mean())
+        classes = imaging.unletterbox(classes_net, geometry, interpolation="nearest")
+        results.append((classes.astype(np.uint8), confidence))
+    return results
+
+
+def predict_tissue(logits_fn: LogitsFn, image_u8: np.ndarray, size_hw: tuple[int, int], tta: bool = False) -> tuple[np.ndarray, float]:
+    """Stage 1 on one preprocessed ``(H, W)`` uint8 image: see :func:`predict_tissue_batch`."""
+    return predict_tissue_batch(logits_fn, [image_u8], size_hw, tta)[0]
+
+
+def predict_lesion_batch(logits_fn: LogitsFn, crops_u8: list[np.ndarray], size_hw: tuple[int, int],
+                         tta: bool = False) -> list[np.ndarray]:
+    """Stage 2 on several ROI crops in one network call.
+
+    Args:
+        crops_u8: ``(h_i, w_i)`` uint8 crops of preprocessed images; sizes may differ (each is letterboxed).
+
+    Returns:
+        One lesion probability map ``(h_i, w_i)`` float32 in [0, 1] per crop, computed at network size and mapped
+        back to the crop with linear interpolation.
+    """
+    nets, geometries = zip(*(imaging.letterbox(crop, size_hw, interpolation="linear") for crop in crops_u8))
+    logits = _network_logits(logits_fn, [net.astype(np.float32) / 255.0 for net in nets], tta)[:, 0]
+    probs = 1.0 / (1.0 + np.exp(-logits))
+    return [np.clip(imaging.unletterbox(prob.astype(np.float32), geometry, interpolation="linear"), 0.0, 1.0).astype(np.float32)
+            for prob, geometry in zip(probs, geometries)]
 
 
 def predict_lesion(logits_fn: LogitsFn, crop_u8: np.ndarray, size_hw: tuple[int, int], tta: bool = False) -> np.ndarray:
-    """Stage 2 on one ROI crop: ``(h, w)`` uint8 -> lesion probability ``(h, w)`` float32 in [0, 1].
-
-    The probability is computed at network size and mapped back to the crop with linear interpolation.
-    """
-    net, geometry = imaging.letterbox(crop_u8, size_hw, interpolation="linear")
-    logits = _network_logits(logits_fn, [net.astype(np.float32) / 255.0], tta)[0, 0]
-    prob = 1.0 / (1.0 + np.exp(-logits))
-    return np.clip(imaging.unletterbox(prob.astype(np.float32), geometry, interpolation="linear"), 0.0, 1.0).astype(np.float32)
+    """Stage 2 on one ROI crop ``(h, w)`` uint8 -> probability ``(h, w)`` float32: see :func:`predict_lesion_batch`."""
+    return predict_lesion_batch(logits_fn, [crop_u8], size_hw, tta)[0]
 
 
 # ------------------------------------------------------------------------------------------------ the cascade
@@ -335,6 +357,7 @@ class TissueAndRoi:
     roi_box: RoiBox
     roi_source: str  # "fgt", "breast" or "image"
     adaptive_clahe_used: bool
+    timings_s: dict = field(default_factory=dict)  # seconds: preprocess, stage1
 
 
 @dataclass
@@ -403,43 +426,70 @@ class Cascade:
         self.tta = tta
         self.adaptive_clahe = adaptive_clahe
 
-    def tissue_and_roi(self, pixels: np.ndarray, timings: dict | None = None) -> TissueAndRoi:
-        """Preprocess ``pixels`` ((H, W) uint8/uint16 as read), run stage 1, and find the ROI (normalised frame)."""
-        timings = {} if timings is None else timings
+    def tissue_and_roi_batch(self, pixels_list: list[np.ndarray]) -> list[TissueAndRoi]:
+        """Preprocess each image ((H, W) uint8/uint16 as read), run stage 1 on all in one call, find each ROI.
+
+        Everything is in the orientation-normalised frame. Each result's ``timings_s`` holds the batch's preprocessing
+        and stage-1 seconds divided by the number of images.
+        """
+        if not pixels_list:
+            return []
         start = time.perf_counter()
         strong = self.adaptive_clahe == "on"
-        pre = imaging.preprocess(pixels, self.preprocess_config, adaptive_clahe=strong)
-        timings["preprocess"] = time.perf_counter() - start
+        pres = [imaging.preprocess(pixels, self.preprocess_config, adaptive_clahe=strong) for pixels in pixels_list]
+        preprocess_s = time.perf_counter() - start
         start = time.perf_counter()
-        classes, confidence = predict_tissue(self.stage1, pre.image, self.stage1_size, self.tta)
-        if self.adaptive_clahe == "auto" and confidence < ADAPTIVE_CLAHE_CONFIDENCE:
-            alt = imaging.preprocess(pixels, self.preprocess_config, adaptive_clahe=True)
-            alt_classes, alt_confidence = predict_tissue(self.stage1, alt.image, self.stage1_size, self.tta)
-            if alt_confidence > confidence:
-                pre, classes, confidence, strong = alt, alt_classes, alt_confidence, True
-        timings["stage1"] = time.perf_counter() - start
-        box, source = fgt_roi_box(classes, self.roi_margin)
-        return TissueAndRoi(pre.image, pre.flipped, classes, confidence, box, source, strong)
+        tissues = predict_tissue_batch(self.stage1, [pre.image for pre in pres], self.stage1_size, self.tta)
+        used = [strong] * len(pres)
+        unsure = [i for i, (_, confidence) in enumerate(tissues) if confidence < ADAPTIVE_CLAHE_CONFIDENCE]
+        if self.adaptive_clahe == "auto" and unsure:
+            alts = [imaging.preprocess(pixels_list[i], self.preprocess_config, adaptive_clahe=True) for i in unsure]
+            for i, alt, alt_tissue in zip(unsure, alts, predict_tissue_batch(self.stage1, [a.image for a in alts],
+                                                                             self.stage1_size, self.tta)):
+                if alt_tissue[1] > tissues[i][1]:
+                    pres[i], tissues[i], used[i] = alt, alt_tissue, True
+        stage1_s = time.perf_counter() - start
+        found = []
+        for pre, (classes, confidence), strong_used in zip(pres, tissues, used):
+            box, source = fgt_roi_box(classes, self.roi_margin)
+            timings = {"preprocess": preprocess_s / len(pres), "stage1": stage1_s / len(pres)}
+            found.append(TissueAndRoi(pre.image, pre.flipped, classes, confidence, box, source, strong_used, timings))
+        return found
 
-    def __call__(self, pixels: np.ndarray) -> CascadeResult:
-        """Run the whole cascade on one image as read (``(H, W)`` uint8 or uint16)."""
+    def tissue_and_roi(self, pixels: np.ndarray) -> TissueAndRoi:
+        """:meth:`tissue_and_roi_batch` on one image."""
+        return self.tissue_and_roi_batch([pixels])[0]
+
+    def run_batch(self, pixels_list: list[np.ndarray]) -> list[CascadeResult]:
+        """The whole cascade on several images as read (``(H_i, W_i)`` uint8 or uint16; sizes may differ).
+
+        Stage 1 runs once over all images and stage 2 once over all ROI crops (each letterboxed to its network
+        size); the results equal those of one image at a time up to floating-point summation order. ``timings_s``
+        of each result holds the batch's seconds per step divided by the number of images.
+        """
         if self.stage2 is None:
             raise RuntimeError("this Cascade was built without a stage-2 checkpoint; pass one to run stage 2")
-        timings: dict = {}
-        found = self.tissue_and_roi(pixels, timings)
+        found = self.tissue_and_roi_batch(pixels_list)
+        if not found:
+            return []
         start = time.perf_counter()
-        crop = found.image[found.roi_box.slices()]
-        lesion = paste_into_box(predict_lesion(self.stage2, crop, self.stage2_size, self.tta), found.roi_box, found.image.shape[:2])
-        timings["stage2"] = time.perf_counter() - start
-        width = found.image.shape[1]
-        return CascadeResult(
-            tissue_classes=imaging.unflip(found.tissue_classes, found.flipped),
-            lesion_prob=imaging.unflip(lesion, found.flipped),
-            roi_box=found.roi_box.mirrored(width) if found.flipped else found.roi_box,
-            roi_source=found.roi_source,
-            tissue_confidence=found.confidence,
-            flipped=found.flipped,
-            adaptive_clahe_used=found.adaptive_clahe_used,
-            timings_s=timings,
-        )
+        lesions = predict_lesion_batch(self.stage2, [f.image[f.roi_box.slices()] for f in found], self.stage2_size, self.tta)
+        stage2_s = (time.perf_counter() - start) / len(found)
+        results = []
+        for f, lesion in zip(found, lesions):
+            full = paste_into_box(lesion, f.roi_box, f.image.shape[:2])
+            results.append(CascadeResult(
+                tissue_classes=imaging.unflip(f.tissue_classes, f.flipped),
+                lesion_prob=imaging.unflip(full, f.flipped),
+                roi_box=f.roi_box.mirrored(f.image.shape[1]) if f.flipped else f.roi_box,
+                roi_source=f.roi_source,
+                tissue_confidence=f.confidence,
+                flipped=f.flipped,
+                adaptive_clahe_used=f.adaptive_clahe_used,
+                timings_s={**f.timings_s, "stage2": stage2_s},
+            ))
+        return results
 
+    def __call__(self, pixels: np.ndarray) -> CascadeResult:
+        """Run the whole cascade on one image as read (``(H, W)`` uint8 or uint16): :meth:`run_batch` of one."""
+        return self.run_batch([pixels])[0]

@@ -43,10 +43,10 @@ would equal an input is refused). An input whose ``<stem>.json`` exists is skipp
 ``predictions.csv`` is filled from that JSON) unless ``--overwrite``; an existing ``predictions.csv`` /
 ``summary.json`` is kept and the new one gets a timestamped name unless ``--overwrite``.
 
-Speed: while the network runs on one image, a background thread reads the next one and another writes the
-previous one's outputs (PNG encoding, the figure; ``--prefetch 1``, the default). Images are run one at a time
-(``Cascade`` processes one image per call); ``--batch-size`` is accepted for compatibility but larger values
-currently change nothing (said at start and in ``summary.json``). ``--no-visualization`` skips the slowest output.
+Speed: images go through the networks in groups of ``--batch-size`` (``Cascade.run_batch``: stage 1 on the group's
+letterboxed images at once, then stage 2 on their ROI crops); while the networks run on one group, a background
+thread reads the next group and another writes the previous group's outputs (PNG encoding, the figure;
+``--prefetch 1``, the default). ``--no-visualization`` skips the slowest output.
 ``--backend onnxruntime`` runs both networks under ONNX Runtime on the CPU (``onnx_backend.py``; ``.onnx`` files
 exported by it are accepted as weights).
 
@@ -147,7 +147,7 @@ RECORD_SPEC: dict[str, Any] = {
     "cancer_prob_encoding": str,
     "timings_s": dict,
     "checkpoints": {"stage1": _CHECKPOINT_SPEC, "stage2": _CHECKPOINT_SPEC},
-    "runtime": {"device": str, "backend": str, "created_utc": str, "versions": dict},
+    "runtime": {"device": str, "backend": str, "batch_size": int, "created_utc": str, "versions": dict},
     "findings": list,  # plain-language sentences
 }
 
@@ -212,7 +212,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="when stage 1 is unsure (mean confidence < cascade.ADAPTIVE_CLAHE_CONFIDENCE), re-run it "
                              "with the stronger CLAHE and keep the more confident result (reported per image)")
     parser.add_argument("--batch-size", type=_positive_int, default=1,
-                        help="accepted for compatibility; images are run one at a time (default: %(default)s)")
+                        help="images per network call: stage 1 runs on the group's letterboxed images at once, then "
+                             "stage 2 on their ROI crops (more memory, faster on a GPU) (default: %(default)s)")
     parser.add_argument("--prefetch", type=int, default=1, choices=(0, 1),
                         help="1: read the next image and write the previous one's outputs in background threads while "
                              "the network runs; 0: all in turn (default: %(default)s)")
@@ -501,7 +502,18 @@ def run_image(loaded: LoadedCascade, path: str | os.PathLike, *, threshold: floa
         image, read_s = _timed_read(path)
     start = time.perf_counter()
     result = loaded.cascade(image.pixels)
-    cascade_s = time.perf_counter() - start
+    return build_prediction(loaded, path, image, result, read_s=read_s or 0.0, cascade_s=time.perf_counter() - start,
+                            threshold=threshold, min_area_px=min_area_px, relative_path=relative_path,
+                            prob_encoding=prob_encoding)
+
+
+def build_prediction(loaded: LoadedCascade, path: Path, image: imaging.MammogramImage, result: cascade.CascadeResult,
+                     *, read_s: float, cascade_s: float, threshold: float = 0.5, min_area_px: int = 1,
+                     relative_path: str | None = None, prob_encoding: str = "uint8", batch_size: int = 1) -> Prediction:
+    """The JSON record of one image from its cascade result (see :func:`run_image` for the arguments).
+
+    ``cascade_s`` is the cascade's seconds for this image (its share of the batch when ``batch_size`` > 1).
+    """
     start = time.perf_counter()
     height, width = image.pixels.shape
     spacing = image.pixel_spacing_mm
@@ -530,7 +542,7 @@ def run_image(loaded: LoadedCascade, path: str | os.PathLike, *, threshold: floa
         "cancer_prob_encoding": _encoding_text(prob_encoding),
         "timings_s": {},
         "checkpoints": loaded.identities,
-        "runtime": {"device": loaded.device, "backend": loaded.backend,
+        "runtime": {"device": loaded.device, "backend": loaded.backend, "batch_size": int(batch_size),
                     "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     "versions": _versions()},
         "findings": [],
@@ -538,8 +550,7 @@ def run_image(loaded: LoadedCascade, path: str | os.PathLike, *, threshold: floa
     if loaded.notes:
         record["input"]["notes"] += loaded.notes
     record["findings"] = _findings(record)
-    timings = {"read": read_s or 0.0, **{k: v for k, v in result.timings_s.items()}, "cascade_total": cascade_s,
-               "postprocess": time.perf_counter() - start}
+    timings = {"read": read_s, **result.timings_s, "cascade_total": cascade_s, "postprocess": time.perf_counter() - start}
     record["timings_s"] = {k: round(float(v), 4) for k, v in timings.items()}
     return Prediction(record, image, result)
 
@@ -884,8 +895,8 @@ def summarize(items: list[InputItem], elapsed_s: float, loaded: LoadedCascade, a
         "lesion_threshold": args.threshold,
         "elapsed_s": round(elapsed_s, 3),
         "mean_s_per_processed_image": round(float(np.mean(processed)), 3) if processed else None,
-        "batching": "one image per network call (--batch-size has no effect yet); the next image is read in a "
-                    "background thread while the network runs" if args.prefetch else "one image per network call",
+        "batching": f"{args.batch_size} image(s) per network call"
+                    + ("; the next group is read and the last one written in background threads" if args.prefetch else ""),
         "device": loaded.device, "backend": loaded.backend,
         "checkpoints": loaded.identities,
         "arguments": {k: v for k, v in vars(args).items()},
@@ -959,31 +970,46 @@ def _fail(item: InputItem, error: Exception) -> None:
 _INPUT_ERRORS = (imaging.ImageReadError, ValueError, TypeError, OSError, RuntimeError, MemoryError)
 
 
-def _process(items: list[InputItem], loaded: LoadedCascade, args, protected: set) -> None:
-    """Run every pending item; fills status / reason / record / seconds in place.
+def _read_group(paths: list[Path]) -> list:
+    """Read each file: a list of ``(image, seconds)`` or the exception raised for that file."""
+    out = []
+    for path in paths:
+        try:
+            out.append(_timed_read(path))
+        except _INPUT_ERRORS as error:
+            out.append(error)
+    return out
 
-    With ``args.prefetch`` a reader thread reads image i+1 while the network runs on image i, and a writer thread
-    writes the outputs of image i (PNG encoding, the matplotlib figure) while image i+1 runs. At most one read and
-    one write are in flight, so memory stays at about three images.
+
+def _process(items: list[InputItem], loaded: LoadedCascade, args, protected: set) -> None:
+    """Run every pending item, ``args.batch_size`` images per network call; fills status / reason / record / seconds.
+
+    With ``args.prefetch`` a reader thread reads the next group while the networks run on this one, and a writer
+    thread writes the outputs of this group (PNG encoding, the matplotlib figure) while the next one runs. At most one
+    group is read ahead and one written behind, so memory stays at about three groups of images. A file that cannot
+    be read fails alone; the rest of its group goes on.
     """
     pending = [item for item in items if item.status == "pending"]
     total = len(pending)
+    size = max(1, int(args.batch_size))
+    groups = [list(range(i, min(i + size, total))) for i in range(0, total, size)]
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read") if args.prefetch else None
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") if args.prefetch else None
-    in_flight: tuple | None = None  # (index, item, future, start) of the write running in the background
+    in_flight: list = []  # (index, item, future, start) of writes running in the background
 
-    def finish_write() -> None:
-        nonlocal in_flight
-        if in_flight is None:
-            return
-        index, item, future, start = in_flight
-        in_flight = None
-        try:
-            item.record = future.result()
-            item.status, item.seconds = "ok", time.perf_counter() - start
-        except (*_INPUT_ERRORS, FileExistsError) as error:
-            _fail(item, error)
-        _report(item, index, total)
+    def read(group: list[int]):
+        paths = [pending[i].path for i in group]
+        return reader.submit(_read_group, paths) if reader else None
+
+    def finish_writes() -> None:
+        while in_flight:
+            index, item, future, start = in_flight.pop(0)
+            try:
+                item.record = future.result()
+                item.status, item.seconds = "ok", time.perf_counter() - start
+            except (*_INPUT_ERRORS, FileExistsError) as error:
+                _fail(item, error)
+            _report(item, index, total)
 
     def write(prediction: Prediction, item: InputItem):
         return write_outputs(prediction, item.out_dir, item.stem, threshold=args.threshold,
@@ -991,32 +1017,50 @@ def _process(items: list[InputItem], loaded: LoadedCascade, args, protected: set
                              overwrite=args.overwrite, protected=protected)
 
     try:
-        future = reader.submit(_timed_read, pending[0].path) if reader and pending else None
-        for index, item in enumerate(pending):
-            current = future
-            future = reader.submit(_timed_read, pending[index + 1].path) if reader and index + 1 < total else None
+        future = read(groups[0]) if groups else None
+        for number, group in enumerate(groups):
             start = time.perf_counter()
+            current = future.result() if future is not None else _read_group([pending[i].path for i in group])
+            future = read(groups[number + 1]) if number + 1 < len(groups) else None
+            readable = [(i, got) for i, got in zip(group, current) if not isinstance(got, Exception)]
+            for i, got in zip(group, current):
+                if isinstance(got, Exception):
+                    _fail(pending[i], got)
+                    _report(pending[i], i, total)
             try:
-                image, read_s = current.result() if current is not None else _timed_read(item.path)
-                prediction = run_image(loaded, item.path, threshold=args.threshold, min_area_px=args.min_lesion_area,
-                                       image=image, read_s=read_s, relative_path=item.relative,
-                                       prob_encoding=args.prob_encoding)
-            except _INPUT_ERRORS as error:
-                _fail(item, error)
-                finish_write()
-                _report(item, index, total)
-                continue
-            finish_write()
-            if writer is not None:
-                in_flight = (index, item, writer.submit(write, prediction, item), start)
-            else:
+                network_start = time.perf_counter()
+                results = loaded.cascade.run_batch([image.pixels for _, (image, _) in readable])
+                cascade_s = (time.perf_counter() - network_start) / max(1, len(readable))
+                predictions = [build_prediction(loaded, pending[i].path, image, result, read_s=read_s, cascade_s=cascade_s,
+                                                threshold=args.threshold, min_area_px=args.min_lesion_area,
+                                                relative_path=pending[i].relative, prob_encoding=args.prob_encoding,
+                                                batch_size=len(readable))
+                               for (i, (image, read_s)), result in zip(readable, results)]
+            except _INPUT_ERRORS:  # find the image at fault: run the group's images one by one
+                predictions = []
+                for i, (image, read_s) in readable:
+                    try:
+                        predictions.append(run_image(loaded, pending[i].path, threshold=args.threshold,
+                                                     min_area_px=args.min_lesion_area, image=image, read_s=read_s,
+                                                     relative_path=pending[i].relative, prob_encoding=args.prob_encoding))
+                    except _INPUT_ERRORS as error:
+                        _fail(pending[i], error)
+                        _report(pending[i], i, total)
+                        predictions.append(None)
+            finish_writes()
+            for (i, _), prediction in zip(readable, predictions):
+                if prediction is None:
+                    continue
+                if writer is not None:
+                    in_flight.append((i, pending[i], writer.submit(write, prediction, pending[i]), start))
+                    continue
                 try:
-                    item.record = write(prediction, item)
-                    item.status, item.seconds = "ok", time.perf_counter() - start
-                except (*_INPUT_ERRORS, FileExistsError) as error:
-                    _fail(item, error)
-                _report(item, index, total)
-        finish_write()
+                    pending[i].record = write(prediction, pending[i])
+                    pending[i].status, pending[i].seconds = "ok", time.perf_counter() - start
+                except (*_INPUT_ERRORS, FileExistsError) as write_error:
+                    _fail(pending[i], write_error)
+                _report(pending[i], i, total)
+        finish_writes()
     finally:
         for pool in (reader, writer):
             if pool is not None:
@@ -1061,9 +1105,6 @@ def main(args: argparse.Namespace) -> int:
     if args.interactive:
         return _interactive(items, loaded, args)
 
-    if args.batch_size > 1:
-        print(f"note: --batch-size {args.batch_size}: images are run one at a time (the cascade takes one image per "
-              "call); the next image is still read while the network runs", file=sys.stderr)
     for item in items:
         if item.status == "pending" and not args.overwrite and (item.out_dir / f"{item.stem}.json").exists():
             item.status, item.reason = "exists", "outputs exist (pass --overwrite to redo)"

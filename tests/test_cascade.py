@@ -142,3 +142,18 @@ def test_resolve_device():
         assert cascade.resolve_device("auto").type == "cpu"
         with pytest.raises(RuntimeError, match="--device cpu"):
             cascade.resolve_device("cuda")
+
+
+def test_run_batch_equals_one_image_at_a_time(tissue_dir, nyu_dir):
+    images = [imaging.read_image(p).pixels for p in sorted((tissue_dir / "fgt_seg").glob("*.png"))[:2]]
+    images.append(imaging.read_image(nyu_dir / "images" / "0_R-MLO.png").pixels)  # 16-bit, another size
+    images.append(images[0][:, ::-1].copy())  # mirrored: another orientation in the same batch
+    run = Cascade(_checkpoint(1, (64, 32)), _checkpoint(2, (32, 32)))
+    batched = run.run_batch(images)
+    assert len(batched) == 4 and run.run_batch([]) == []
+    for pixels, together in zip(images, batched):
+        alone = run(pixels)
+        assert together.tissue_classes.shape == pixels.shape
+        assert np.array_equal(together.tissue_classes, alone.tissue_classes)
+        assert together.roi_box == alone.roi_box and together.flipped == alone.flipped
+        assert np.allclose(together.lesion_prob, alone.lesion_prob, atol=1e-5)

@@ -293,6 +293,31 @@ def test_folder_with_bad_files_processes_the_rest_and_never_touches_inputs(check
     assert _snapshot(inputs) == before
 
 
+@pytest.mark.parametrize("prefetch", ["0", "1"])
+def test_batches_give_the_same_outputs_as_single_images(prefetch, checkpoint_dir, tissue_dir, nyu_dir, tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for name in sorted(p.name for p in (tissue_dir / "fgt_seg").glob("*.png"))[:3]:
+        shutil.copy(tissue_dir / "fgt_seg" / name, inputs / name)
+    shutil.copy(nyu_dir / "images" / "0_R-MLO.png", inputs / "0_R-MLO.png")  # 16-bit, another size, same group
+    (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # fails alone inside its group
+    results = {}
+    for batch in ("1", "3"):
+        out = tmp_path / f"out_{batch}"
+        assert ci.main(_args(checkpoint_dir, "--image-dir", str(inputs), "--output-dir", str(out), "--batch-size",
+                             batch, "--prefetch", prefetch, "--no-visualization")) == 1
+        rows = {row["input"]: row["status"] for row in csv.DictReader((out / "predictions.csv").open(encoding="utf-8"))}
+        assert rows.pop("broken.png") == "failed" and set(rows.values()) == {"ok"} and len(rows) == 4
+        results[batch] = {p.name: _read(p) for p in sorted(out.glob("*_tissue_seg.png"))}
+        results[batch].update({p.name: _read(p) for p in sorted(out.glob("*_cancer_prob.png"))})
+        record = json.loads((out / "0_R-MLO.json").read_text(encoding="utf-8"))
+        assert record["runtime"]["batch_size"] == (1 if batch == "1" else 3)
+    assert results["1"].keys() == results["3"].keys() and len(results["1"]) == 8
+    for name, single in results["1"].items():
+        difference = np.abs(single.astype(int) - results["3"][name].astype(int))
+        assert difference.max() <= 1, name  # probabilities may differ by one 8-bit step (summation order)
+
+
 def test_stem_collisions_and_output_folder_inside_the_input(tmp_path):
     (tmp_path / "a.png").write_bytes(b"x")
     (tmp_path / "a.dcm").write_bytes(b"x")
