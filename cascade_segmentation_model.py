@@ -433,9 +433,27 @@ def tissue_table(args: argparse.Namespace) -> pd.DataFrame:
         if (source / "tissue_dataset.csv").is_file():
             source = source / "tissue_dataset.csv"
     try:
-        return datasets.read_tissue_table(source)
-    except FileNotFoundError as error:
+        table = datasets.read_tissue_table(source)
+    except (FileNotFoundError, ValueError) as error:
         raise TrainingInputError(str(error)) from None
+    check_files_exist(table, ("image_file_path", "label_file_path"), source)
+    return table
+
+
+def check_files_exist(table: pd.DataFrame, columns: tuple[str, ...], source) -> None:
+    """Raise ``TrainingInputError`` listing every file named in ``columns`` that does not exist (before training).
+
+    Cells may hold several paths joined by ";" (merged lesion masks); empty cells mean "none".
+    """
+    missing = []
+    for column in columns:
+        for cell in table[column].fillna("").astype(str):
+            missing += [path for path in cell.split(";") if path.strip() and not Path(path.strip()).is_file()]
+    if missing:
+        shown = "\n  ".join(missing[:10]) + (f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise TrainingInputError(f"{source} names {len(missing)} file(s) that do not exist:\n  {shown}\n"
+                                 "fix the paths (relative paths are resolved against the CSV's folder) or re-run "
+                                 "prepare_to_train.py")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -773,8 +791,9 @@ def _stage_data(spec: StageSpec, args: argparse.Namespace, ctx: distributed.Dist
             raise TrainingInputError("stage 2 needs --cancer-csv (workspace/unified_segmentation_dataset.csv)")
         try:
             table = datasets.read_lesion_table(args.cancer_csv)
-        except FileNotFoundError as error:
+        except (FileNotFoundError, ValueError) as error:
             raise TrainingInputError(str(error)) from None
+        check_files_exist(table, ("image_file_path", "roi_mask_file_path"), args.cancer_csv)
         table = table[table["split"].astype(str) != "test"].reset_index(drop=True)
         if not stage1_path.is_file():
             raise TrainingInputError(f"stage-1 checkpoint {stage1_path} not found; train stage 1 first "
@@ -834,7 +853,7 @@ def train_stage(stage: int, args: argparse.Namespace, ctx: distributed.DistConte
     if args.resume:
         if last_path.is_file():
             resume_state = cascade.load_checkpoint(last_path, map_location="cpu")
-        elif ctx.is_main:
+        elif ctx.is_main:  # main() checked that some stage has one: this stage had not started yet
             print(f"stage {stage}: --resume but {last_path} does not exist yet; starting from scratch")
     if resume_state is not None and (resume_state.get("early_stopped") or int(resume_state["epoch"]) >= spec.epochs):
         if ctx.is_main:
@@ -855,7 +874,10 @@ def train_stage(stage: int, args: argparse.Namespace, ctx: distributed.DistConte
     build_config = dict(model_config)
     if resume_state is not None and "encoder_weights" in build_config:
         build_config["encoder_weights"] = None  # the weights come from the checkpoint
-    model = build_model(build_config).to(device)
+    try:
+        model = build_model(build_config).to(device)
+    except (RuntimeError, FileNotFoundError, ValueError) as error:  # offline ImageNet, bad --encoder-weights path
+        raise TrainingInputError(str(error)) from None
     if args.sync_bn and ctx.enabled:
         if device.type != "cuda":
             raise TrainingInputError("--sync-bn works with CUDA processes under torchrun only")
@@ -1037,6 +1059,12 @@ def main(args: argparse.Namespace) -> int:
     try:
         _check_args(args)
         device = cascade.resolve_device(args.device)
+        if args.resume:
+            stages = [s for s, wanted in ((1, args.train_stage1 or args.train_both), (2, args.train_stage2 or args.train_both)) if wanted]
+            lasts = [stage_spec(s, args).path("last") for s in stages]
+            if not any(path.is_file() for path in lasts):
+                raise TrainingInputError(f"--resume: nothing to resume from ({', '.join(map(str, lasts))} not found); "
+                                         "check --stage1-checkpoint-dir / --stage2-checkpoint-dir, or drop --resume")
     except (TrainingInputError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_INPUT_ERROR

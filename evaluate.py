@@ -471,7 +471,7 @@ def plot_worst_cases(thumbs: list[Thumb], n: int, task: str, path: Path) -> Path
         fig.suptitle("worst tissue cases by macro Dice (yellow adipose, red FGT, blue pectoral)", fontsize=9)
     else:
         fig.suptitle("worst lesion cases by Dice (green truth, red prediction, yellow ROI box)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # keep a strip for the title
     return _save_figure(fig, path)
 
 

@@ -208,6 +208,34 @@ def test_bad_arguments_and_existing_runs_are_refused(tmp_path, tissue_csv, stage
         csm.get_args_parser().parse_args(["--tissue-csv", str(tissue_csv)])
 
 
+def test_bad_tables_offline_weights_and_resume_without_a_run_are_errors_not_tracebacks(tmp_path, tissue_csv, capsys,
+                                                                                        monkeypatch):
+    table = pd.read_csv(tissue_csv)
+    missing = table.copy()
+    missing.loc[1, "image_file_path"] = str(tmp_path / "gone_1.png")
+    missing.loc[4, "label_file_path"] = str(tmp_path / "gone_4_LI.png")
+    missing.to_csv(tmp_path / "missing.csv", index=False)
+    assert run(["--train-stage1", "--tissue-csv", str(tmp_path / "missing.csv"),
+                *small_args(tmp_path / "m")]) == csm.EXIT_INPUT_ERROR
+    err = capsys.readouterr().err
+    assert "2 file(s) that do not exist" in err and "gone_1.png" in err and "gone_4_LI.png" in err  # all listed up front
+    table.rename(columns={"label_file_path": "label_path"}).to_csv(tmp_path / "badcol.csv", index=False)
+    assert run(["--train-stage1", "--tissue-csv", str(tmp_path / "badcol.csv"),
+                *small_args(tmp_path / "c")]) == csm.EXIT_INPUT_ERROR
+    assert "label_file_path" in capsys.readouterr().err
+    assert run(["--train-stage1", "--tissue-csv", str(tissue_csv), *small_args(tmp_path / "r", "--resume")]) \
+        == csm.EXIT_INPUT_ERROR
+    assert "nothing to resume from" in capsys.readouterr().err
+
+    def offline(*_args, **_kwargs):
+        raise RuntimeError("could not load ImageNet weights ... use --encoder-weights none")
+
+    monkeypatch.setattr(csm, "build_model", offline)
+    argv = ["--train-stage1", "--tissue-csv", str(tissue_csv), *small_args(tmp_path / "w")]
+    assert run(argv) == csm.EXIT_INPUT_ERROR
+    assert "--encoder-weights none" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------------------- stage 2
 class ThresholdTissue(nn.Module):
     """A fixed "stage 1" for tests: 1x1 convolution; background below 0.1, FGT above ``fgt_level``, adipose between."""
