@@ -137,8 +137,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         )
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:
-        raise ValueError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); is it corrupt?") from error
+    except Exception as error:  # torch raises several types; its advice to unpickle with weights_only=False is unsafe
+        raise ValueError(
+            f"checkpoint {path} cannot be read: it is corrupt, truncated, or not a PyTorch checkpoint of this suite "
+            f"({type(error).__name__}). This suite writes only plain types and tensors, so a file that needs full "
+            "unpickling did not come from it; re-download or re-train it") from None
     missing = {"model", "model_config", "preprocess_config", "stage", "input_size"} - set(checkpoint if isinstance(checkpoint, dict) else ())
     if missing:
         raise ValueError(f"{path} is not a checkpoint of this suite: missing keys {sorted(missing)}")

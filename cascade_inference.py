@@ -50,8 +50,8 @@ thread reads the next group and another writes the previous group's outputs (PNG
 ``--backend onnxruntime`` runs both networks under ONNX Runtime on the CPU (``onnx_backend.py``; ``.onnx`` files
 exported by it are accepted as weights).
 
-Exit status: 0 every input done (or skipped as ``exists`` / ``not_image``), 1 some inputs failed, 2 usage,
-checkpoint or display error.
+Exit status: 0 every input done (or skipped as ``exists`` / ``not_image``), 1 some inputs failed (each is reported
+with its reason; the others were processed), 2 usage, checkpoint or display error.
 """
 
 from __future__ import annotations
@@ -452,6 +452,25 @@ def _timed_read(path: Path) -> tuple[imaging.MammogramImage, float]:
     return image, time.perf_counter() - start
 
 
+#: Plausibility limits of a mammogram's size: the smallest side in pixels (public full-field mammograms are 2000-4000
+#: px; the DDSM tissue and CDD-CESM sets are resized to 480-512 px), and the largest height/width ratio (breast
+#: images are about 1.2-2.0; 4 leaves room for strips of film). Outside them results are computed but flagged.
+MIN_PLAUSIBLE_SIDE_PX = 128
+MAX_PLAUSIBLE_ASPECT = 4.0
+
+
+def plausibility_warnings(height: int, width: int) -> list[str]:
+    """Warnings for an image size that is unlikely to be a mammogram (see :data:`MIN_PLAUSIBLE_SIDE_PX`)."""
+    warnings = []
+    if min(height, width) < MIN_PLAUSIBLE_SIDE_PX:
+        warnings.append(f"image is only {width} x {height} px (W x H), below {MIN_PLAUSIBLE_SIDE_PX} px on a side: "
+                        "probably not a mammogram, or a thumbnail; results are unreliable")
+    if max(height, width) > MAX_PLAUSIBLE_ASPECT * min(height, width):
+        warnings.append(f"image aspect ratio {max(height, width) / min(height, width):.1f} exceeds "
+                        f"{MAX_PLAUSIBLE_ASPECT:g}: probably not a whole mammogram; results are unreliable")
+    return warnings
+
+
 def _findings(record: dict) -> list[str]:
     height, width = record["image_size"]["height"], record["image_size"]["width"]
     density, roi, lesions = record["density"], record["roi"], record["lesions"]
@@ -549,7 +568,9 @@ def build_prediction(loaded: LoadedCascade, path: Path, image: imaging.Mammogram
     }
     if loaded.notes:
         record["input"]["notes"] += loaded.notes
-    record["findings"] = _findings(record)
+    warnings = plausibility_warnings(height, width)
+    record["input"]["notes"] += [f"warning: {text}" for text in warnings]
+    record["findings"] = _findings(record) + [f"Warning: {text}." for text in warnings]
     timings = {"read": read_s, **result.timings_s, "cascade_total": cascade_s, "postprocess": time.perf_counter() - start}
     record["timings_s"] = {k: round(float(v), 4) for k, v in timings.items()}
     return Prediction(record, image, result)
@@ -956,6 +977,9 @@ def _report(item: InputItem, index: int, total: int) -> None:
           f"{record['lesions']['count']} lesion candidate(s), max p {record['lesions']['max_probability']:.2f}"
           f"{', adaptive CLAHE used' if record['preprocessing']['adaptive_clahe_used'] else ''}"
           f" ({item.seconds:.2f} s)", flush=True)
+    for note in record["input"]["notes"]:
+        if note.startswith("warning: ") or "converted" in note:
+            print(f"    {item.relative}: {note}", file=sys.stderr, flush=True)
 
 
 def _fail(item: InputItem, error: Exception) -> None:
@@ -1072,6 +1096,9 @@ def main(args: argparse.Namespace) -> int:
     if not args.image and not args.image_dir:
         return _usage_error("pass --image FILE or --image-dir DIR")
     output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        return _usage_error(f"--output-dir {output_dir} is a file, not a folder; choose a folder (it is created if "
+                            "missing)")
     if args.image:
         source = Path(args.image)
         if not source.is_file():

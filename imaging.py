@@ -247,6 +247,10 @@ def _read_dicom(data: bytes, path: Path, notes: list[str]) -> tuple[np.ndarray, 
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, AttributeError) as exc:
         raise ImageReadError(path, f"corrupt DICOM file: {type(exc).__name__}: {exc}") from exc
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        standard_groups = {0x0002, 0x0008, 0x0010, 0x0018, 0x0020, 0x0028}  # meta, study, patient, acquisition, image
+        if not has_preamble and not any(tag.group in standard_groups for tag in ds.keys()):
+            raise ImageReadError(path, "not a DICOM file (no 'DICM' header and no standard DICOM elements), although "
+                                       "its name ends in a DICOM suffix; is it a text or other file renamed?")
         raise ImageReadError(path, "DICOM file has no pixel data (not an image: a report, structured "
                                    "report or presentation state?)")
     tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)

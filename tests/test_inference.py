@@ -344,6 +344,15 @@ def test_usage_errors_exit_2(checkpoint_dir, tissue_image, tmp_path, capsys):
     assert ci.main(parser.parse_args(["--checkpoint-dir", str(checkpoint_dir), "--image-dir", str(tmp_path),
                                       "--output-dir", str(tmp_path), "--device", "cpu"])) == 2
     assert "input folder" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("x")
+    assert ci.main(parser.parse_args(["--checkpoint-dir", str(checkpoint_dir), "--image", str(tissue_image),
+                                      "--output-dir", str(tmp_path / "a_file"), "--device", "cpu"])) == 2
+    assert "is a file" in capsys.readouterr().err
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(bytes(range(256)) * 40)
+    assert ci.main(parser.parse_args(["--stage1-weights", str(corrupt), "--stage2-weights", stage2, *base])) == 2
+    err = capsys.readouterr().err
+    assert "corrupt.pth" in err and "weights_only" not in err  # no advice to unpickle an untrusted file
     if not torch.cuda.is_available():
         assert ci.main(parser.parse_args(["--checkpoint-dir", str(checkpoint_dir), *base[:-2], "--device", "cuda"])) == 2
     with pytest.raises(SystemExit):
@@ -441,3 +450,15 @@ def test_interactive_without_a_display_exits_2(checkpoint_dir, tissue_image, tmp
                          "--interactive")) == 2
     assert "no display" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_implausible_image_sizes_are_flagged(loaded, tmp_path):
+    assert ci.plausibility_warnings(960, 480) == [] and ci.plausibility_warnings(2944, 1920) == []
+    tiny, strip = tmp_path / "tiny.png", tmp_path / "strip.png"
+    imaging.write_png(tiny, np.full((5, 5), 120, np.uint8))
+    imaging.write_png(strip, np.full((3000, 200), 120, np.uint8))
+    for path, words in ((tiny, "below 128 px"), (strip, "aspect ratio 15.0")):
+        record = ci.predict_image(loaded, path)
+        assert any(words in note for note in record["input"]["notes"]), record["input"]["notes"]
+        assert any(finding.startswith("Warning:") and words in finding for finding in record["findings"])
+        assert ci.validate_record(record) == []
