@@ -197,6 +197,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--archive", nargs="?", const="auto", default=None, metavar="ZIP",
                         help="zip the finished workspace (without caches) to ZIP (default when given without a "
                              "value: <workspace>.zip beside the workspace)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace workspace tables that hold other rows (a re-run with the same sources needs "
+                             "no flag: it writes identical tables)")
     return parser
 
 
@@ -1030,10 +1033,31 @@ def _table(rows: list[dict], columns: list[str]) -> pd.DataFrame:
     return df.sort_values(["source", "image_file_path"], kind="mergesort").reset_index(drop=True)
 
 
-def _write_csv(df: pd.DataFrame, path: Path) -> None:
+def _csv_bytes(df: pd.DataFrame) -> bytes:
     buf = io.StringIO()
     df.to_csv(buf, index=False, lineterminator="\n")
-    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+    return buf.getvalue().encode("utf-8")
+
+
+def table_conflict(df: pd.DataFrame, path: Path, overwrite: bool) -> str | None:
+    """Why writing ``df`` to ``path`` would replace different content without ``--overwrite`` (None: safe to write).
+
+    A re-run with the same sources writes identical bytes and needs no flag; a run with other sources would silently
+    drop the rows of the earlier run, so it is refused unless ``overwrite``.
+    """
+    if overwrite or not path.is_file():
+        return None
+    new = _csv_bytes(df)
+    old = path.read_bytes()
+    if old == new:
+        return None
+    try:
+        previous = pd.read_csv(io.BytesIO(old), dtype=str, keep_default_na=False)
+        before = f"{len(previous)} rows from {sorted(set(previous.get('source', [])))}"
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        before = "content that is not a readable CSV"
+    return (f"{path} holds {before}; this run would write {len(df)} rows from {sorted(set(df['source']))}. "
+            "Pass every source in one run, use another --workspace, or add --overwrite to replace it")
 
 
 def _counts(df: pd.DataFrame, mask_column: str | None) -> dict:
@@ -1246,10 +1270,16 @@ def main(args: argparse.Namespace) -> int:
     lesion_rows = process_samples(lesion, workspace, manifest, report, "lesion")
     tissue_df = assign_splits(_table(tissue_rows, TISSUE_COLUMNS), args.val_fraction, args.seed)
     lesion_df = assign_splits(_table(lesion_rows, LESION_COLUMNS), args.val_fraction, args.seed)
-    if len(tissue_df):
-        _write_csv(tissue_df, workspace / "tissue_dataset.csv")
-    if len(lesion_df):
-        _write_csv(lesion_df, workspace / "unified_segmentation_dataset.csv")
+    tables = [(df, workspace / name) for df, name in ((tissue_df, "tissue_dataset.csv"),
+                                                      (lesion_df, "unified_segmentation_dataset.csv")) if len(df)]
+    conflicts = [text for text in (table_conflict(df, path, args.overwrite) for df, path in tables) if text]
+    if conflicts:
+        for text in conflicts:
+            print(f"error: {text}", file=sys.stderr)
+        print("nothing was replaced (images prepared so far stay cached in the workspace)", file=sys.stderr)
+        return 2
+    for df, path in tables:
+        atomic_write_bytes(path, _csv_bytes(df))
 
     report_data = {
         "preparer_version": PREPARER_VERSION,

@@ -431,6 +431,19 @@ def test_synthetic_is_deterministic_and_complete(tmp_path):
     assert sum(s == 0 for s in sums) == 2 and all(s > 0 for s in sums if s)
 
 
+def test_tables_of_other_sources_are_not_replaced_without_overwrite(tmp_path, capsys):
+    ws = tmp_path / "ws"
+    assert run("--synthetic", "8", "--workspace", ws) == 0
+    tables = {name: (ws / name).read_bytes() for name in ("tissue_dataset.csv", "unified_segmentation_dataset.csv")}
+    assert run("--synthetic", "8", "--workspace", ws) == 0  # same sources: identical tables, no flag needed
+    assert run("--synthetic", "4", "--workspace", ws) == 2  # other rows: refused, nothing replaced
+    err = capsys.readouterr().err
+    assert "8 rows" in err and "4 rows" in err and "--overwrite" in err
+    assert all((ws / name).read_bytes() == content for name, content in tables.items())
+    assert run("--synthetic", "4", "--workspace", ws, "--overwrite") == 0
+    assert len(pd.read_csv(ws / "tissue_dataset.csv")) == 4
+
+
 def test_interrupted_run_is_completed_by_a_rerun(tmp_path, monkeypatch):
     clean, ws = tmp_path / "clean", tmp_path / "ws"
     assert run("--synthetic", "6", "--workspace", clean) == 0
