@@ -632,6 +632,9 @@ def format_table(results: dict) -> str:
                          f"{item['cached_step_seconds'] * 1e3:.0f} (interleaved), waiting {item['data_wait_seconds'] * 1e3:.0f}"
                          f" ms/step -> overhead {item['overhead_percent']:+.1f} %")
     lines.append("")
+    if results.get("settings", {}).get("quick"):
+        lines.append("targets: not judged (--quick uses tiny sizes and one repetition; its numbers mean nothing)")
+        return "\n".join(lines)
     lines.append("targets:")
     for key, item in results.get("summary", {}).items():
         bound = f"<= {item['target_max']}" if "target_max" in item else f">= {item['target_min']}"

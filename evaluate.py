@@ -61,6 +61,10 @@ LESION_THRESHOLD = 0.5
 PUBLISHED_TISSUE_DICE4 = {"ResNet50-U-net": {"mean": 0.851, "std": 0.021}, "VGG16-U-net": {"mean": 0.826},
                           "5-layer U-net": {"mean": 0.821}}
 
+#: Smallest component (pixels) counted as a lesion or a detection. The CDD-CESM masks are JPEG files: thresholded at
+#: 127, 8 of their 214 components are 1-3 px specks, and the smallest real lesion is 25 px (measured on all 98 masks).
+MIN_LESION_AREA_PX = 10
+
 CONVENTIONS = {
     "empty_mask": ("Dice and IoU of a class (or lesion mask) absent from both prediction and truth are 1.0; absent "
                    "from the truth but predicted: 0.0 (metrics.py). Per-image means include such images; "
@@ -70,7 +74,8 @@ CONVENTIONS = {
     "macro_dice": "mean of the per-class Dice over adipose, FGT and pectoral (background left out)",
     "pooled": "per class: 2 * sum(intersection) / (sum(|pred|) + sum(|truth|)) over all images (IoU likewise)",
     "lesion_threshold": "a pixel is lesion when its predicted probability >= the threshold",
-    "lesion_detection": ("each 8-connected component of the truth mask is one lesion; it is found when a predicted "
+    "lesion_detection": ("each 8-connected component of the truth mask of at least min_lesion_area_px pixels is one "
+                         "lesion (smaller ones, and smaller predicted components, are ignored); it is found when a predicted "
                          "component overlaps it with IoU >= match_iou; a predicted component matching no lesion at "
                          "that IoU is a false positive; sensitivity = found / lesions over the set, "
                          "false_positives_per_image = false positives / images"),
@@ -313,7 +318,7 @@ def summarize_tissue(rows: list[dict], confusion: np.ndarray) -> dict:
 
 
 def lesion_row(prob: np.ndarray, truth: np.ndarray, roi_box: cascade.RoiBox | None, threshold: float,
-               match_iou: float) -> dict:
+               match_iou: float, min_area_px: int = 1) -> dict:
     """Per-image lesion metrics: Dice / IoU of ``prob >= threshold``, counts, detection, ROI coverage.
 
     Raises:
@@ -326,7 +331,7 @@ def lesion_row(prob: np.ndarray, truth: np.ndarray, roi_box: cascade.RoiBox | No
     row = {"dice": metrics.binary_dice(pred, truth), "iou": metrics.binary_iou(pred, truth),
            "intersection_pixels": int(np.logical_and(pred, truth).sum()), "pred_pixels": int(pred.sum()),
            "truth_pixels": int(truth.sum()), "has_lesion": bool(truth.any())}
-    row.update(metrics.lesion_detection(pred, truth, iou_threshold=match_iou))
+    row.update(metrics.lesion_detection(pred, truth, iou_threshold=match_iou, min_area_px=min_area_px))
     row["roi_truth_pixels_inside"] = float("nan")
     row["roi_coverage"] = float("nan")
     if roi_box is not None:
@@ -526,8 +531,8 @@ def evaluate_tissue(cases: list[Case], predictor, worst_n: int, thumb_side: int,
     return rows, confusion, thumbs
 
 
-def evaluate_lesion(cases: list[Case], predictor, threshold: float, match_iou: float, worst_n: int, thumb_side: int,
-                    skipped: list, progress=None):
+def evaluate_lesion(cases: list[Case], predictor, threshold: float, match_iou: float, min_area_px: int, worst_n: int,
+                    thumb_side: int, skipped: list, progress=None):
     """Lesion metrics over ``cases``: ``(rows, thumbnails of the worst cases)``; bad items go to ``skipped``."""
     rows, thumbs = [], []
     for case in progress(cases) if progress else cases:
@@ -535,7 +540,7 @@ def evaluate_lesion(cases: list[Case], predictor, threshold: float, match_iou: f
             pixels = imaging.read_image(case.image_path).pixels
             truth = read_lesion_truth(case, pixels.shape)
             predicted = predictor.lesion(case, pixels)
-            row = lesion_row(predicted.prob, truth, predicted.roi_box, threshold, match_iou)
+            row = lesion_row(predicted.prob, truth, predicted.roi_box, threshold, match_iou, min_area_px)
         except (OSError, ValueError, RuntimeError, imaging.ImageReadError) as error:
             skipped.append({"task": "lesion", "image": case.image_path, "reason": f"{type(error).__name__}: {error}"})
             continue
@@ -587,6 +592,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="lesion probability threshold (default: %(default)s)")
     parser.add_argument("--match-iou", type=float, default=metrics.LESION_MATCH_IOU,
                         help="IoU a predicted component needs with a lesion to detect it (default: %(default)s)")
+    parser.add_argument("--min-lesion-area", type=int, default=MIN_LESION_AREA_PX,
+                        help="true and predicted components under this many pixels are ignored in detection counts "
+                             "(JPEG specks in thresholded masks); Dice and IoU use every pixel (default: %(default)s)")
     # outputs
     parser.add_argument("--output-dir", type=str, default=None, help="folder for metrics.json, per_image.csv, plots/")
     parser.add_argument("--worst-n", type=int, default=6, help="worst cases shown per task (default: %(default)s)")
@@ -669,7 +677,8 @@ def main(args: argparse.Namespace) -> int:
 
     skipped: list[dict] = []
     tissue_rows, confusion, tissue_thumbs = evaluate_tissue(tissue, predictor, args.worst_n, 384, skipped, progress)
-    lesion_rows, lesion_thumbs = evaluate_lesion(lesion, predictor, args.threshold, args.match_iou, args.worst_n, 384,
+    lesion_rows, lesion_thumbs = evaluate_lesion(lesion, predictor, args.threshold, args.match_iou,
+                                                 args.min_lesion_area, args.worst_n, 384,
                                                  skipped, progress)
     for item in skipped:
         print(f"skipped {item['task']} {item['image']}: {item['reason']}", file=sys.stderr)
@@ -682,10 +691,11 @@ def main(args: argparse.Namespace) -> int:
             "tta": args.tta, "adaptive_clahe": args.adaptive_clahe,
             "ground_truth": {"tissue": args.tissue_dir or args.tissue_csv, "lesion": args.lesion_dir or args.lesion_csv,
                              "split": args.split},
-            "lesion_threshold": args.threshold, "match_iou": args.match_iou,
+            "lesion_threshold": args.threshold, "match_iou": args.match_iou, "min_lesion_area_px": args.min_lesion_area,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
-        "conventions": {**CONVENTIONS, "lesion_threshold_value": args.threshold, "match_iou_value": args.match_iou},
+        "conventions": {**CONVENTIONS, "lesion_threshold_value": args.threshold, "match_iou_value": args.match_iou,
+                        "min_lesion_area_px_value": args.min_lesion_area},
         "skipped": skipped,
     }
     if isinstance(predictor, CascadePredictions) and predictor.seconds:

@@ -126,7 +126,20 @@ def density_category(percent: float) -> str:
 LESION_MATCH_IOU = 0.1
 
 
-def lesion_detection(pred, truth, iou_threshold: float = LESION_MATCH_IOU, connectivity: int = 8) -> dict:
+def _components(mask: np.ndarray, connectivity: int, min_area_px: int) -> tuple[int, np.ndarray]:
+    """Connected components of at least ``min_area_px`` pixels: ``(count + 1, labels)`` with labels 1..count."""
+    import cv2
+
+    count, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=connectivity)
+    keep = np.bincount(labels.ravel(), minlength=count) >= max(1, int(min_area_px))
+    keep[0] = False
+    new_ids = np.zeros(count, np.int64)
+    new_ids[keep] = np.arange(1, int(keep.sum()) + 1)
+    return int(keep.sum()) + 1, new_ids[labels]
+
+
+def lesion_detection(pred, truth, iou_threshold: float = LESION_MATCH_IOU, connectivity: int = 8,
+                     min_area_px: int = 1) -> dict:
     """Lesion-level detection counts from two binary masks, by matching connected components.
 
     Each 8-connected (or 4-connected) component of ``truth`` is one lesion; each component of ``pred`` is one
@@ -139,6 +152,8 @@ def lesion_detection(pred, truth, iou_threshold: float = LESION_MATCH_IOU, conne
         pred, truth: binary masks of identical shape (nonzero = foreground).
         iou_threshold: matching threshold in (0, 1] (default :data:`LESION_MATCH_IOU` = 0.1).
         connectivity: 8 or 4 (pixel connectivity of a component).
+        min_area_px: components (true or predicted) smaller than this many pixels are neither lesions nor
+            detections, e.g. specks that JPEG compression leaves in thresholded masks (default 1: all count).
 
     Returns:
         dict of ints: ``lesions`` (true components), ``found`` (lesions matched), ``detections`` (predicted
@@ -147,15 +162,13 @@ def lesion_detection(pred, truth, iou_threshold: float = LESION_MATCH_IOU, conne
     Raises:
         ValueError: shapes differ, masks are not 2-D, or a bad threshold / connectivity.
     """
-    import cv2
-
     pred, truth = _as_numpy(pred).astype(bool), _as_numpy(truth).astype(bool)
     if pred.shape != truth.shape or pred.ndim != 2:
         raise ValueError(f"lesion_detection needs two 2-D masks of one shape, got {pred.shape} and {truth.shape}")
     if not 0 < iou_threshold <= 1 or connectivity not in (4, 8):
         raise ValueError(f"iou_threshold must be in (0, 1] and connectivity 4 or 8, got {iou_threshold}, {connectivity}")
-    n_truth, truth_labels = cv2.connectedComponents(truth.astype(np.uint8), connectivity=connectivity)
-    n_pred, pred_labels = cv2.connectedComponents(pred.astype(np.uint8), connectivity=connectivity)
+    n_truth, truth_labels = _components(truth, connectivity, min_area_px)
+    n_pred, pred_labels = _components(pred, connectivity, min_area_px)
     # joint histogram of (truth label, prediction label): row 0 / column 0 are the backgrounds
     joint = np.bincount((truth_labels.astype(np.int64) * n_pred + pred_labels).ravel(),
                         minlength=n_truth * n_pred).reshape(n_truth, n_pred)

@@ -41,6 +41,12 @@ def test_lesion_detection_counts_by_hand():
     assert metrics.lesion_detection(diagonal, diagonal, connectivity=4)["lesions"] == 4
     with pytest.raises(ValueError, match="shape"):
         metrics.lesion_detection(empty, np.zeros((4, 4)))
+    # with a minimum area of 9 px the one-pixel prediction and a one-pixel truth speck count for nothing
+    speck = truth.copy()
+    speck[18, 18] = True
+    assert metrics.lesion_detection(pred, speck)["lesions"] == 3
+    assert metrics.lesion_detection(pred, speck, min_area_px=9) == {"lesions": 2, "found": 1, "detections": 2,
+                                                                      "false_positives": 1}
 
 
 def test_acquisition_group():
