@@ -73,7 +73,7 @@ for /R "%DEMO_DIR%\workspace\lesion" %%F in (*.png) do call :copysample "%%F"
 "%PYTHON%" cascade_inference.py --stage1-weights "%DEMO_DIR%\checkpoints\stage1\best_stage1.pth" --stage2-weights "%DEMO_DIR%\checkpoints\stage2\best_stage2.pth" --image-dir "%DEMO_DIR%\sample_images" --output-dir "%DEMO_DIR%\predictions" --device %DEVICE% --overwrite
 if errorlevel 1 exit /b %ERRORLEVEL%
 :demodone
-echo [demo] done: checkpoints in %DEMO_DIR%\checkpoints, TensorBoard: tensorboard --logdir %DEMO_DIR%\runs
+echo [demo] done: checkpoints in %DEMO_DIR%\checkpoints, TensorBoard: %PYTHON% -m tensorboard.main --logdir %DEMO_DIR%\runs
 exit /b 0
 
 :copysample

@@ -66,7 +66,7 @@ if [ "$demo" = 1 ]; then
             --stage2-weights "$out/checkpoints/stage2/best_stage2.pth" --image-dir "$samples" \
             --output-dir "$out/predictions" --device "${DEVICE:-auto}" --overwrite
     fi
-    echo "[demo] done: checkpoints in $out/checkpoints, TensorBoard: tensorboard --logdir $out/runs"
+    echo "[demo] done: checkpoints in $out/checkpoints, TensorBoard: $PYTHON -m tensorboard.main --logdir $out/runs"
     exit 0
 fi
 

@@ -19,9 +19,14 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 echo "[setup] creating $venv with $python_bin and installing requirements.txt (first run: several minutes)" >&2
 "$python_bin" -m venv "$venv"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r requirements.txt
+# Some machines' global pip configuration names local index folders that do not hold every package; pip then
+# prints one "WARNING: Location ... is ignored" line per package. They are harmless, so they are filtered out here.
+quiet_pip() {
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$@" 2> >(grep -v "^WARNING: Location '" >&2)
+}
+quiet_pip -r requirements.txt
 gui_cv=$(grep -E '^opencv-python==' requirements.txt)
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps "$gui_cv"
+quiet_pip --force-reinstall --no-deps "$gui_cv"
 "$venv/bin/python" - <<'PY'
 import cv2
 gui = [line.strip() for line in cv2.getBuildInformation().splitlines() if line.strip().startswith("GUI:")]
