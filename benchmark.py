@@ -364,6 +364,7 @@ def _synthetic_tissue_set(folder: Path, n: int) -> Path:
 
 # ----------------------------------------------------------------------------------------------------- main run
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """Command-line flags of the benchmark (see the module docstring)."""
     parser = argparse.ArgumentParser(description="Benchmark the cascade's speed and memory on this machine.",
                                      add_help=add_help)
     parser.add_argument("--output", type=str, default="benchmark.json", help="JSON results file (default: %(default)s)")
@@ -444,6 +445,7 @@ def _large_image(source: Path, size_hw: tuple[int, int], work: Path) -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run the benchmark, print the table and write the JSON; returns 0, or 2 for bad arguments / an existing output."""
     output = Path(args.output)
     if output.exists() and not args.overwrite:
         print(f"error: {output} exists; pass --overwrite or choose another --output", file=sys.stderr)

@@ -557,6 +557,7 @@ def evaluate_lesion(cases: list[Case], predictor, threshold: float, match_iou: f
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """Command-line flags of the evaluation (see the module docstring)."""
     parser = argparse.ArgumentParser(description="Evaluate the cascade against tissue and lesion ground truth.",
                                      add_help=add_help)
     # ground truth
@@ -609,6 +610,7 @@ def _usage_error(message: str) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Evaluate as the command line asks; returns 0 (done; skipped items listed), 1 (nothing evaluated) or 2 (usage)."""
     import pandas as pd
 
     if args.export_onnx:

@@ -314,6 +314,7 @@ def export_stages(stage1_weights: str | os.PathLike | None, stage2_weights: str 
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """Command-line flags of the ONNX export."""
     parser = argparse.ArgumentParser(description="Export the cascade's stage checkpoints to ONNX (dynamic batch).",
                                      add_help=add_help)
     parser.add_argument("--stage1-weights", type=str, default=None, help="stage-1 checkpoint (.pth) (default: %(default)s)")
@@ -329,6 +330,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Export the given stage checkpoints to ONNX and check parity; returns 0, or 2 for bad input."""
     try:
         report = export_stages(args.stage1_weights, args.stage2_weights, args.output_dir, overwrite=args.overwrite,
                                dynamic_size=args.dynamic_size, opset=args.opset, check=args.check)
