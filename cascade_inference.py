@@ -59,7 +59,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as _dt
-import hashlib
 import io
 import json
 import math
@@ -77,7 +76,7 @@ import numpy as np
 import cascade
 import imaging
 import metrics
-from fileio import atomic_write_bytes
+from fileio import atomic_write_bytes, file_sha256, json_safe
 
 #: Version of the JSON record layout (:data:`RECORD_SPEC`); bump when fields change meaning.
 RECORD_SCHEMA_VERSION = 1
@@ -242,15 +241,6 @@ def find_checkpoint(checkpoint_dir: str | os.PathLike, stage: int) -> Path:
     raise FileNotFoundError(f"no stage-{stage} checkpoint in {root}: looked for "
                             + " and ".join(str(c) for c in candidates)
                             + f"; pass --stage{stage}-weights FILE instead")
-
-
-def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
-    """Full hex SHA-256 of a file, read in chunks of ``chunk_bytes``."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(chunk_bytes), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def checkpoint_identity(path: str | os.PathLike, checkpoint: dict) -> dict:
@@ -605,22 +595,9 @@ def output_paths(out_dir: str | os.PathLike, stem: str) -> dict[str, Path]:
             "visualization": out_dir / f"{stem}_visualization.png", "json": out_dir / f"{stem}.json"}
 
 
-def _json_safe(value):
-    """Plain JSON types only: NaN / inf -> None, numpy scalars -> Python, tuples -> lists."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def write_json(path: str | os.PathLike, value) -> Path:
     """Write ``value`` as indented UTF-8 JSON, atomically (NaN written as null)."""
-    text = json.dumps(_json_safe(value), indent=2, ensure_ascii=False, allow_nan=False)
+    text = json.dumps(json_safe(value), indent=2, ensure_ascii=False, allow_nan=False)
     return atomic_write_bytes(path, (text + "\n").encode("utf-8"))
 
 

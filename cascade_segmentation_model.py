@@ -72,7 +72,7 @@ import distributed
 import imaging
 from losses import LesionLoss, TissueLoss, l1_penalty
 from metrics import dice_from_counts
-from fileio import atomic_write_text
+from fileio import atomic_write_text, file_sha256
 from models import MODEL_REGISTRY, build_model, default_model_config
 
 #: Version of the ROI-crop cache layout; part of the cache key (bump when the crop files change meaning).
@@ -283,15 +283,6 @@ def set_rng_state(state: dict) -> None:
 def item_seed(seed: int, epoch: int, index: int) -> int:
     """Augmentation seed of dataset item ``index`` in ``epoch``: 32 bits mixed by NumPy's SeedSequence."""
     return int(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, index]).generate_state(1)[0])
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 hex digest of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _worker_init(worker_id: int) -> None:

@@ -492,20 +492,6 @@ def _save_figure(fig, path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ output files
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return None if math.isnan(float(value)) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value
-
-
 # ------------------------------------------------------------------------------------------------ evaluation
 def evaluate_tissue(cases: list[Case], predictor, worst_n: int, thumb_side: int, skipped: list, progress=None):
     """Tissue metrics over ``cases``: ``(rows, confusion (4, 4), thumbnails of the worst cases)``; bad items are
@@ -719,7 +705,7 @@ def main(args: argparse.Namespace) -> int:
             plot_worst_cases(tissue_thumbs, args.worst_n, "tissue", plots / "worst_tissue.png")
         if lesion_thumbs:
             plot_worst_cases(lesion_thumbs, args.worst_n, "lesion", plots / "worst_lesion.png")
-    fileio.atomic_write_text(out / "metrics.json", json.dumps(_json_safe(summary), indent=2) + "\n")
+    fileio.atomic_write_text(out / "metrics.json", json.dumps(fileio.json_safe(summary), indent=2) + "\n")
     _print_summary(summary)
     if not rows:
         print("error: no image could be evaluated (see the skipped items above)", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Atomic file writing, shared by every module that writes outputs (checkpoints, PNGs, CSVs, JSON, archives).
+"""File helpers shared by every module: atomic writing (checkpoints, PNGs, CSVs, JSON, archives), file hashes,
+JSON-safe values.
 
 A file is written to a temporary name in its destination folder, flushed to disk, given the permissions a normal
 ``open(path, "w")`` would give (``0o666`` minus the umask; ``mkstemp`` alone makes owner-only files), and moved
@@ -10,6 +11,8 @@ sweep after a crash: see :data:`TEMPORARY_PREFIX`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -63,3 +66,28 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = T
 def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = True) -> Path:
     """Write ``text`` as UTF-8 to ``path`` atomically (see :func:`atomic_writer`); returns the path."""
     return atomic_write_bytes(path, text.encode("utf-8"), overwrite)
+
+
+def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
+    """Full hex SHA-256 of a file's bytes, read in chunks of ``chunk_bytes`` (checkpoint identities, cache keys)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(chunk_bytes), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def json_safe(value):
+    """``value`` with plain JSON types only: NaN / inf -> None, NumPy scalars -> Python, tuples -> lists, keys -> str.
+
+    Strict JSON has no NaN or infinity; writing them as ``null`` keeps every report readable by any JSON parser.
+    """
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # NumPy scalar or 0-d array
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -228,7 +228,7 @@ def test_probability_encodings_round_trip():
 
 
 def test_validate_record_catches_missing_and_mistyped_fields(loaded, tissue_image):
-    record = json.loads(json.dumps(ci._json_safe(ci.predict_image(loaded, tissue_image))))
+    record = json.loads(json.dumps(ci.json_safe(ci.predict_image(loaded, tissue_image))))
     record["outputs"] = {k: "x.png" for k in ci.RECORD_SPEC["outputs"]}
     assert ci.validate_record(record) == []
     broken = json.loads(json.dumps(record))
