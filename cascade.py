@@ -407,6 +407,9 @@ class Cascade:
             when the confidence is below :data:`ADAPTIVE_CLAHE_CONFIDENCE`, keep the more confident result).
         roi_margin: ROI margin fraction; default: the stage-2 checkpoint's ``roi["margin_fraction"]``, else
             :data:`ROI_MARGIN_FRACTION`.
+
+    Raises:
+        ValueError: a checkpoint of the other stage (the two were swapped), or a bad ``adaptive_clahe``.
     """
 
     def __init__(self, stage1_checkpoint: dict, stage2_checkpoint: dict | None = None, *, stage1_runner: LogitsFn | None = None,
@@ -415,6 +418,11 @@ class Cascade:
                  roi_margin: float | None = None):
         if adaptive_clahe not in ("off", "on", "auto"):
             raise ValueError(f"adaptive_clahe must be 'off', 'on' or 'auto', not {adaptive_clahe!r}")
+        for wanted, checkpoint in ((1, stage1_checkpoint), (2, stage2_checkpoint)):
+            found = None if checkpoint is None else int(checkpoint.get("stage", 0))
+            if found not in (None, wanted):
+                raise ValueError(f"the stage-{wanted} checkpoint given holds stage {found}; swap --stage1-weights and "
+                                 "--stage2-weights")
         self.stage1_checkpoint, self.stage2_checkpoint = stage1_checkpoint, stage2_checkpoint
         self.preprocess_config = dict(stage1_checkpoint["preprocess_config"])
         self.stage1_size = tuple(int(v) for v in stage1_checkpoint["input_size"])

@@ -76,6 +76,7 @@ import numpy as np
 import cascade
 import imaging
 import metrics
+import onnx_backend
 from fileio import atomic_write_bytes, file_sha256, json_safe
 
 #: Version of the JSON record layout (:data:`RECORD_SPEC`); bump when fields change meaning.
@@ -259,26 +260,6 @@ def checkpoint_identity(path: str | os.PathLike, checkpoint: dict) -> dict:
     }
 
 
-def _load_stage(path: Path, stage: int, backend: str, device, amp: bool):
-    """(runner or None, checkpoint dict) for one stage; checks the stage number. Raises ValueError / FileNotFoundError."""
-    try:
-        import onnx_backend
-    except ImportError:
-        onnx_backend = None
-    if onnx_backend is not None:
-        runner, checkpoint = onnx_backend.load_runner(path, backend, device, amp=amp)
-    else:
-        if backend != "torch" or path.suffix.lower() == ".onnx":
-            raise ValueError("--backend onnxruntime / .onnx weights need onnx_backend.py, which is missing here")
-        checkpoint = cascade.load_checkpoint(path)
-        runner = cascade.TorchRunner(cascade.model_from_checkpoint(checkpoint, device), device, amp)
-    found = int(checkpoint.get("stage", 0))
-    if found != stage:
-        raise ValueError(f"{path} holds a stage-{found} checkpoint but was given as the stage-{stage} one; "
-                         "swap --stage1-weights and --stage2-weights")
-    return runner, checkpoint
-
-
 @dataclass
 class LoadedCascade:
     """A ready cascade with what the reports say about it."""
@@ -303,8 +284,8 @@ def load_cascade(stage1_path: str | os.PathLike, stage2_path: str | os.PathLike,
         device = "cpu"  # ONNX Runtime runs on the CPU here (onnx_backend.make_runner)
     torch_device = cascade.resolve_device(device)
     stage1_path, stage2_path = Path(stage1_path), Path(stage2_path)
-    runner1, checkpoint1 = _load_stage(stage1_path, 1, backend, torch_device, amp)
-    runner2, checkpoint2 = _load_stage(stage2_path, 2, backend, torch_device, amp)
+    runner1, checkpoint1 = onnx_backend.load_runner(stage1_path, backend, torch_device, amp=amp)
+    runner2, checkpoint2 = onnx_backend.load_runner(stage2_path, backend, torch_device, amp=amp)
     notes = []
     if dict(checkpoint2.get("preprocess_config", {})) != dict(checkpoint1["preprocess_config"]):
         notes.append("the two checkpoints store different preprocessing configs; the stage-1 one is used for both "

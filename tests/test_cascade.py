@@ -157,3 +157,10 @@ def test_run_batch_equals_one_image_at_a_time(tissue_dir, nyu_dir):
         assert np.array_equal(together.tissue_classes, alone.tissue_classes)
         assert together.roi_box == alone.roi_box and together.flipped == alone.flipped
         assert np.allclose(together.lesion_prob, alone.lesion_prob, atol=1e-5)
+
+
+def test_swapped_checkpoints_are_refused():
+    with pytest.raises(ValueError, match="swap --stage1-weights and --stage2-weights"):
+        Cascade(_checkpoint(2, (32, 32)), _checkpoint(1, (64, 32)))
+    with pytest.raises(ValueError, match="stage-1 checkpoint given holds stage 2"):
+        Cascade(_checkpoint(2, (32, 32)), None)
