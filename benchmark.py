@@ -8,7 +8,7 @@ One run measures, on the CPU, with all cores this process may use (``--threads``
    convolutions and matrix products, 2 FLOPs per multiply-add; element-wise ops are not counted);
 3. the baseline: ``segmentation_models_pytorch.Unet("resnet34")``, 1 input channel, 4 classes, 512 x 512,
    PyTorch eager, batch 1 (a common U-Net anyone can rebuild);
-4. each stage under PyTorch eager, PyTorch channels-last and ONNX Runtime (``onnx_backend.OnnxRunner``): latency
+4. each stage under PyTorch eager, PyTorch channels-last and ONNX Runtime (``runners.OnnxRunner``): latency
    and achieved GFLOP/s (stage FLOPs / latency) and its share of the matmul peak;
 5. the whole cascade on a real full-field 16-bit mammogram (read the file, preprocess, stage 1, ROI, stage 2,
    outputs written by ``cascade_inference.write_outputs`` without the optional matplotlib figure), per backend, in a
@@ -47,10 +47,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-import cascade
+import checkpoints
+import cli
 import fileio
 import imaging
-import onnx_backend
+import onnx_export
+import runners
 from models import build_model, default_model_config
 
 PROJECT_ROOT = Path(__file__).resolve().parent
@@ -168,7 +170,7 @@ def _matmul_entry(n: int, timing: dict) -> dict:
 def _stage_checkpoint(stage: int, size_hw: tuple[int, int], seed: int = 0) -> dict:
     torch.manual_seed(seed + stage)
     config = default_model_config(4 if stage == 1 else 1)
-    return cascade.make_checkpoint(stage=stage, model=build_model(config), model_config=config,
+    return checkpoints.make_checkpoint(stage=stage, model=build_model(config), model_config=config,
                                    preprocess_config=imaging.DEFAULT_PREPROCESS, input_size=size_hw)
 
 
@@ -254,7 +256,7 @@ def child_main(spec_path: str) -> int:
         size = tuple(spec["baseline_size"])
         steps.clear()
         timings = interleaved_seconds({"cascade": run_cascade,
-                                       "baseline": logits_call(cascade.TorchRunner(baseline_model()), size)},
+                                       "baseline": logits_call(runners.TorchRunner(baseline_model()), size)},
                                       int(spec["repeats"]), 1)
         del steps[0]  # the warm-up round
         result.update(seconds_median=timings["cascade"]["median"], seconds_min=timings["cascade"]["min"],
@@ -366,7 +368,7 @@ def _synthetic_tissue_set(folder: Path, n: int) -> Path:
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """Command-line flags of the benchmark (see the module docstring)."""
     parser = argparse.ArgumentParser(description="Benchmark the cascade's speed and memory on this machine.",
-                                     add_help=add_help)
+                                     add_help=add_help, parents=[cli.runtime_parser("threads")])
     parser.add_argument("--output", type=str, default="benchmark.json", help="JSON results file (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repetition (a smoke test; numbers mean nothing)")
@@ -381,7 +383,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="network size of the untrained stage 1 when no weights are given, pixels (default: %(default)s)")
     parser.add_argument("--stage2-size", type=int, nargs=2, default=list(DEFAULT_STAGE2_SIZE), metavar=("H", "W"),
                         help="network size of the untrained stage 2 when no weights are given, pixels (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores this process may use)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per measurement (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per measurement (default: %(default)s)")
     parser.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n fp32 matmul (default: %(default)s)")
@@ -404,13 +405,13 @@ def _prepare_stages(args, work: Path, quick: bool) -> tuple[dict, dict, dict]:
     for stage, given, size in ((1, args.stage1_weights, args.stage1_size), (2, args.stage2_weights, args.stage2_size)):
         name = f"stage{stage}"
         if given:
-            checkpoints[name] = cascade.load_checkpoint(given)
+            checkpoints[name] = checkpoints.load_checkpoint(given)
             paths[name] = Path(given)
             described[name] = {"weights": str(given), "trained": True}
         else:
             size = QUICK[f"stage{stage}_size"] if quick else imaging.network_size(list(size))
             checkpoints[name] = _stage_checkpoint(stage, size)
-            paths[name] = cascade.save_checkpoint(checkpoints[name], work / f"{name}.pth")
+            paths[name] = checkpoints.save_checkpoint(checkpoints[name], work / f"{name}.pth")
             described[name] = {"weights": None, "trained": False,
                                "note": "untrained model (speed does not depend on the weights)"}
         described[name]["input_size"] = [int(v) for v in checkpoints[name]["input_size"]]
@@ -457,11 +458,11 @@ def main(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
     quick = args.quick
-    threads = int(args.threads or onnx_backend.available_cores())
+    threads = int(args.threads or runners.available_cores())
     torch.set_num_threads(threads)
     repeats, warmup = (QUICK["repeats"], QUICK["warmup"]) if quick else (args.repeats, args.warmup)
     results: dict = {
-        "machine": {"cpu": cpu_name(), "cores_available": onnx_backend.available_cores(), "threads": threads,
+        "machine": {"cpu": cpu_name(), "cores_available": runners.available_cores(), "threads": threads,
                     "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
                     "onnxruntime": __import__("onnxruntime").__version__, "mkldnn": torch.backends.mkldnn.is_available(),
                     "load_average_start": load_average()},
@@ -483,15 +484,15 @@ def main(args: argparse.Namespace) -> int:
         base_size = QUICK["baseline_size"] if quick else BASELINE_SIZE
         base = baseline_model()
         base_flops = count_flops(base, base_size)
-        calls = {"matmul": matmul_fn(n), "baseline": logits_call(cascade.TorchRunner(base), base_size)}
+        calls = {"matmul": matmul_fn(n), "baseline": logits_call(runners.TorchRunner(base), base_size)}
         for name, checkpoint in checkpoints.items():
             size = tuple(int(v) for v in checkpoint["input_size"])
-            results["stages"][name]["flops"] = count_flops(cascade.model_from_checkpoint(checkpoint), size)
-            calls[f"{name}/torch eager"] = logits_call(cascade.TorchRunner(cascade.model_from_checkpoint(checkpoint)), size)
+            results["stages"][name]["flops"] = count_flops(checkpoints.model_from_checkpoint(checkpoint), size)
+            calls[f"{name}/torch eager"] = logits_call(runners.TorchRunner(checkpoints.model_from_checkpoint(checkpoint)), size)
             calls[f"{name}/torch channels-last"] = logits_call(
-                cascade.TorchRunner(cascade.model_from_checkpoint(checkpoint), channels_last=True), size)
+                runners.TorchRunner(checkpoints.model_from_checkpoint(checkpoint), channels_last=True), size)
             calls[f"{name}/onnxruntime"] = logits_call(
-                onnx_backend.OnnxRunner(onnx_backend.export_onnx_bytes(checkpoint), threads=threads), size)
+                runners.OnnxRunner(onnx_export.export_onnx_bytes(checkpoint), threads=threads), size)
         timings = interleaved_seconds(calls, repeats, warmup)
         del calls, base
         results["matmul"] = _matmul_entry(n, timings["matmul"])
@@ -519,7 +520,7 @@ def main(args: argparse.Namespace) -> int:
         # ONNX Runtime runs the exported .onnx files, as deployed (export once; no PyTorch model is built)
         weights = {"torch": paths}
         if "onnxruntime" in args.cascade_backends:
-            weights["onnxruntime"] = {name: onnx_backend.export_onnx(checkpoints[name], work / f"{name}.onnx")
+            weights["onnxruntime"] = {name: onnx_export.export_onnx(checkpoints[name], work / f"{name}.onnx")
                                       for name in checkpoints}
         for backend in args.cascade_backends:
             print(f"cascade ({backend}) ...", file=sys.stderr)

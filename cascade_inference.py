@@ -61,7 +61,6 @@ import csv
 import datetime as _dt
 import io
 import json
-import math
 import os
 import sys
 import time
@@ -74,10 +73,14 @@ import cv2
 import numpy as np
 
 import cascade
+import checkpoints
+import cli
 import imaging
+import labels
 import metrics
-import onnx_backend
-from fileio import atomic_write_bytes, file_sha256, json_safe
+import roi
+import runners
+from fileio import atomic_write_bytes, json_safe
 
 #: Version of the JSON record layout (:data:`RECORD_SPEC`); bump when fields change meaning.
 RECORD_SCHEMA_VERSION = 1
@@ -164,25 +167,10 @@ CSV_COLUMNS = ("input", "status", "reason", "height", "width", "pixel_spacing_ro
                "tissue_confidence", "adaptive_clahe_used", "seconds", "json")
 
 
-# --------------------------------------------------------------------------------------------------- arguments
-def _threshold(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"threshold must be in (0, 1], got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The command line of the inference script (see the module docstring)."""
     parser = argparse.ArgumentParser(description="Run the two-stage mammogram cascade on an image or a folder.",
-                                     add_help=add_help)
+                                     add_help=add_help, parents=[cli.runtime_parser("device", "backend", "amp", "tta")])
     # checkpoints
     parser.add_argument("--stage1-weights", type=str, default=None,
                         help="stage-1 (tissue) checkpoint .pth, or .onnx with --backend onnxruntime (default: %(default)s)")
@@ -199,19 +187,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", type=str, default="predictions", help="where outputs go (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip those images)")
     # the model run
-    parser.add_argument("--device", type=str, default="auto", help="auto, cpu or cuda[:N] (default: %(default)s)")
-    parser.add_argument("--backend", type=str, default="torch", choices=("torch", "onnxruntime"),
-                        help="network runtime; onnxruntime runs on the CPU (default: %(default)s)")
-    parser.add_argument("--amp", action="store_true", help="mixed precision on the torch backend (float16 on CUDA)")
-    parser.add_argument("--threshold", type=_threshold, default=0.5,
+    parser.add_argument("--threshold", type=cli.probability, default=0.5,
                         help="lesion probability threshold in (0, 1] for the reported components (default: %(default)s)")
     parser.add_argument("--min-lesion-area", type=int, default=1,
                         help="smallest lesion component reported, in pixels (default: %(default)s)")
-    parser.add_argument("--tta", action="store_true", help="average each network with its horizontally mirrored run")
     parser.add_argument("--adaptive-clahe", action="store_true",
                         help="when stage 1 is unsure (mean confidence < cascade.ADAPTIVE_CLAHE_CONFIDENCE), re-run it "
                              "with the stronger CLAHE and keep the more confident result (reported per image)")
-    parser.add_argument("--batch-size", type=_positive_int, default=1,
+    parser.add_argument("--batch-size", type=cli.positive_int, default=1,
                         help="images per network call: stage 1 runs on the group's letterboxed images at once, then "
                              "stage 2 on their ROI crops (more memory, faster on a GPU) (default: %(default)s)")
     parser.add_argument("--prefetch", type=int, default=1, choices=(0, 1),
@@ -228,38 +211,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
-def find_checkpoint(checkpoint_dir: str | os.PathLike, stage: int) -> Path:
-    """Find ``best_stage{stage}.pth`` in ``checkpoint_dir`` or its ``stage{stage}/`` sub-folder.
-
-    Raises:
-        FileNotFoundError: neither exists (the message lists where it looked).
-    """
-    root = Path(checkpoint_dir)
-    candidates = [root / f"best_stage{stage}.pth", root / f"stage{stage}" / f"best_stage{stage}.pth"]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"no stage-{stage} checkpoint in {root}: looked for "
-                            + " and ".join(str(c) for c in candidates)
-                            + f"; pass --stage{stage}-weights FILE instead")
-
-
-def checkpoint_identity(path: str | os.PathLike, checkpoint: dict) -> dict:
-    """What identifies a checkpoint in reports: path, first 16 hex digits of its SHA-256, stage, epoch, best metric."""
-    best = checkpoint.get("best_metric")
-    best = None if best is None or not math.isfinite(float(best)) else float(best)
-    epoch = checkpoint.get("epoch")
-    return {
-        "path": str(Path(path).resolve()),
-        "sha256_16": file_sha256(path)[:16],
-        "stage": int(checkpoint.get("stage", 0)),
-        "epoch": None if epoch is None else int(epoch),
-        "best_metric": best,
-        "metric_name": checkpoint.get("metric_name") or None,
-        "input_size": [int(v) for v in checkpoint.get("input_size", [])],
-    }
-
-
 @dataclass
 class LoadedCascade:
     """A ready cascade with what the reports say about it."""
@@ -281,19 +232,19 @@ def load_cascade(stage1_path: str | os.PathLike, stage2_path: str | os.PathLike,
         the other stage. RuntimeError: ``device="cuda"`` without a GPU.
     """
     if backend == "onnxruntime" and device == "auto":
-        device = "cpu"  # ONNX Runtime runs on the CPU here (onnx_backend.make_runner)
-    torch_device = cascade.resolve_device(device)
+        device = "cpu"  # ONNX Runtime runs on the CPU here (runners.make_runner)
+    torch_device = runners.resolve_device(device)
     stage1_path, stage2_path = Path(stage1_path), Path(stage2_path)
-    runner1, checkpoint1 = onnx_backend.load_runner(stage1_path, backend, torch_device, amp=amp)
-    runner2, checkpoint2 = onnx_backend.load_runner(stage2_path, backend, torch_device, amp=amp)
+    runner1, checkpoint1 = runners.load_runner(stage1_path, backend, torch_device, amp=amp)
+    runner2, checkpoint2 = runners.load_runner(stage2_path, backend, torch_device, amp=amp)
     notes = []
     if dict(checkpoint2.get("preprocess_config", {})) != dict(checkpoint1["preprocess_config"]):
         notes.append("the two checkpoints store different preprocessing configs; the stage-1 one is used for both "
                      "stages (cascade.Cascade)")
     model = cascade.Cascade(checkpoint1, checkpoint2, stage1_runner=runner1, stage2_runner=runner2,
                             device=torch_device, tta=tta, adaptive_clahe="auto" if adaptive_clahe else "off")
-    identities = {"stage1": checkpoint_identity(stage1_path, checkpoint1),
-                  "stage2": checkpoint_identity(stage2_path, checkpoint2)}
+    identities = {"stage1": checkpoints.checkpoint_identity(stage1_path, checkpoint1),
+                  "stage2": checkpoints.checkpoint_identity(stage2_path, checkpoint2)}
     return LoadedCascade(model, identities, str(torch_device), backend, notes)
 
 
@@ -314,8 +265,8 @@ def _pixel_area_mm2(spacing_mm) -> float | None:
 
 def tissue_summary(tissue_classes: np.ndarray, spacing_mm=None) -> dict:
     """Per-class areas of a ``(H, W)`` class map: ``{"areas_px": {name: int}, "areas_mm2": {name: float} | None}``."""
-    counts = np.bincount(tissue_classes.ravel(), minlength=len(cascade.TISSUE_CLASS_NAMES))
-    areas = {name: int(counts[i]) for i, name in enumerate(cascade.TISSUE_CLASS_NAMES)}
+    counts = np.bincount(tissue_classes.ravel(), minlength=len(labels.TISSUE_CLASS_NAMES))
+    areas = {name: int(counts[i]) for i, name in enumerate(labels.TISSUE_CLASS_NAMES)}
     pixel_mm2 = _pixel_area_mm2(spacing_mm)
     return {"areas_px": areas,
             "areas_mm2": None if pixel_mm2 is None else {k: round(v * pixel_mm2, 3) for k, v in areas.items()}}
@@ -323,7 +274,7 @@ def tissue_summary(tissue_classes: np.ndarray, spacing_mm=None) -> dict:
 
 def density_summary(tissue_classes: np.ndarray) -> dict:
     """Percent density of a class map, its category and where both come from (see :data:`DENSITY_SOURCE`)."""
-    percent = float(metrics.percent_density(tissue_classes, cascade.ADIPOSE, cascade.FGT))
+    percent = float(metrics.percent_density(tissue_classes, labels.ADIPOSE, labels.FGT))
     category = metrics.density_category(percent)
     return {"percent": round(percent, 3), "category": category, "category_description": DENSITY_DESCRIPTIONS[category],
             "thresholds_percent": list(metrics.DENSITY_THRESHOLDS_PERCENT), "definition_and_source": DENSITY_SOURCE,
@@ -374,9 +325,9 @@ def lesion_components(prob: np.ndarray, threshold: float = 0.5, spacing_mm=None,
 
 
 def roi_explanation(source: str, margin_fraction: float) -> str:
-    """A plain sentence saying how the ROI box was chosen (``source`` from ``cascade.fgt_roi_box``)."""
+    """A plain sentence saying how the ROI box was chosen (``source`` from ``roi.fgt_roi_box``)."""
     grow = (f"grown by {margin_fraction * 100:g} % of its height and width on each side (each side at least "
-            f"{cascade.ROI_MIN_SIDE} px), clipped to the image")
+            f"{roi.ROI_MIN_SIDE} px), clipped to the image")
     if source == "fgt":
         return f"Box around the predicted fibroglandular tissue (FGT), {grow}."
     if source == "breast":
@@ -520,9 +471,9 @@ def build_prediction(loaded: LoadedCascade, path: Path, image: imaging.Mammogram
                                 + (" (the image was mirrored for the networks and the outputs mirrored back)"
                                    if result.flipped else "")},
         "roi": {"box": result.roi_box.to_dict(), "source": result.roi_source,
-                "margin_fraction": float(model.roi_margin), "min_side_px": int(cascade.ROI_MIN_SIDE),
+                "margin_fraction": float(model.roi_margin), "min_side_px": int(roi.ROI_MIN_SIDE),
                 "explanation": roi_explanation(result.roi_source, model.roi_margin)},
-        "tissue": {"class_names": list(cascade.TISSUE_CLASS_NAMES), **tissue_summary(result.tissue_classes, spacing),
+        "tissue": {"class_names": list(labels.TISSUE_CLASS_NAMES), **tissue_summary(result.tissue_classes, spacing),
                    "confidence": round(float(result.tissue_confidence), 4)},
         "density": density_summary(result.tissue_classes),
         "lesions": lesion_components(result.lesion_prob, threshold, spacing, min_area_px),
@@ -563,7 +514,7 @@ _VERSIONS: dict | None = None
 def _versions() -> dict:
     global _VERSIONS
     if _VERSIONS is None:
-        _VERSIONS = cascade.library_versions()
+        _VERSIONS = checkpoints.library_versions()
     return _VERSIONS
 
 
@@ -618,11 +569,11 @@ def make_visualization(pixels: np.ndarray, result: cascade.CascadeResult, thresh
     counts = np.bincount(result.tissue_classes.ravel(), minlength=4)
     handles = [Patch(color=np.array(TISSUE_COLORS_RGB[i]) / 255.0,
                      label=f"{name}: {100 * counts[i] / counts.sum():.0f} % of image")
-               for i, name in enumerate(cascade.TISSUE_CLASS_NAMES) if i > 0]
+               for i, name in enumerate(labels.TISSUE_CLASS_NAMES) if i > 0]
     axes[1].legend(handles=handles, loc="lower right", fontsize=7, framealpha=0.8)
     axes[1].set_title("Tissue classes")
     fgt = np.zeros(classes.shape + (4,), np.float32)
-    fgt[classes == cascade.FGT] = (220 / 255, 40 / 255, 150 / 255, 0.55)
+    fgt[classes == labels.FGT] = (220 / 255, 40 / 255, 150 / 255, 0.55)
     axes[2].imshow(fgt, extent=extent, interpolation="nearest")
     box = result.roi_box
     for ax in axes[2:]:
@@ -679,7 +630,7 @@ def write_outputs(prediction: Prediction, out_dir: str | os.PathLike, stem: str,
     result, record = prediction.result, prediction.record
     imaging.write_png(paths["tissue_seg"], result.tissue_classes.astype(np.uint8))
     imaging.write_png(paths["tissue_seg_color"], cv2.cvtColor(colorize_tissue(result.tissue_classes), cv2.COLOR_RGB2BGR))
-    imaging.write_png(paths["fgt_mask"], (result.tissue_classes == cascade.FGT).astype(np.uint8) * 255)
+    imaging.write_png(paths["fgt_mask"], (result.tissue_classes == labels.FGT).astype(np.uint8) * 255)
     imaging.write_png(paths["cancer_prob"], encode_probability(result.lesion_prob, prob_encoding))
     record["cancer_prob_encoding"] = _encoding_text(prob_encoding)
     if visualization:
@@ -914,15 +865,10 @@ def _resolve_weights(args) -> tuple[Path, Path]:
         if given:
             paths.append(Path(given))
         elif args.checkpoint_dir:
-            paths.append(find_checkpoint(args.checkpoint_dir, stage))
+            paths.append(checkpoints.find_checkpoint(args.checkpoint_dir, stage))
         else:
             raise FileNotFoundError(f"no stage-{stage} checkpoint: pass --stage{stage}-weights FILE or --checkpoint-dir DIR")
     return paths[0], paths[1]
-
-
-def _usage_error(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
 
 
 def _report(item: InputItem, index: int, total: int) -> None:
@@ -1052,29 +998,29 @@ def _process(items: list[InputItem], loaded: LoadedCascade, args, protected: set
 def main(args: argparse.Namespace) -> int:
     """Run inference as the command line asks; returns 0 (all done), 1 (some inputs failed) or 2 (usage error)."""
     if not args.image and not args.image_dir:
-        return _usage_error("pass --image FILE or --image-dir DIR")
+        return cli.usage_error("pass --image FILE or --image-dir DIR")
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
-        return _usage_error(f"--output-dir {output_dir} is a file, not a folder; choose a folder (it is created if "
+        return cli.usage_error(f"--output-dir {output_dir} is a file, not a folder; choose a folder (it is created if "
                             "missing)")
     if args.image:
         source = Path(args.image)
         if not source.is_file():
             hint = " (a folder: use --image-dir)" if source.is_dir() else ""
-            return _usage_error(f"--image {source} is not a file{hint}")
+            return cli.usage_error(f"--image {source} is not a file{hint}")
     else:
         source = Path(args.image_dir)
         if not source.is_dir():
-            return _usage_error(f"--image-dir {source} is not a folder")
+            return cli.usage_error(f"--image-dir {source} is not a folder")
         if output_dir.resolve() == source.resolve():
-            return _usage_error(f"--output-dir {output_dir} is the input folder; outputs would mix with the inputs. "
+            return cli.usage_error(f"--output-dir {output_dir} is the input folder; outputs would mix with the inputs. "
                                 "Choose another folder")
     try:
         stage1_path, stage2_path = _resolve_weights(args)
         loaded = load_cascade(stage1_path, stage2_path, device=args.device, backend=args.backend, tta=args.tta,
                               adaptive_clahe=args.adaptive_clahe, amp=args.amp)
     except (FileNotFoundError, ValueError, RuntimeError) as error:
-        return _usage_error(str(error))
+        return cli.usage_error(str(error))
     for note in loaded.notes:
         print(f"note: {note}", file=sys.stderr)
 

@@ -18,8 +18,8 @@ Outputs (rank 0 only):
 
 - ``<stageN-checkpoint-dir>/best_stageN.pth``, ``stageN_epoch{E}.pth`` (the last ``--keep-epoch-checkpoints``),
   ``last_stageN.pth`` (what ``--resume`` continues from: weights, optimizer, scheduler, AMP scaler, RNG states,
-  early-stopping counter). The format is ``cascade.make_checkpoint``'s, written atomically, readable with
-  ``torch.load(weights_only=True)``; ``cascade.load_stage`` rebuilds the model from it with no training flag.
+  early-stopping counter). The format is ``checkpoints.make_checkpoint``'s, written atomically, readable with
+  ``torch.load(weights_only=True)``; ``checkpoints.load_stage`` rebuilds the model from it with no training flag.
 - ``<logdir>/stageN/``: TensorBoard events (``train/loss``, ``train/seg_loss``, ``train/l1_penalty``, ``val/loss``,
   ``val/dice_<class>``, ``val/pixel_accuracy`` (stage 1), ``lr``, ``time/train_s``, ``time/epoch_s`` (training +
   validation + saving), image panels
@@ -67,9 +67,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 import cascade
+import checkpoints
+import cli
 import datasets
 import distributed
 import imaging
+import labels
+import roi
+import runners
 from losses import LesionLoss, TissueLoss, l1_penalty
 from metrics import dice_from_counts
 from fileio import atomic_write_text, file_sha256
@@ -93,33 +98,11 @@ class NonFiniteLossError(RuntimeError):
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
-def runtime_parser() -> argparse.ArgumentParser:
-    """Flags shared with the other scripts of the suite (device, workers, seed, AMP), as a parent parser."""
-    parser = argparse.ArgumentParser(add_help=False)
-    group = parser.add_argument_group("runtime")
-    group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                       help="where to train; auto = CUDA if available else CPU; under torchrun each process uses "
-                            "cuda:<LOCAL_RANK> (default: %(default)s)")
-    group.add_argument("--num-workers", type=int, default=4,
-                       help="DataLoader worker processes per training process (default: %(default)s)")
-    group.add_argument("--worker-start-method", default="default", choices=("default", "spawn", "fork", "forkserver"),
-                       help="how DataLoader workers are started; default = the platform's (spawn on Windows and "
-                            "macOS, fork on Linux) (default: %(default)s)")
-    group.add_argument("--seed", type=int, default=42,
-                       help="random seed of the split, initialisation, order and augmentation; each process adds "
-                            "its rank (default: %(default)s)")
-    group.add_argument("--deterministic", action="store_true",
-                       help="deterministic algorithms only (bit-exact repeat runs on the CPU; on CUDA the few "
-                            "non-deterministic kernels, e.g. bilinear upsampling's backward, warn instead)")
-    group.add_argument("--amp", action="store_true",
-                       help="automatic mixed precision: float16 + gradient scaling on CUDA, bfloat16 on the CPU")
-    return parser
-
-
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """Command-line flags of the training script (see the module docstring)."""
     parser = argparse.ArgumentParser(description="Train the two-stage cascade (stage 1 tissue, stage 2 lesions).",
-                                     add_help=add_help, parents=[runtime_parser()],
+                                     add_help=add_help,
+                                     parents=[cli.runtime_parser("device", "workers", "seed", "deterministic", "amp")],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_argument_group("what to train").add_mutually_exclusive_group(required=True)
     what.add_argument("--train-stage1", action="store_true", help="train stage 1 (tissue) only")
@@ -187,7 +170,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                             "--encoder-weights; for users without ImageNet weights)")
     model.add_argument("--sync-bn", action="store_true",
                        help="synchronise BatchNorm statistics across processes (CUDA + torchrun only)")
-    model.add_argument("--roi-margin", type=float, default=cascade.ROI_MARGIN_FRACTION,
+    model.add_argument("--roi-margin", type=float, default=roi.ROI_MARGIN_FRACTION,
                        help="margin around the FGT box on each side, as a fraction of its height / width; stored "
                             "in the stage-2 checkpoint for inference (default: %(default)s)")
 
@@ -473,7 +456,7 @@ def crop_cache_key(stage1_sha256: str, stage1_checkpoint: dict, margin: float, t
         "preprocess_config": stage1_checkpoint["preprocess_config"],
         "input_size": list(stage1_checkpoint["input_size"]),
         "margin_fraction": float(margin),
-        "min_side": cascade.ROI_MIN_SIDE,
+        "min_side": roi.ROI_MIN_SIDE,
         "files": files,
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
@@ -493,7 +476,7 @@ def build_roi_crops(stage1_path: Path, table: pd.DataFrame, cache_root: Path, ma
         stage1_path: stage-1 checkpoint file.
         table: lesion table (absolute paths), all rows to crop.
         cache_root: ``<stage2-checkpoint-dir>/roi_crops``; the crops go to ``<cache_root>/<key>/``.
-        margin: ROI margin fraction (see ``cascade.fgt_roi_box``).
+        margin: ROI margin fraction (see ``roi.fgt_roi_box``).
         device: where stage 1 runs.
         ctx: distributed context.
 
@@ -506,7 +489,7 @@ def build_roi_crops(stage1_path: Path, table: pd.DataFrame, cache_root: Path, ma
     Raises:
         TrainingInputError: the file is not a stage-1 checkpoint, or no row could be cropped.
     """
-    checkpoint = cascade.load_checkpoint(stage1_path)
+    checkpoint = checkpoints.load_checkpoint(stage1_path)
     if int(checkpoint["stage"]) != 1:
         raise TrainingInputError(f"{stage1_path} is a stage-{checkpoint['stage']} checkpoint; stage-2 crops need a "
                                  "stage-1 checkpoint (--stage1-checkpoint)")
@@ -734,8 +717,8 @@ def stage_spec(stage: int, args: argparse.Namespace) -> StageSpec:
     batch = getattr(args, f"batch_size_stage{s}")
     if batch < 2:
         raise TrainingInputError(f"--batch-size-stage{s} is {batch}; BatchNorm needs at least 2 images per batch")
-    names = cascade.TISSUE_CLASS_NAMES if stage == 1 else cascade.LESION_CLASS_NAMES
-    return StageSpec(stage=stage, class_names=tuple(names), metric_class=cascade.FGT if stage == 1 else 0,
+    names = labels.TISSUE_CLASS_NAMES if stage == 1 else labels.LESION_CLASS_NAMES
+    return StageSpec(stage=stage, class_names=tuple(names), metric_class=labels.FGT if stage == 1 else 0,
                      epochs=getattr(args, f"epochs_stage{s}"), lr=getattr(args, f"lr_stage{s}"), batch_size=batch,
                      size_hw=size, t0=getattr(args, f"t0_stage{s}"),
                      checkpoint_dir=Path(getattr(args, f"stage{s}_checkpoint_dir")), log_dir=Path(args.logdir) / f"stage{s}")
@@ -743,7 +726,7 @@ def stage_spec(stage: int, args: argparse.Namespace) -> StageSpec:
 
 def model_config_for(stage: int, args: argparse.Namespace, encoder_weights: str | None) -> dict:
     """The model config of a stage (plain dict for ``models.build_model`` and the checkpoint)."""
-    classes = len(cascade.TISSUE_CLASS_NAMES) if stage == 1 else len(cascade.LESION_CLASS_NAMES)
+    classes = len(labels.TISSUE_CLASS_NAMES) if stage == 1 else len(labels.LESION_CLASS_NAMES)
     if args.model == "aca_atrous_resunet":
         weights = None if str(encoder_weights).lower() in ("none", "") else encoder_weights
         return default_model_config(classes, args.encoder, weights)
@@ -791,7 +774,7 @@ def _stage_data(spec: StageSpec, args: argparse.Namespace, ctx: distributed.Dist
                                      "(--train-stage1 or --train-both) or pass --stage1-checkpoint")
         crops, info = build_roi_crops(stage1_path, table, spec.checkpoint_dir / "roi_crops", args.roi_margin,
                                       device, ctx)
-        preprocess_config = dict(cascade.load_checkpoint(stage1_path)["preprocess_config"])
+        preprocess_config = dict(checkpoints.load_checkpoint(stage1_path)["preprocess_config"])
         train_df, val_df, how = split_table(crops, args)
         coverage = {"all": roi_coverage(pd.concat([train_df, val_df])), "train": roi_coverage(train_df),
                     "val": roi_coverage(val_df)}
@@ -843,7 +826,7 @@ def train_stage(stage: int, args: argparse.Namespace, ctx: distributed.DistConte
     resume_state = None
     if args.resume:
         if last_path.is_file():
-            resume_state = cascade.load_checkpoint(last_path, map_location="cpu")
+            resume_state = checkpoints.load_checkpoint(last_path, map_location="cpu")
         elif ctx.is_main:  # main() checked that some stage has one: this stage had not started yet
             print(f"stage {stage}: --resume but {last_path} does not exist yet; starting from scratch")
     if resume_state is not None and (resume_state.get("early_stopped") or int(resume_state["epoch"]) >= spec.epochs):
@@ -922,7 +905,7 @@ def train_stage(stage: int, args: argparse.Namespace, ctx: distributed.DistConte
 
     roi = None
     if stage == 2:
-        roi = {"margin_fraction": float(args.roi_margin), "min_side": cascade.ROI_MIN_SIDE,
+        roi = {"margin_fraction": float(args.roi_margin), "min_side": roi.ROI_MIN_SIDE,
                "crops_key": data["crops"]["key"], "stage1_checkpoint_sha256": data["crops"]["stage1_sha256"],
                "lesion_coverage": {k: float(v) for k, v in data["coverage"].items()}}
     stopped = False
@@ -971,7 +954,7 @@ def _save_epoch(spec: StageSpec, args: argparse.Namespace, model: nn.Module, mod
                 preprocess_config: dict, optimizer, scheduler, scaler, epoch: int, best: float, since_best: int,
                 stopped: bool, improved: bool, val_stats: dict, roi: dict | None) -> None:
     """Write last / epoch / best checkpoints (atomically) and prune old epoch checkpoints (rank 0)."""
-    state = cascade.make_checkpoint(
+    state = checkpoints.make_checkpoint(
         stage=spec.stage, model=model, model_config=model_config, preprocess_config=preprocess_config,
         input_size=spec.size_hw, epoch=epoch, best_metric=best, metric_name=spec.metric_name, optimizer=optimizer,
         lr_scheduler=scheduler, scaler=scaler, rng_state=rng_state(), args=plain_args(args), roi=roi)
@@ -979,10 +962,10 @@ def _save_epoch(spec: StageSpec, args: argparse.Namespace, model: nn.Module, mod
     state["early_stopped"] = bool(stopped)
     state["val_metrics"] = {f"val/dice_{name}": float(d) for name, d in zip(spec.class_names, val_stats["dice"])}
     state["val_metrics"]["val/loss"] = float(val_stats["loss"])
-    cascade.save_checkpoint(state, spec.path("epoch", epoch))
+    checkpoints.save_checkpoint(state, spec.path("epoch", epoch))
     if improved:
-        cascade.save_checkpoint(state, spec.path("best"))
-    cascade.save_checkpoint(state, spec.path("last"))  # last: a crash before this line resumes the epoch before
+        checkpoints.save_checkpoint(state, spec.path("best"))
+    checkpoints.save_checkpoint(state, spec.path("last"))  # last: a crash before this line resumes the epoch before
     numbered = []
     for path in spec.checkpoint_dir.glob(f"stage{spec.stage}_epoch*.pth"):
         suffix = path.stem.rsplit("epoch", 1)[-1]
@@ -1049,7 +1032,7 @@ def main(args: argparse.Namespace) -> int:
     """Train the stages the flags ask for. Returns 0 on success, 2 for bad input, 3 for a non-finite loss."""
     try:
         _check_args(args)
-        device = cascade.resolve_device(args.device)
+        device = runners.resolve_device(args.device)
         if args.resume:
             stages = [s for s, wanted in ((1, args.train_stage1 or args.train_both), (2, args.train_stage2 or args.train_both)) if wanted]
             lasts = [stage_spec(s, args).path("last") for s in stages]

@@ -38,6 +38,7 @@ from torch.utils.data import Dataset
 
 import imaging
 from imaging import DEFAULT_PREPROCESS
+from labels import TISSUE_CLASS_NAMES  # re-exported: the datasets' class ids (labels.py defines them)
 
 __all__ = [
     "TISSUE_CLASS_NAMES",
@@ -53,8 +54,6 @@ __all__ = [
     "tissue_augmentation",
 ]
 
-#: Stage-1 classes, index = class id (DDSM tissue-label set, Tiryaki & Kaplanoglu, IRBM 2022).
-TISSUE_CLASS_NAMES: tuple[str, ...] = ("background", "adipose", "fgt", "pectoral")
 
 #: DDSM tissue label intensities -> class ids (the dataset's readme; ../shared/data/README.md):
 #: 64 background, 128 adipose, 192 fibroglandular tissue (FGT), 255 pectoral muscle.

@@ -46,11 +46,15 @@ from pathlib import Path
 import numpy as np
 
 import cascade
+import cli
 import fileio
 import imaging
+import labels
 import metrics
+import roi
+import runners
 
-TISSUE_CLASS_NAMES = cascade.TISSUE_CLASS_NAMES
+TISSUE_CLASS_NAMES = labels.TISSUE_CLASS_NAMES
 NUM_TISSUE_CLASSES = len(TISSUE_CLASS_NAMES)
 
 #: Lesion probability at or above which a pixel counts as lesion (the usual 0.5 for a sigmoid output).
@@ -168,7 +172,7 @@ def read_lesion_truth(case: Case, shape: tuple[int, int]) -> np.ndarray:
 @dataclass
 class LesionPrediction:
     prob: np.ndarray  # (H, W) float32 in [0, 1]
-    roi_box: cascade.RoiBox | None
+    roi_box: roi.RoiBox | None
 
 
 class FolderPredictions:
@@ -224,16 +228,16 @@ class FolderPredictions:
         return LesionPrediction(prob, box)
 
 
-def _roi_from_report(report: dict) -> cascade.RoiBox | None:
+def _roi_from_report(report: dict) -> roi.RoiBox | None:
     """The ROI box of an inference report: ``roi_box`` as ``{y0, x0, y1, x1}`` or ``[y0, x0, y1, x1]``."""
     for key in ("roi_box", "roi"):
         value = report.get(key)
         if isinstance(value, dict) and {"y0", "x0", "y1", "x1"} <= set(value):
-            return cascade.RoiBox(*(int(value[k]) for k in ("y0", "x0", "y1", "x1")))
+            return roi.RoiBox(*(int(value[k]) for k in ("y0", "x0", "y1", "x1")))
         if isinstance(value, dict) and isinstance(value.get("box"), (dict, list)):
             return _roi_from_report({"roi_box": value["box"]})
         if isinstance(value, (list, tuple)) and len(value) == 4:
-            return cascade.RoiBox(*(int(v) for v in value))
+            return roi.RoiBox(*(int(v) for v in value))
     return None
 
 
@@ -242,15 +246,13 @@ class CascadePredictions:
 
     def __init__(self, stage1_weights: str, stage2_weights: str | None, backend: str, device: str, tta: bool,
                  adaptive_clahe: str, channels_last: bool, threads: int | None):
-        import onnx_backend
-
-        device = str(cascade.resolve_device(device))
-        runner1, checkpoint1 = onnx_backend.load_runner(stage1_weights, backend, device, channels_last=channels_last,
-                                                        threads=threads)
+        device = str(runners.resolve_device(device))
+        runner1, checkpoint1 = runners.load_runner(stage1_weights, backend, device, channels_last=channels_last,
+                                                   threads=threads)
         runner2, checkpoint2 = (None, None)
         if stage2_weights:
-            runner2, checkpoint2 = onnx_backend.load_runner(stage2_weights, backend, device,
-                                                            channels_last=channels_last, threads=threads)
+            runner2, checkpoint2 = runners.load_runner(stage2_weights, backend, device,
+                                                       channels_last=channels_last, threads=threads)
         self.cascade = cascade.Cascade(checkpoint1, checkpoint2, stage1_runner=runner1, stage2_runner=runner2,
                                        tta=tta, adaptive_clahe=adaptive_clahe)
         self.seconds: list[float] = []
@@ -317,7 +319,7 @@ def summarize_tissue(rows: list[dict], confusion: np.ndarray) -> dict:
     }
 
 
-def lesion_row(prob: np.ndarray, truth: np.ndarray, roi_box: cascade.RoiBox | None, threshold: float,
+def lesion_row(prob: np.ndarray, truth: np.ndarray, roi_box: roi.RoiBox | None, threshold: float,
                match_iou: float, min_area_px: int = 1) -> dict:
     """Per-image lesion metrics: Dice / IoU of ``prob >= threshold``, counts, detection, ROI coverage.
 
@@ -545,7 +547,8 @@ def evaluate_lesion(cases: list[Case], predictor, threshold: float, match_iou: f
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """Command-line flags of the evaluation (see the module docstring)."""
     parser = argparse.ArgumentParser(description="Evaluate the cascade against tissue and lesion ground truth.",
-                                     add_help=add_help)
+                                     add_help=add_help, parents=[cli.runtime_parser("backend", "device", "threads", "tta")])
+    parser.set_defaults(device="cpu")  # evaluation is reproducible on any machine unless a GPU is asked for
     # ground truth
     parser.add_argument("--tissue-dir", type=str, default=None,
                         help="DDSM tissue-label folder (fgt_seg/ + fgt_seg_labels/) (default: %(default)s)")
@@ -564,12 +567,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--stage1-weights", type=str, default=None,
                         help="stage-1 checkpoint (.pth, or .onnx with --backend onnxruntime): run the cascade here")
     parser.add_argument("--stage2-weights", type=str, default=None, help="stage-2 checkpoint (.pth or .onnx)")
-    parser.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
-                        help="inference backend when running the cascade (default: %(default)s)")
-    parser.add_argument("--device", type=str, default="cpu", help="torch device: cpu, cuda or auto (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last memory format (torch backend)")
-    parser.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
     parser.add_argument("--adaptive-clahe", choices=("off", "on", "auto"), default="off",
                         help="stronger CLAHE for low-contrast images (default: %(default)s)")
     parser.add_argument("--export-onnx", type=str, default=None, metavar="DIR",
@@ -590,46 +588,41 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def _usage_error(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
-
-
 def main(args: argparse.Namespace) -> int:
     """Evaluate as the command line asks; returns 0 (done; skipped items listed), 1 (nothing evaluated) or 2 (usage)."""
     import pandas as pd
 
     if args.export_onnx:
-        import onnx_backend
+        import onnx_export
 
         if not (args.stage1_weights or args.stage2_weights):
-            return _usage_error("--export-onnx needs --stage1-weights and/or --stage2-weights")
+            return cli.usage_error("--export-onnx needs --stage1-weights and/or --stage2-weights")
         try:
-            report = onnx_backend.export_stages(args.stage1_weights, args.stage2_weights, args.export_onnx,
-                                                overwrite=args.overwrite)
+            report = onnx_export.export_stages(args.stage1_weights, args.stage2_weights, args.export_onnx,
+                                               overwrite=args.overwrite)
         except (FileNotFoundError, FileExistsError, ValueError) as error:
-            return _usage_error(str(error))
+            return cli.usage_error(str(error))
         for name, item in report.items():
             print(f"exported {name}: {item['path']} (max |logit diff| vs PyTorch {item['max_abs_logit_diff']:.2e})")
         if not any((args.tissue_dir, args.tissue_csv, args.lesion_dir, args.lesion_csv)):
             return 0
 
     if args.tissue_dir and args.tissue_csv:
-        return _usage_error("give --tissue-dir or --tissue-csv, not both")
+        return cli.usage_error("give --tissue-dir or --tissue-csv, not both")
     if args.lesion_dir and args.lesion_csv:
-        return _usage_error("give --lesion-dir or --lesion-csv, not both")
+        return cli.usage_error("give --lesion-dir or --lesion-csv, not both")
     if not any((args.tissue_dir, args.tissue_csv, args.lesion_dir, args.lesion_csv)):
-        return _usage_error("no ground truth: pass --tissue-dir/--tissue-csv and/or --lesion-dir/--lesion-csv")
+        return cli.usage_error("no ground truth: pass --tissue-dir/--tissue-csv and/or --lesion-dir/--lesion-csv")
     if bool(args.predictions_dir) == bool(args.stage1_weights):
-        return _usage_error("pass either --predictions-dir or --stage1-weights (+ --stage2-weights), exactly one")
+        return cli.usage_error("pass either --predictions-dir or --stage1-weights (+ --stage2-weights), exactly one")
     if args.output_dir is None:
-        return _usage_error("--output-dir is required")
+        return cli.usage_error("--output-dir is required")
     if not 0 < args.threshold < 1 or not 0 < args.match_iou <= 1:
-        return _usage_error("--threshold must be in (0, 1) and --match-iou in (0, 1]")
+        return cli.usage_error("--threshold must be in (0, 1) and --match-iou in (0, 1]")
     out = Path(args.output_dir)
     existing = [p for p in (out / "metrics.json", out / "per_image.csv") if p.exists()]
     if existing and not args.overwrite:
-        return _usage_error(f"{existing[0]} exists; pass --overwrite or choose another --output-dir")
+        return cli.usage_error(f"{existing[0]} exists; pass --overwrite or choose another --output-dir")
 
     if args.split and (args.tissue_dir or args.lesion_dir):
         print(f"note: --split {args.split} applies to CSV ground truth only; folders (--tissue-dir / --lesion-dir) "
@@ -638,7 +631,7 @@ def main(args: argparse.Namespace) -> int:
         tissue = tissue_cases(args.tissue_dir, args.tissue_csv, args.split)
         lesion = lesion_cases(args.lesion_dir, args.lesion_csv, args.split)
     except (FileNotFoundError, ValueError) as error:
-        return _usage_error(str(error))
+        return cli.usage_error(str(error))
     if args.limit is not None:
         tissue, lesion = tissue[: args.limit], lesion[: args.limit]
     try:
@@ -646,11 +639,11 @@ def main(args: argparse.Namespace) -> int:
             predictor = FolderPredictions(args.predictions_dir)
         else:
             if lesion and not args.stage2_weights:
-                return _usage_error("lesion ground truth given: pass --stage2-weights too (or --predictions-dir)")
+                return cli.usage_error("lesion ground truth given: pass --stage2-weights too (or --predictions-dir)")
             predictor = CascadePredictions(args.stage1_weights, args.stage2_weights, args.backend, args.device,
                                            args.tta, args.adaptive_clahe, args.channels_last, args.threads)
     except (FileNotFoundError, ValueError, RuntimeError) as error:
-        return _usage_error(str(error))
+        return cli.usage_error(str(error))
     if args.threads:
         import torch
 

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-import cascade
 import imaging
-from cascade import (FGT, Cascade, RoiBox, fgt_roi_box, load_checkpoint, load_stage, make_checkpoint, paste_into_box,
-                     save_checkpoint)
+import runners
+from cascade import Cascade
+from checkpoints import load_checkpoint, load_stage, make_checkpoint, save_checkpoint
+from labels import FGT
+from roi import RoiBox, fgt_roi_box, paste_into_box
 from models import build_model, default_model_config
 
 
@@ -137,11 +139,11 @@ def test_cascade_with_real_models_keeps_16bit_input_size(nyu_dir):
 
 
 def test_resolve_device():
-    assert cascade.resolve_device("cpu").type == "cpu"
+    assert runners.resolve_device("cpu").type == "cpu"
     if not torch.cuda.is_available():
-        assert cascade.resolve_device("auto").type == "cpu"
+        assert runners.resolve_device("auto").type == "cpu"
         with pytest.raises(RuntimeError, match="--device cpu"):
-            cascade.resolve_device("cuda")
+            runners.resolve_device("cuda")
 
 
 def test_run_batch_equals_one_image_at_a_time(tissue_dir, nyu_dir):

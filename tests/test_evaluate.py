@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-import cascade
+import checkpoints
 import evaluate
 import imaging
 import metrics
@@ -163,9 +163,9 @@ def test_lesion_metrics_from_predictions_folder(lesion_dir, tmp_path):
 def _save_stage(path, stage: int, size, seed: int):
     torch.manual_seed(seed)
     config = default_model_config(4 if stage == 1 else 1, encoder_name="resnet18")
-    checkpoint = cascade.make_checkpoint(stage=stage, model=build_model(config), model_config=config,
+    checkpoint = checkpoints.make_checkpoint(stage=stage, model=build_model(config), model_config=config,
                                          preprocess_config=imaging.DEFAULT_PREPROCESS, input_size=size)
-    return cascade.save_checkpoint(checkpoint, path)
+    return checkpoints.save_checkpoint(checkpoint, path)
 
 
 def test_cascade_mode_torch_and_onnxruntime_agree(tissue_dir, lesion_dir, tmp_path):

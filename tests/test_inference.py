@@ -22,6 +22,7 @@ import torch
 
 import cascade
 import cascade_inference as ci
+import checkpoints
 import imaging
 from models import build_model, default_model_config
 
@@ -32,15 +33,15 @@ TISSUE_NAME = "A_0002_1.RIGHT_MLO.png"
 # ---------------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="session")
 def checkpoint_dir(tmp_path_factory) -> Path:
-    """best_stage1.pth / best_stage2.pth, untrained and seeded, saved with cascade.save_checkpoint."""
+    """best_stage1.pth / best_stage2.pth, untrained and seeded, saved with checkpoints.save_checkpoint."""
     folder = tmp_path_factory.mktemp("checkpoints")
     for stage, classes, size in ((1, 4, STAGE1_SIZE), (2, 1, STAGE2_SIZE)):
         torch.manual_seed(stage)
         config = default_model_config(classes, encoder_name="resnet18", encoder_weights=None)
-        checkpoint = cascade.make_checkpoint(stage=stage, model=build_model(config), model_config=config,
+        checkpoint = checkpoints.make_checkpoint(stage=stage, model=build_model(config), model_config=config,
                                              preprocess_config=dict(imaging.DEFAULT_PREPROCESS), input_size=size,
                                              epoch=2, best_metric=0.25)
-        cascade.save_checkpoint(checkpoint, folder / f"stage{stage}" / f"best_stage{stage}.pth")
+        checkpoints.save_checkpoint(checkpoint, folder / f"stage{stage}" / f"best_stage{stage}.pth")
     return folder
 
 

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import cascade_inference as ci
-import cascade as checkpoints
+import checkpoints
 import imaging
 from models import build_model, default_model_config
 

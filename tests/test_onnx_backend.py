@@ -7,8 +7,11 @@ import pytest
 import torch
 
 import cascade
+import checkpoints
 import imaging
 import onnx_backend
+import onnx_export
+import runners
 from models import default_model_config
 
 SIZE = (256, 128)  # network size (H, W) for the tests: keeps the DDSM 2:1 aspect, small enough for seconds
@@ -31,7 +34,7 @@ def _checkpoint(stage: int, encoder: str = "resnet18", seed: int = 0, size=SIZE)
             module.weight.data.copy_(0.5 + torch.rand(n, generator=generator))
             module.bias.data.copy_(0.2 * torch.randn(n, generator=generator))
     model.head.weight.data.mul_(50.0)
-    return cascade.make_checkpoint(stage=stage, model=model, model_config=config,
+    return checkpoints.make_checkpoint(stage=stage, model=model, model_config=config,
                                    preprocess_config=imaging.DEFAULT_PREPROCESS, input_size=size)
 
 
@@ -52,10 +55,10 @@ def stage1():
 
 
 def test_parity_with_pytorch_on_real_images(tissue_dir, stage1, tmp_path):
-    path = onnx_backend.export_onnx(stage1, tmp_path / "stage1.onnx")
+    path = onnx_export.export_onnx(stage1, tmp_path / "stage1.onnx")
     batch = _real_batch(tissue_dir)
-    reference = cascade.TorchRunner(cascade.model_from_checkpoint(stage1))(batch)
-    logits = onnx_backend.OnnxRunner(path, threads=1)(batch)
+    reference = runners.TorchRunner(checkpoints.model_from_checkpoint(stage1))(batch)
+    logits = runners.OnnxRunner(path, threads=1)(batch)
     assert logits.shape == (2, 4) + SIZE and logits.dtype == np.float32
     assert reference.std() > 0.5  # the comparison is on logits of a real scale (a fresh model: ~0.03)
     assert np.abs(logits - reference).max() < 1e-4
@@ -64,15 +67,15 @@ def test_parity_with_pytorch_on_real_images(tissue_dir, stage1, tmp_path):
 
 
 def test_dynamic_batch_and_metadata(stage1, tmp_path):
-    path = onnx_backend.export_onnx(stage1, tmp_path / "s1.onnx")
-    runner = onnx_backend.OnnxRunner(path, threads=1)
+    path = onnx_export.export_onnx(stage1, tmp_path / "s1.onnx")
+    runner = runners.OnnxRunner(path, threads=1)
     assert runner.input_hw == SIZE
     batch = np.random.default_rng(1).random((3, 1) + SIZE, dtype=np.float32)
     out3 = runner(batch)
     out1 = runner(batch[1:2])
     assert out3.shape == (3, 4) + SIZE
     np.testing.assert_allclose(out1[0], out3[1], atol=1e-5)  # items of a batch are independent
-    meta = onnx_backend.read_onnx_metadata(path)
+    meta = onnx_export.read_onnx_metadata(path)
     assert meta["stage"] == 1 and meta["input_size"] == list(SIZE)
     assert meta["class_names"] == ["background", "adipose", "fgt", "pectoral"]
     assert meta["preprocess_config"] == stage1["preprocess_config"]
@@ -80,23 +83,23 @@ def test_dynamic_batch_and_metadata(stage1, tmp_path):
     with pytest.raises(ValueError, match="letterbox"):
         runner(np.zeros((1, 1, 64, 64), np.float32))
     with pytest.raises(FileExistsError, match="overwrite"):
-        onnx_backend.export_onnx(stage1, path)
+        onnx_export.export_onnx(stage1, path)
 
 
 def test_dynamic_size_export_accepts_other_sizes(tmp_path):
     checkpoint = _checkpoint(2, size=(128, 128))
-    path = onnx_backend.export_onnx(checkpoint, tmp_path / "s2.onnx", dynamic_size=True)
-    runner = onnx_backend.OnnxRunner(path, threads=1)
+    path = onnx_export.export_onnx(checkpoint, tmp_path / "s2.onnx", dynamic_size=True)
+    runner = runners.OnnxRunner(path, threads=1)
     assert runner.input_hw is None
     batch = np.random.default_rng(2).random((1, 1, 96, 160), dtype=np.float32)
-    assert onnx_backend.max_logit_difference(checkpoint, path, batch) < 1e-4
+    assert onnx_export.max_logit_difference(checkpoint, path, batch) < 1e-4
 
 
 def test_cli_exports_both_stages_and_cascade_runs_on_them(tissue_dir, tmp_path, capsys):
     stage1 = _checkpoint(1, seed=3)
     stage2 = _checkpoint(2, seed=4, size=(128, 128))
-    cascade.save_checkpoint(stage1, tmp_path / "s1.pth")
-    cascade.save_checkpoint(stage2, tmp_path / "s2.pth")
+    checkpoints.save_checkpoint(stage1, tmp_path / "s1.pth")
+    checkpoints.save_checkpoint(stage2, tmp_path / "s2.pth")
     out = tmp_path / "onnx"
     args = onnx_backend.get_args_parser().parse_args(
         ["--stage1-weights", str(tmp_path / "s1.pth"), "--stage2-weights", str(tmp_path / "s2.pth"), "--output-dir", str(out)])
@@ -105,8 +108,8 @@ def test_cli_exports_both_stages_and_cascade_runs_on_them(tissue_dir, tmp_path, 
     assert "max |logit diff|" in capsys.readouterr().out
     assert onnx_backend.main(args) == 2  # refuses to overwrite
 
-    runner1, meta1 = onnx_backend.load_runner(out / "stage1.onnx", "onnxruntime", threads=1)
-    runner2, meta2 = onnx_backend.load_runner(out / "stage2.onnx", "onnxruntime", threads=1)
+    runner1, meta1 = runners.load_runner(out / "stage1.onnx", "onnxruntime", threads=1)
+    runner2, meta2 = runners.load_runner(out / "stage2.onnx", "onnxruntime", threads=1)
     pixels = imaging.read_image(sorted((tissue_dir / "fgt_seg").glob("*.png"))[0]).pixels
     onnx_result = cascade.Cascade(meta1, meta2, stage1_runner=runner1, stage2_runner=runner2)(pixels)
     torch_result = cascade.Cascade(stage1, stage2)(pixels)
@@ -118,13 +121,13 @@ def test_cli_exports_both_stages_and_cascade_runs_on_them(tissue_dir, tmp_path, 
 
 def test_load_runner_errors(tmp_path):
     checkpoint = _checkpoint(2, size=(64, 64))
-    path = onnx_backend.export_onnx(checkpoint, tmp_path / "s2.onnx")
+    path = onnx_export.export_onnx(checkpoint, tmp_path / "s2.onnx")
     with pytest.raises(ValueError, match="backend onnxruntime"):
-        onnx_backend.load_runner(path, "torch")
+        runners.load_runner(path, "torch")
     with pytest.raises(ValueError, match="backend must be"):
-        onnx_backend.make_runner(checkpoint, "tensorrt")
+        runners.make_runner(checkpoint, "tensorrt")
     with pytest.raises(FileNotFoundError):
-        onnx_backend.OnnxRunner(tmp_path / "missing.onnx")
+        runners.OnnxRunner(tmp_path / "missing.onnx")
     (tmp_path / "junk.onnx").write_bytes(b"not an onnx model")
     with pytest.raises(ValueError, match="junk.onnx"):
-        onnx_backend.read_onnx_metadata(tmp_path / "junk.onnx")
+        onnx_export.read_onnx_metadata(tmp_path / "junk.onnx")

@@ -21,7 +21,9 @@ from torch import nn
 
 import cascade
 import cascade_segmentation_model as csm
+import checkpoints
 import imaging
+import roi
 import models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,11 +109,11 @@ def test_stage1_writes_checkpoints_that_rebuild_the_model(stage1_run):
     # best = the epoch with the highest validation FGT Dice
     hist = history(stage1_run)
     best_epoch = max(hist, key=lambda r: r["val/dice_fgt"])["epoch"]
-    best = cascade.load_checkpoint(ck / "best_stage1.pth")
+    best = checkpoints.load_checkpoint(ck / "best_stage1.pth")
     assert best["metric_name"] == "val/dice_fgt"
     assert best["epoch"] == best_epoch and best["best_metric"] == pytest.approx(max(r["val/dice_fgt"] for r in hist))
     # the model comes back from the checkpoint alone, with the trained weights
-    model, checkpoint = cascade.load_stage(ck / "last_stage1.pth")
+    model, checkpoint = checkpoints.load_stage(ck / "last_stage1.pth")
     for key, value in model.state_dict().items():
         assert torch.equal(value, checkpoint["model"][key]), key
     with torch.no_grad():
@@ -148,8 +150,8 @@ def test_same_seed_same_losses_and_resume_is_bit_identical(tmp_path, tissue_csv,
     killed = tmp_path / "killed"
     assert run(base + small_args(killed, epochs=2)) == 0
     assert run(base + small_args(killed, "--resume", epochs=4)) == 0
-    resumed = cascade.load_checkpoint(killed / "ck1" / "last_stage1.pth")
-    straight = cascade.load_checkpoint(full / "ck1" / "last_stage1.pth")
+    resumed = checkpoints.load_checkpoint(killed / "ck1" / "last_stage1.pth")
+    straight = checkpoints.load_checkpoint(full / "ck1" / "last_stage1.pth")
     assert resumed["epoch"] == straight["epoch"] == 4
     for key, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
@@ -185,7 +187,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tissue_csv,
     assert run(["--train-stage1", "--tissue-csv", str(tissue_csv), *small_args(out, epochs=3)]) == csm.EXIT_NONFINITE_LOSS
     message = capsys.readouterr().err
     assert "epoch 2, step 1" in message and "last good checkpoint" in message and "last_stage1.pth" in message
-    assert cascade.load_checkpoint(out / "ck1" / "last_stage1.pth")["epoch"] == 1
+    assert checkpoints.load_checkpoint(out / "ck1" / "last_stage1.pth")["epoch"] == 1
     assert not (out / "ck1" / "stage1_epoch2.pth").exists()
 
 
@@ -253,9 +255,9 @@ class ThresholdTissue(nn.Module):
 
 def fake_stage1(path: Path, fgt_level: float) -> Path:
     model = ThresholdTissue(fgt_level=fgt_level)
-    state = cascade.make_checkpoint(stage=1, model=model, model_config={"name": "threshold_test", "fgt_level": fgt_level},
+    state = checkpoints.make_checkpoint(stage=1, model=model, model_config={"name": "threshold_test", "fgt_level": fgt_level},
                                     preprocess_config=imaging.DEFAULT_PREPROCESS, input_size=(64, 64))
-    return cascade.save_checkpoint(state, path)
+    return checkpoints.save_checkpoint(state, path)
 
 
 def test_stage2_trains_on_crops_made_by_stage1(tmp_path, lesion_csv, monkeypatch, capsys):
@@ -271,7 +273,7 @@ def test_stage2_trains_on_crops_made_by_stage1(tmp_path, lesion_csv, monkeypatch
     crops = pd.read_csv(folders[0] / "crops.csv", keep_default_na=False)
     assert len(crops) == 6 and set(crops["split"]) == {"train", "val"}  # the test row is never cropped
     # every crop is exactly what the inference code (Cascade.tissue_and_roi) gives with this stage 1
-    runner = cascade.Cascade(cascade.load_checkpoint(stage1))
+    runner = cascade.Cascade(checkpoints.load_checkpoint(stage1))
     inside = {"train": [0, 0], "val": [0, 0]}
     smaller = 0
     for row in crops.itertuples():
@@ -299,11 +301,11 @@ def test_stage2_trains_on_crops_made_by_stage1(tmp_path, lesion_csv, monkeypatch
     for tag in ("train/loss", "val/loss", "val/dice_lesion", "lr"):
         assert [s for s, _ in scalars[tag]] == [1, 2], tag
     # the stage-2 checkpoint rebuilds its model and carries what inference needs
-    model, checkpoint = cascade.load_stage(out / "ck2" / "best_stage2.pth")
+    model, checkpoint = checkpoints.load_stage(out / "ck2" / "best_stage2.pth")
     assert checkpoint["stage"] == 2 and checkpoint["class_names"] == ["lesion"]
-    assert checkpoint["roi"]["margin_fraction"] == pytest.approx(cascade.ROI_MARGIN_FRACTION)
+    assert checkpoint["roi"]["margin_fraction"] == pytest.approx(roi.ROI_MARGIN_FRACTION)
     assert checkpoint["preprocess_config"] == imaging.DEFAULT_PREPROCESS
-    result = cascade.Cascade(cascade.load_checkpoint(stage1), checkpoint)(pixels)
+    result = cascade.Cascade(checkpoints.load_checkpoint(stage1), checkpoint)(pixels)
     assert result.lesion_prob.shape == pixels.shape
     # the same stage 1 reuses the cache; another stage 1 makes new crops
     assert run(["--train-stage2", "--cancer-csv", str(lesion_csv), "--stage1-checkpoint", str(stage1),
@@ -321,9 +323,9 @@ def test_stage2_trains_on_crops_made_by_stage1(tmp_path, lesion_csv, monkeypatch
 def test_stage2_encoder_can_start_from_stage1(tmp_path, tissue_csv):
     args = csm.get_args_parser().parse_args(["--train-stage2", "--encoder", "resnet18"])
     stage1_model = models.build_model(csm.model_config_for(1, args, None))
-    state = cascade.make_checkpoint(stage=1, model=stage1_model, model_config=csm.model_config_for(1, args, None),
+    state = checkpoints.make_checkpoint(stage=1, model=stage1_model, model_config=csm.model_config_for(1, args, None),
                                     preprocess_config=imaging.DEFAULT_PREPROCESS, input_size=(64, 64))
-    path = cascade.save_checkpoint(state, tmp_path / "best_stage1.pth")
+    path = checkpoints.save_checkpoint(state, tmp_path / "best_stage1.pth")
     stage2_model = models.build_model(csm.model_config_for(2, args, str(path)))
     encoder1, encoder2 = stage1_model.encoder.state_dict(), stage2_model.encoder.state_dict()
     assert encoder1.keys() == encoder2.keys()
@@ -346,7 +348,7 @@ def test_torchrun_two_gloo_processes_only_rank0_writes(tmp_path, tissue_csv):
     assert len(list((out / "runs" / "stage1").glob("events.out.tfevents.*"))) == 1
     assert sorted(p.name for p in (out / "ck1").iterdir()) == [
         "best_stage1.pth", "last_stage1.pth", "stage1_epoch1.pth", "stage1_epoch2.pth"]
-    checkpoint = cascade.load_checkpoint(out / "ck1" / "last_stage1.pth")
+    checkpoint = checkpoints.load_checkpoint(out / "ck1" / "last_stage1.pth")
     assert checkpoint["epoch"] == 2 and not any(k.startswith("module.") for k in checkpoint["model"])
     # each process trains on its half (2 of 4 images: one batch); validation counts each image once over both
     first = history(out)[0]
@@ -389,8 +391,8 @@ def test_patience_stops_early_and_resume_knows_it(tmp_path, tissue_csv, monkeypa
     argv = ["--train-stage1", "--tissue-csv", str(tissue_csv), *small_args(out, "--patience", "1", epochs=5)]
     assert run(argv) == 0
     assert "early stop after epoch 2" in capsys.readouterr().out
-    last = cascade.load_checkpoint(out / "ck1" / "last_stage1.pth")
+    last = checkpoints.load_checkpoint(out / "ck1" / "last_stage1.pth")
     assert last["epoch"] == 2 and last["early_stopped"] and last["epochs_since_best"] == 1
-    assert cascade.load_checkpoint(out / "ck1" / "best_stage1.pth")["epoch"] == 1
+    assert checkpoints.load_checkpoint(out / "ck1" / "best_stage1.pth")["epoch"] == 1
     assert run(argv + ["--resume"]) == 0
     assert "nothing to resume" in capsys.readouterr().out and len(history(out)) == 2

@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 import pytest
 
+import checkpoints
 import imaging
 import viewer
 from viewer import KEY_ESC, ViewerState, ViewItem, handle_key, render
@@ -222,14 +223,13 @@ def test_interactive_inference_under_xvfb(xvfb_display, tmp_path, tissue_dir):
     """cascade_inference --interactive end to end: real checkpoints, a real window, keys from a list."""
     import torch
 
-    import cascade
     from models import build_model, default_model_config
 
     folder = tmp_path / "checkpoints"
     for stage, classes, size in ((1, 4, (128, 64)), (2, 1, (64, 64))):
         torch.manual_seed(stage)
         config = default_model_config(classes, encoder_name="resnet18", encoder_weights=None)
-        cascade.save_checkpoint(cascade.make_checkpoint(stage=stage, model=build_model(config), model_config=config,
+        checkpoints.save_checkpoint(checkpoints.make_checkpoint(stage=stage, model=build_model(config), model_config=config,
                                                         preprocess_config=dict(imaging.DEFAULT_PREPROCESS),
                                                         input_size=size), folder / f"best_stage{stage}.pth")
     inputs = tmp_path / "inputs"

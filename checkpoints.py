@@ -1,0 +1,174 @@
+"""The suite's one checkpoint format: build, write atomically, read safely, rebuild the model; find and identify files.
+
+A checkpoint alone rebuilds its model and its preprocessing: inference, evaluation, ONNX export and stage-2 crop
+making take no training flag. Turning a checkpoint into something that runs is :mod:`runners`' job.
+
+Checkpoint format (one dict, plain Python types and tensors only, so ``torch.load(weights_only=True)`` reads it;
+written atomically by :func:`save_checkpoint`):
+
+====================  ==========================================================================================
+key                   value
+====================  ==========================================================================================
+``format_version``    int, :data:`CHECKPOINT_FORMAT_VERSION`
+``stage``             1 (tissue) or 2 (lesion)
+``model``             ``state_dict`` (no ``module.`` prefix)
+``model_config``      dict for ``models.build_model``
+``preprocess_config`` dict for ``imaging.preprocess``
+``class_names``       list of str (stage 1: background, adipose, fgt, pectoral; stage 2: lesion)
+``input_size``        [height, width] of the network input, pixels
+``epoch``             int, last finished epoch (1-based)
+``best_metric``       float, best validation metric so far; ``metric_name`` names it (``val/dice_fgt``)
+``optimizer`` ...     ``optimizer``, ``lr_scheduler``, ``scaler`` state dicts (or None), ``rng_state`` (dict)
+``args``              the training arguments as a dict of plain types
+``versions``          library versions (python, torch, smp, numpy, opencv)
+``roi``               stage 2 only: the ROI settings it was trained with (``margin_fraction``)
+====================  ==========================================================================================
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fileio import atomic_writer, file_sha256
+from labels import LESION_CLASS_NAMES, TISSUE_CLASS_NAMES
+from models import build_model
+from roi import ROI_MARGIN_FRACTION
+
+CHECKPOINT_FORMAT_VERSION = 1
+
+
+def library_versions() -> dict:
+    """Versions of the libraries a checkpoint depends on (plain strings)."""
+    import cv2
+    import segmentation_models_pytorch as smp
+
+    return {
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "segmentation_models_pytorch": str(smp.__version__),
+        "numpy": str(np.__version__),
+        "opencv": str(cv2.__version__),
+    }
+
+
+def make_checkpoint(*, stage: int, model: torch.nn.Module, model_config: dict, preprocess_config: dict,
+                    input_size: tuple[int, int], epoch: int = 0, best_metric: float = float("nan"),
+                    metric_name: str = "", optimizer=None, lr_scheduler=None, scaler=None, rng_state: dict | None = None,
+                    args: dict | None = None, roi: dict | None = None) -> dict:
+    """Assemble the one checkpoint dict of the suite (see the module docstring for the keys).
+
+    ``model`` may be wrapped in ``DistributedDataParallel``; its unwrapped ``state_dict`` is stored. Optimizer,
+    scheduler and scaler are stored through their ``state_dict()`` when given. ``args`` must hold plain types.
+    """
+    model = getattr(model, "module", model)
+    if stage not in (1, 2):
+        raise ValueError(f"stage must be 1 or 2, not {stage!r}")
+    checkpoint = {
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "stage": stage,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model_config": dict(model_config),
+        "preprocess_config": dict(preprocess_config),
+        "class_names": list(TISSUE_CLASS_NAMES if stage == 1 else LESION_CLASS_NAMES),
+        "input_size": [int(input_size[0]), int(input_size[1])],
+        "epoch": int(epoch),
+        "best_metric": float(best_metric),
+        "metric_name": metric_name or ("val/dice_fgt" if stage == 1 else "val/dice_lesion"),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng_state": rng_state or {},
+        "args": dict(args or {}),
+        "versions": library_versions(),
+    }
+    if stage == 2:
+        checkpoint["roi"] = dict(roi or {"margin_fraction": ROI_MARGIN_FRACTION})
+    return checkpoint
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
+    """Write ``state`` to ``path`` atomically (``fileio.atomic_writer``): a crash mid-write leaves the previous file
+    intact, never a truncated one. Parent folders are created."""
+    with atomic_writer(path) as stream:
+        torch.save(state, stream)
+    return Path(path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
+
+    Raises:
+        FileNotFoundError: no file at ``path`` (the message says how to make one).
+        ValueError: the file is not a checkpoint of this suite (corrupt, truncated, or another format).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {path} not found; train one with cascade_segmentation_model.py or pass the right path"
+        )
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises several types; its advice to unpickle with weights_only=False is unsafe
+        raise ValueError(
+            f"checkpoint {path} cannot be read: it is corrupt, truncated, or not a PyTorch checkpoint of this suite "
+            f"({type(error).__name__}). This suite writes only plain types and tensors, so a file that needs full "
+            "unpickling did not come from it; re-download or re-train it") from None
+    missing = {"model", "model_config", "preprocess_config", "stage", "input_size"} - set(checkpoint if isinstance(checkpoint, dict) else ())
+    if missing:
+        raise ValueError(f"{path} is not a checkpoint of this suite: missing keys {sorted(missing)}")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint: dict, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Rebuild the model stored in ``checkpoint`` (in eval mode, on ``device``). No training flag is needed."""
+    config = dict(checkpoint["model_config"])
+    if "encoder_weights" in config:
+        config["encoder_weights"] = None  # the trained weights come from the state dict, not from ImageNet
+    model = build_model(config)
+    state = {k.removeprefix("module."): v for k, v in checkpoint["model"].items()}
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def load_stage(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Load a checkpoint and rebuild its model: returns ``(model in eval mode, checkpoint dict)``."""
+    checkpoint = load_checkpoint(path)
+    return model_from_checkpoint(checkpoint, device), checkpoint
+
+
+def find_checkpoint(checkpoint_dir: str | os.PathLike, stage: int) -> Path:
+    """Find ``best_stage{stage}.pth`` in ``checkpoint_dir`` or its ``stage{stage}/`` sub-folder.
+
+    Raises:
+        FileNotFoundError: neither exists (the message lists where it looked).
+    """
+    root = Path(checkpoint_dir)
+    candidates = [root / f"best_stage{stage}.pth", root / f"stage{stage}" / f"best_stage{stage}.pth"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"no stage-{stage} checkpoint in {root}: looked for "
+                            + " and ".join(str(c) for c in candidates)
+                            + f"; pass --stage{stage}-weights FILE instead")
+
+
+def checkpoint_identity(path: str | os.PathLike, checkpoint: dict) -> dict:
+    """What identifies a checkpoint in reports: path, first 16 hex digits of its SHA-256, stage, epoch, best metric."""
+    best = checkpoint.get("best_metric")
+    best = None if best is None or not math.isfinite(float(best)) else float(best)
+    epoch = checkpoint.get("epoch")
+    return {
+        "path": str(Path(path).resolve()),
+        "sha256_16": file_sha256(path)[:16],
+        "stage": int(checkpoint.get("stage", 0)),
+        "epoch": None if epoch is None else int(epoch),
+        "best_metric": best,
+        "metric_name": checkpoint.get("metric_name") or None,
+        "input_size": [int(v) for v in checkpoint.get("input_size", [])],
+    }

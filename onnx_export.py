@@ -1,0 +1,179 @@
+"""ONNX export of a stage checkpoint: one self-contained ``.onnx`` file, and reading its settings back.
+
+The exported graph has a dynamic batch axis (input ``image`` ``(N, 1, H, W)`` float32 in [0, 1], output ``logits``
+``(N, C, H, W)`` float32) and, in the model's metadata, everything else the cascade needs (stage, input size,
+preprocessing config, class names, ROI settings, model config; not the optimizer). So
+``cascade.Cascade(read_onnx_metadata(p1), read_onnx_metadata(p2), stage1_runner=OnnxRunner(p1),
+stage2_runner=OnnxRunner(p2))`` runs the cascade without PyTorch weights; ``runners.load_runner`` does this for a
+``.pth`` or an ``.onnx`` path alike. The command line that exports both stages is ``onnx_backend.py``.
+
+Exporter: the TorchScript-based ``torch.onnx.export(..., dynamo=False)``. Torch 2.14's default (dynamo) exporter
+needs the ``onnxscript`` package, which this suite does not install; the classic exporter needs only ``onnx``,
+runs offline and exports these convolutional networks exactly (max |logit difference| to PyTorch ~1e-6, see
+``tests/test_onnx_backend.py``). Opset 17 (:data:`ONNX_OPSET`): supported by every onnxruntime >= 1.13.
+
+The spatial size is fixed at the checkpoint's ``input_size`` (the cascade always letterboxes to it); pass
+``dynamic_size=True`` to :func:`export_onnx` to also leave H and W free (multiples of 32).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import checkpoints
+import fileio
+import runners
+
+#: ONNX opset of the exported graphs (onnxruntime >= 1.13 runs it; everything these networks use exists in it).
+ONNX_OPSET = 17
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+
+#: Key of the ONNX metadata entry holding the checkpoint's settings as JSON (all keys but the weights and the
+#: optimizer / scheduler / scaler / RNG states).
+METADATA_KEY = "mammo_cascade.checkpoint"
+_METADATA_FIELDS = ("format_version", "stage", "model_config", "preprocess_config", "class_names", "input_size",
+                    "epoch", "best_metric", "metric_name", "roi", "versions")
+
+
+def _as_checkpoint(checkpoint: dict | str | os.PathLike) -> dict:
+    return checkpoint if isinstance(checkpoint, dict) else checkpoints.load_checkpoint(checkpoint)
+
+
+def _metadata_json(checkpoint: dict) -> str:
+    meta = {k: checkpoint[k] for k in _METADATA_FIELDS if k in checkpoint}
+    return json.dumps(meta, default=float)
+
+
+def export_onnx_bytes(checkpoint: dict | str | os.PathLike, *, opset: int = ONNX_OPSET, dynamic_size: bool = False) -> bytes:
+    """Export a stage checkpoint to an in-memory ONNX model (see :func:`export_onnx`).
+
+    Args:
+        checkpoint: a checkpoint dict or the path of a ``.pth`` checkpoint.
+        opset: ONNX opset version.
+        dynamic_size: leave H and W free as well as the batch axis.
+
+    Returns:
+        The serialised ONNX model (bytes) with the checkpoint's settings in its metadata (:data:`METADATA_KEY`).
+
+    Raises:
+        FileNotFoundError / ValueError: from :func:`checkpoints.load_checkpoint` for a bad path.
+    """
+    import onnx
+
+    checkpoint = _as_checkpoint(checkpoint)
+    model = checkpoints.model_from_checkpoint(checkpoint, "cpu")
+    height, width = (int(v) for v in checkpoint["input_size"])
+    axes = {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the classic exporter's deprecation and tracer warnings (all expected)
+        torch.onnx.export(model, (torch.zeros(1, 1, height, width),), buffer, input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
+                          opset_version=opset, do_constant_folding=True, dynamo=False)
+    proto = onnx.load_from_string(buffer.getvalue())
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, _metadata_json(checkpoint)
+    proto.producer_name = "mammo_cascade onnx_backend.py"
+    onnx.checker.check_model(proto)
+    return proto.SerializeToString()
+
+
+def export_onnx(checkpoint: dict | str | os.PathLike, out_path: str | os.PathLike, *, opset: int = ONNX_OPSET,
+                dynamic_size: bool = False, overwrite: bool = False) -> Path:
+    """Export a stage checkpoint to an ``.onnx`` file with a dynamic batch axis, written atomically.
+
+    Args:
+        checkpoint: checkpoint dict or ``.pth`` path (``checkpoints.save_checkpoint`` format).
+        out_path: the ``.onnx`` file to write (parent folders are created).
+        opset: ONNX opset (default :data:`ONNX_OPSET`).
+        dynamic_size: also leave H and W free (default: fixed at the checkpoint's ``input_size``).
+        overwrite: replace an existing file (default: refuse).
+
+    Returns:
+        The path written.
+
+    Raises:
+        FileExistsError: ``out_path`` exists and ``overwrite`` is False.
+        FileNotFoundError / ValueError: bad checkpoint (see :func:`checkpoints.load_checkpoint`).
+    """
+    out_path = Path(out_path)
+    if out_path.exists() and not overwrite:
+        raise FileExistsError(f"{out_path} exists; pass overwrite=True (--overwrite) or choose another output folder")
+    data = export_onnx_bytes(checkpoint, opset=opset, dynamic_size=dynamic_size)
+    fileio.atomic_write_bytes(out_path, data, overwrite=overwrite)
+    return out_path
+
+
+def read_onnx_metadata(path: str | os.PathLike) -> dict:
+    """The checkpoint settings stored in an exported ``.onnx`` file (a checkpoint dict without weights).
+
+    The result works as a ``cascade.Cascade`` checkpoint argument when the matching runner is passed as well.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: not an ONNX model exported by :func:`export_onnx`.
+    """
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX model {path} not found; export one with onnx_backend.py --output-dir DIR")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as error:
+        raise ValueError(f"{path} is not a readable ONNX model ({type(error).__name__}: {error})") from error
+    for entry in proto.metadata_props:
+        if entry.key == METADATA_KEY:
+            return json.loads(entry.value)
+    raise ValueError(f"{path} holds no '{METADATA_KEY}' metadata: it was not exported by onnx_export.export_onnx "
+                     "(re-export it from the .pth checkpoint with onnx_backend.py)")
+
+
+def max_logit_difference(checkpoint: dict, onnx_model: str | os.PathLike | bytes, batch: np.ndarray,
+                         optimization: str = "all") -> float:
+    """Largest absolute difference between PyTorch (fp32, eager) and ONNX Runtime logits on ``batch``.
+
+    Args:
+        checkpoint: the stage checkpoint dict the ONNX model was exported from.
+        onnx_model: the exported model (path or bytes).
+        batch: ``(N, 1, H, W)`` float32 in [0, 1] at the model's input size.
+    """
+    reference = runners.TorchRunner(checkpoints.model_from_checkpoint(checkpoint, "cpu"))(batch)
+    return float(np.abs(runners.OnnxRunner(onnx_model, optimization=optimization)(batch) - reference).max())
+
+
+def export_stages(stage1_weights: str | os.PathLike | None, stage2_weights: str | os.PathLike | None,
+                  output_dir: str | os.PathLike, *, overwrite: bool = False, dynamic_size: bool = False,
+                  opset: int = ONNX_OPSET, check: bool = True, seed: int = 0) -> dict:
+    """Export the given stages to ``output_dir/stage1.onnx`` and ``stage2.onnx``; optionally check parity.
+
+    Parity is checked on a seeded random batch of two images at the stage's input size.
+
+    Returns:
+        ``{"stage1": {"path": str, "max_abs_logit_diff": float | None}, "stage2": {...}}`` for the stages given.
+
+    Raises:
+        ValueError: neither stage given. FileExistsError: an output exists and ``overwrite`` is False.
+    """
+    if stage1_weights is None and stage2_weights is None:
+        raise ValueError("nothing to export: pass --stage1-weights and/or --stage2-weights")
+    report = {}
+    for name, weights in (("stage1", stage1_weights), ("stage2", stage2_weights)):
+        if weights is None:
+            continue
+        checkpoint = checkpoints.load_checkpoint(weights)
+        path = export_onnx(checkpoint, Path(output_dir) / f"{name}.onnx", opset=opset, dynamic_size=dynamic_size,
+                           overwrite=overwrite)
+        diff = None
+        if check:
+            height, width = (int(v) for v in checkpoint["input_size"])
+            batch = np.random.default_rng(seed).random((2, 1, height, width), dtype=np.float32)
+            diff = max_logit_difference(checkpoint, path, batch)
+        report[name] = {"path": str(path), "max_abs_logit_diff": diff}
+    return report
