@@ -66,7 +66,7 @@ KEY_ESC = 27
 #: Threshold step and limits of the ``+`` / ``-`` keys (probability units).
 THRESHOLD_STEP, THRESHOLD_MIN, THRESHOLD_MAX = 0.05, 0.05, 0.95
 
-#: Tissue colours (RGB) of classes 0..3 when the caller gives none (cascade_inference.TISSUE_COLORS_RGB).
+#: Tissue colours (RGB) of classes 0..3 when the caller gives none (outputs.TISSUE_COLORS_RGB).
 DEFAULT_TISSUE_COLORS_RGB = ((0, 0, 0), (240, 200, 60), (220, 40, 150), (60, 120, 255))
 
 #: Largest rendered view (height, width) in pixels; bigger images are shrunk for display (and saved views).

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import benchmark
+import speed
 
 
 def test_quick_run_writes_json(tmp_path, capsys):
@@ -34,7 +35,7 @@ def test_quick_run_writes_json(tmp_path, capsys):
         assert run["ratio_to_baseline"] == pytest.approx(run["seconds_median"] / run["baseline_seconds_median"])
         assert len(run["seconds_runs"]) == len(run["baseline_seconds_runs"]) == 1
         assert {"read", "preprocess", "stage1", "stage2", "write"} <= set(run["steps_seconds_median"])
-    assert results["memory_large"]["size_hw"] == list(benchmark.QUICK["large_size"])
+    assert results["memory_large"]["size_hw"] == list(speed.QUICK["large_size"])
     assert set(results["training"]["workers"]) == {"0"}
     train = results["training"]["workers"]["0"]
     assert train["overhead_percent"] == pytest.approx(100 * (train["loader_step_seconds"] / train["cached_step_seconds"] - 1))
@@ -51,22 +52,22 @@ def test_quick_run_writes_json(tmp_path, capsys):
 def test_count_flops_of_one_convolution():
     conv = torch.nn.Conv2d(1, 8, 3, padding=1, bias=False)
     # 2 FLOPs per multiply-add: 2 * (8 outputs * 9 taps) per pixel of a 32 x 64 image
-    assert benchmark.count_flops(conv, (32, 64)) == 2 * 8 * 9 * 32 * 64
+    assert speed.count_flops(conv, (32, 64)) == 2 * 8 * 9 * 32 * 64
 
 
 def test_median_seconds_counts_calls():
     calls = []
-    timing = benchmark.median_seconds(lambda: calls.append(1), repeats=3, warmup=2)
+    timing = speed.median_seconds(lambda: calls.append(1), repeats=3, warmup=2)
     assert len(calls) == 5 and len(timing["runs"]) == 3 and timing["min"] <= timing["median"]
 
 
 def test_peak_rss_is_plausible():
-    before = benchmark.peak_rss_bytes()
+    before = speed.peak_rss_bytes()
     block = bytearray(64 * 2**20)  # 64 MiB, touched
     for i in range(0, len(block), 4096):
         block[i] = 1
-    assert benchmark.peak_rss_bytes() >= before
-    assert benchmark.peak_rss_bytes() > 64 * 2**20
+    assert speed.peak_rss_bytes() >= before
+    assert speed.peak_rss_bytes() > 64 * 2**20
 
 
 def test_missing_inputs_are_usage_errors(tmp_path):

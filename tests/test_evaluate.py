@@ -14,6 +14,7 @@ import checkpoints
 import evaluate
 import imaging
 import metrics
+import scoring
 from models import build_model, default_model_config
 
 
@@ -50,10 +51,10 @@ def test_lesion_detection_counts_by_hand():
 
 
 def test_acquisition_group():
-    assert evaluate.acquisition_group("P105_R_CM_MLO.jpg") == "CM"
-    assert evaluate.acquisition_group("flipped_P2_L_DM_CC.jpg") == "DM"
-    assert evaluate.acquisition_group("anything.png", "cm") == "CM"
-    assert evaluate.acquisition_group("0_R-CC.png") == ""
+    assert scoring.acquisition_group("P105_R_CM_MLO.jpg") == "CM"
+    assert scoring.acquisition_group("flipped_P2_L_DM_CC.jpg") == "DM"
+    assert scoring.acquisition_group("anything.png", "cm") == "CM"
+    assert scoring.acquisition_group("0_R-CC.png") == ""
 
 
 # ---------------------------------------------------------------------------------------------- predictions folder

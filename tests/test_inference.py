@@ -23,8 +23,12 @@ import torch
 import cascade
 import cascade_inference as ci
 import checkpoints
+import fileio
 import imaging
+import inference
+import outputs
 from models import build_model, default_model_config
+from record import RECORD_SPEC, lesion_components, plausibility_warnings, validate_record
 
 STAGE1_SIZE, STAGE2_SIZE = (128, 64), (64, 64)
 TISSUE_NAME = "A_0002_1.RIGHT_MLO.png"
@@ -46,9 +50,9 @@ def checkpoint_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def loaded(checkpoint_dir) -> ci.LoadedCascade:
-    return ci.load_cascade(checkpoint_dir / "stage1" / "best_stage1.pth", checkpoint_dir / "stage2" / "best_stage2.pth",
-                           device="cpu")
+def loaded(checkpoint_dir) -> inference.LoadedCascade:
+    return inference.load_cascade(checkpoint_dir / "stage1" / "best_stage1.pth",
+                                  checkpoint_dir / "stage2" / "best_stage2.pth", device="cpu")
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +77,7 @@ def _snapshot(folder: Path) -> dict:
 def _check_outputs(out_dir: Path, stem: str, pixels: np.ndarray, expected: cascade.CascadeResult | None = None) -> dict:
     """Every output of one image: size, values, consistency with each other and with the cascade's result."""
     record = json.loads((out_dir / f"{stem}.json").read_text(encoding="utf-8"))
-    assert ci.validate_record(record) == []
+    assert validate_record(record) == []
     shape = pixels.shape
     assert (record["image_size"]["height"], record["image_size"]["width"]) == shape
     tissue = _read(out_dir / f"{stem}_tissue_seg.png")
@@ -83,7 +87,7 @@ def _check_outputs(out_dir: Path, stem: str, pixels: np.ndarray, expected: casca
     assert tissue.shape == fgt.shape == prob_png.shape == color.shape[:2] == shape
     assert tissue.dtype == np.uint8 and set(np.unique(tissue)) <= {0, 1, 2, 3}
     assert np.array_equal(fgt, (tissue == 2).astype(np.uint8) * 255)
-    palette_bgr = np.array(ci.TISSUE_COLORS_RGB, np.uint8)[:, ::-1]
+    palette_bgr = np.array(outputs.TISSUE_COLORS_RGB, np.uint8)[:, ::-1]
     assert np.array_equal(color, palette_bgr[tissue])
     box = record["roi"]["box"]
     inside = np.zeros(shape, bool)
@@ -94,7 +98,7 @@ def _check_outputs(out_dir: Path, stem: str, pixels: np.ndarray, expected: casca
     assert (out_dir / f"{stem}_visualization.png").stat().st_size > 10_000
     if expected is not None:  # what was written is what the cascade computed, in the input's orientation
         assert np.array_equal(tissue, expected.tissue_classes)
-        assert np.array_equal(prob_png, ci.encode_probability(expected.lesion_prob))
+        assert np.array_equal(prob_png, outputs.encode_probability(expected.lesion_prob))
         assert box == expected.roi_box.to_dict()
     return record
 
@@ -127,8 +131,8 @@ def test_mirrored_input_gives_mirrored_outputs(loaded, tissue_image, tmp_path):
     pixels = _read(tissue_image)
     mirrored_path = tmp_path / "in" / "mirrored.png"
     imaging.write_png(mirrored_path, np.ascontiguousarray(pixels[:, ::-1]))
-    first = ci.run_image(loaded, tissue_image)
-    second = ci.run_image(loaded, mirrored_path)
+    first = inference.run_image(loaded, tissue_image)
+    second = inference.run_image(loaded, mirrored_path)
     assert first.result.flipped != second.result.flipped
     assert np.array_equal(second.result.tissue_classes, first.result.tissue_classes[:, ::-1])
     np.testing.assert_allclose(second.result.lesion_prob, first.result.lesion_prob[:, ::-1], atol=1e-6)
@@ -164,14 +168,14 @@ def test_roi_box_by_hand_and_zero_outside_with_a_known_fgt_region(mirror, loaded
     imaging.write_png(source, pixels)
     model = cascade.Cascade(loaded.cascade.stage1_checkpoint, loaded.cascade.stage2_checkpoint,
                             stage1_runner=_fake_stage1((32, 64), (8, 32)), stage2_runner=_constant_stage2(2.0))
-    fake = ci.LoadedCascade(model, loaded.identities, "cpu", "torch")
-    prediction = ci.run_image(fake, source, threshold=0.5)
+    fake = inference.LoadedCascade(model, loaded.identities, "cpu", "torch")
+    prediction = inference.run_image(fake, source, threshold=0.5)
     flipped = imaging.preprocess(pixels, model.preprocess_config).flipped
     assert flipped == mirror  # this DDSM right MLO has its chest wall on the left
     x0, x1 = (222, 438) if flipped else (42, 258)
     expected_box = {"y0": 216, "x0": x0, "y1": 504, "x1": x1}
     out = tmp_path / "out"
-    record = ci.write_outputs(prediction, out, "image", threshold=0.5)
+    record = outputs.write_outputs(prediction, out, "image", threshold=0.5)
     assert record["roi"]["box"] == expected_box and record["roi"]["source"] == "fgt"
     prob = _read(out / "image_cancer_prob.png")
     inside = np.zeros(prob.shape, bool)
@@ -192,11 +196,11 @@ def test_roi_box_by_hand_and_zero_outside_with_a_known_fgt_region(mirror, loaded
 def test_no_fgt_falls_back_to_the_breast_box_and_says_so(loaded, tissue_image):
     model = cascade.Cascade(loaded.cascade.stage1_checkpoint, loaded.cascade.stage2_checkpoint,
                             stage1_runner=_fake_stage1((0, 0), (0, 0), fgt=False), stage2_runner=_constant_stage2(-8.0))
-    record = ci.predict_image(ci.LoadedCascade(model, loaded.identities, "cpu", "torch"), tissue_image)
+    record = inference.predict_image(inference.LoadedCascade(model, loaded.identities, "cpu", "torch"), tissue_image)
     assert record["roi"]["source"] == "breast" and "No FGT" in record["roi"]["explanation"]
     assert any("No FGT" in line for line in record["findings"])
     assert record["lesions"]["count"] == 0 and record["density"]["percent"] == 0.0
-    assert ci.validate_record(record) == []
+    assert validate_record(record) == []
 
 
 # ------------------------------------------------------------------------------------------------ measurements
@@ -206,7 +210,7 @@ def test_lesion_components_by_hand():
     prob[5, 7] = 0.6  # touches the block only diagonally: joined under 8-connectivity
     prob[10:12, 20:21] = 0.7  # 2 px
     prob[15, 15] = 0.4  # below the threshold
-    result = ci.lesion_components(prob, threshold=0.5, spacing_mm=(0.1, 0.2))
+    result = lesion_components(prob, threshold=0.5, spacing_mm=(0.1, 0.2))
     assert result["count"] == 2 and result["total_area_px"] == 15
     first, second = result["components"]
     assert first["id"] == 1 and first["area_px"] == 13 and first["box"] == {"y0": 2, "x0": 3, "y1": 6, "x1": 8}
@@ -215,33 +219,33 @@ def test_lesion_components_by_hand():
     assert first["area_mm2"] == pytest.approx(13 * 0.02)
     assert second["box"] == {"y0": 10, "x0": 20, "y1": 12, "x1": 21} and second["centroid_yx"] == [10.5, 20.0]
     assert result["max_probability"] == pytest.approx(0.9)
-    filtered = ci.lesion_components(prob, threshold=0.5, min_area_px=3)
+    filtered = lesion_components(prob, threshold=0.5, min_area_px=3)
     assert filtered["count"] == 1 and filtered["total_area_mm2"] is None
-    assert ci.lesion_components(prob, threshold=0.95)["count"] == 0
+    assert lesion_components(prob, threshold=0.95)["count"] == 0
 
 
 def test_probability_encodings_round_trip():
     prob = np.array([[0.0, 0.5, 1.0, 0.25]], np.float32)
-    eight, sixteen = ci.encode_probability(prob, "uint8"), ci.encode_probability(prob, "uint16")
+    eight, sixteen = outputs.encode_probability(prob, "uint8"), outputs.encode_probability(prob, "uint16")
     assert eight.dtype == np.uint8 and eight.tolist() == [[0, 128, 255, 64]]
     assert sixteen.dtype == np.uint16 and sixteen.tolist() == [[0, 32768, 65535, 16384]]
-    assert np.abs(ci.decode_probability(sixteen) - prob).max() < 1e-4
+    assert np.abs(outputs.decode_probability(sixteen) - prob).max() < 1e-4
 
 
 def test_validate_record_catches_missing_and_mistyped_fields(loaded, tissue_image):
-    record = json.loads(json.dumps(ci.json_safe(ci.predict_image(loaded, tissue_image))))
-    record["outputs"] = {k: "x.png" for k in ci.RECORD_SPEC["outputs"]}
-    assert ci.validate_record(record) == []
+    record = json.loads(json.dumps(fileio.json_safe(inference.predict_image(loaded, tissue_image))))
+    record["outputs"] = {k: "x.png" for k in RECORD_SPEC["outputs"]}
+    assert validate_record(record) == []
     broken = json.loads(json.dumps(record))
     del broken["density"]["category"]
     broken["image_size"]["height"] = "960"
     broken["roi"]["box"]["x1"] = 10_000
-    problems = ci.validate_record(broken)
+    problems = validate_record(broken)
     assert any("density.category: missing" in p for p in problems)
     assert any("image_size.height: expected int, found str" in p for p in problems)
     broken = json.loads(json.dumps(record))
     broken["roi"]["box"]["x1"] = 10_000
-    assert any("not inside" in p for p in ci.validate_record(broken))
+    assert any("not inside" in p for p in validate_record(broken))
 
 
 # ------------------------------------------------------------------------------------------------------ folders
@@ -326,7 +330,7 @@ def test_stem_collisions_and_output_folder_inside_the_input(tmp_path):
     (tmp_path / ".hidden.png").write_bytes(b"x")
     (tmp_path / "predictions").mkdir()
     (tmp_path / "predictions" / "old_tissue_seg.png").write_bytes(b"x")
-    items = ci.list_inputs(tmp_path, recursive=True, output_dir=tmp_path / "predictions")
+    items = inference.list_inputs(tmp_path, recursive=True, output_dir=tmp_path / "predictions")
     assert {item.relative: (item.stem, item.status) for item in items} == {
         "a.dcm": ("a_dcm", "pending"), "a.png": ("a_png", "pending"), "scan001": ("scan001", "pending")}
 
@@ -434,9 +438,9 @@ def test_onnxruntime_backend_matches_torch(checkpoint_dir, loaded, tissue_image)
     pytest.importorskip("onnxruntime")
     onnx_backend = pytest.importorskip("onnx_backend")
     assert onnx_backend is not None
-    onnx = ci.load_cascade(checkpoint_dir / "stage1" / "best_stage1.pth", checkpoint_dir / "stage2" / "best_stage2.pth",
-                           device="cpu", backend="onnxruntime")
-    first, second = ci.run_image(loaded, tissue_image), ci.run_image(onnx, tissue_image)
+    onnx = inference.load_cascade(checkpoint_dir / "stage1" / "best_stage1.pth",
+                                  checkpoint_dir / "stage2" / "best_stage2.pth", device="cpu", backend="onnxruntime")
+    first, second = inference.run_image(loaded, tissue_image), inference.run_image(onnx, tissue_image)
     assert second.record["runtime"]["backend"] == "onnxruntime"
     assert (first.result.tissue_classes == second.result.tissue_classes).mean() > 0.999
     assert np.abs(first.result.lesion_prob - second.result.lesion_prob).max() < 1e-3
@@ -454,12 +458,12 @@ def test_interactive_without_a_display_exits_2(checkpoint_dir, tissue_image, tmp
 
 
 def test_implausible_image_sizes_are_flagged(loaded, tmp_path):
-    assert ci.plausibility_warnings(960, 480) == [] and ci.plausibility_warnings(2944, 1920) == []
+    assert plausibility_warnings(960, 480) == [] and plausibility_warnings(2944, 1920) == []
     tiny, strip = tmp_path / "tiny.png", tmp_path / "strip.png"
     imaging.write_png(tiny, np.full((5, 5), 120, np.uint8))
     imaging.write_png(strip, np.full((3000, 200), 120, np.uint8))
     for path, words in ((tiny, "below 128 px"), (strip, "aspect ratio 15.0")):
-        record = ci.predict_image(loaded, path)
+        record = inference.predict_image(loaded, path)
         assert any(words in note for note in record["input"]["notes"]), record["input"]["notes"]
         assert any(finding.startswith("Warning:") and words in finding for finding in record["findings"])
-        assert ci.validate_record(record) == []
+        assert validate_record(record) == []

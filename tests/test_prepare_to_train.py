@@ -19,6 +19,8 @@ import datasets
 import imaging
 import prepare_to_train as ptt
 import synthetic
+from sources.archives import classify_zip
+from sources.common import SkipSample, clean_path_field, fit_mask, parse_image_name
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -78,29 +80,29 @@ def rect_mask(shape, y0, y1, x0, x1, value=255, dtype=np.uint8) -> np.ndarray:
 # pure helpers
 # ----------------------------------------------------------------------------------------------------------------
 def test_helpers_on_dataset_quirks():
-    assert ptt.clean_path_field(" Mass-Test_P_1_LEFT_CC_1\\a\\000001.dcm\n") == "Mass-Test_P_1_LEFT_CC_1/a/000001.dcm"
-    assert ptt.clean_path_field("-") == "" and ptt.clean_path_field(float("nan")) == ""
-    assert ptt.classify_zip("Data-MoreThanTwoMasks.zip") == "mini2"
-    assert ptt.classify_zip("MINI-DDSM-Complete-JPEG-8.zip") == "mini1"
-    assert ptt.classify_zip("CBIS-DDSM.zip") == "cbis" and ptt.classify_zip("ddsm_all.zip") == "cbis"
-    assert ptt.classify_zip("Mammogram-segmentation-master.zip") == "tissue"
-    assert ptt.classify_zip("holiday photos.zip") is None
-    cdd = ptt.parse_image_name("mirrored_P155_L_DM_CC")
+    assert clean_path_field(" Mass-Test_P_1_LEFT_CC_1\\a\\000001.dcm\n") == "Mass-Test_P_1_LEFT_CC_1/a/000001.dcm"
+    assert clean_path_field("-") == "" and clean_path_field(float("nan")) == ""
+    assert classify_zip("Data-MoreThanTwoMasks.zip") == "mini2"
+    assert classify_zip("MINI-DDSM-Complete-JPEG-8.zip") == "mini1"
+    assert classify_zip("CBIS-DDSM.zip") == "cbis" and classify_zip("ddsm_all.zip") == "cbis"
+    assert classify_zip("Mammogram-segmentation-master.zip") == "tissue"
+    assert classify_zip("holiday photos.zip") is None
+    cdd = parse_image_name("mirrored_P155_L_DM_CC")
     assert (cdd["patient_id"], cdd["laterality"], cdd["view"], cdd["acquisition"], cdd["augmentation"]) == \
         ("P155", "L", "CC", "DM", "mirrored")
-    ddsm = ptt.parse_image_name("A_0002_1.RIGHT_MLO")
+    ddsm = parse_image_name("A_0002_1.RIGHT_MLO")
     assert (ddsm["patient_id"], ddsm["laterality"], ddsm["view"]) == ("A_0002", "R", "MLO")
 
 
 def test_fit_mask_resizes_within_tolerance_and_refuses_other_aspects():
     small = rect_mask((50, 100), 10, 20, 30, 60)
     big = cv2.resize(small, (200, 100), interpolation=cv2.INTER_NEAREST)  # same aspect, twice the size
-    out, note = ptt.fit_mask(big, (50, 100), 0.02, "m")
+    out, note = fit_mask(big, (50, 100), 0.02, "m")
     assert out.dtype == bool and np.array_equal(out, small > 0) and "resized" in note
-    out, note = ptt.fit_mask(np.zeros((101, 100), np.uint8), (100, 100), 0.02, "m")  # 1 % off: accepted
+    out, note = fit_mask(np.zeros((101, 100), np.uint8), (100, 100), 0.02, "m")  # 1 % off: accepted
     assert out.shape == (100, 100) and note
-    with pytest.raises(ptt.SkipSample, match="aspect"):
-        ptt.fit_mask(np.zeros((104, 100), np.uint8), (100, 100), 0.02, "m")  # 4 % off: refused
+    with pytest.raises(SkipSample, match="aspect"):
+        fit_mask(np.zeros((104, 100), np.uint8), (100, 100), 0.02, "m")  # 4 % off: refused
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -126,7 +128,7 @@ def cbis_tree(tmp_path_factory, request):
     img_c, crop_c, roi_c = col["image file path"], col["cropped image file path"], col["ROI mask file path"]
     by_image: dict[str, list[list[str]]] = {}
     for r in rows:
-        by_image.setdefault(ptt.clean_path_field(r[img_c]), []).append(r)
+        by_image.setdefault(clean_path_field(r[img_c]), []).append(r)
     multi = next(k for k, v in by_image.items() if len(v) >= 2)
     singles = [k for k, v in by_image.items() if len(v) == 1][:4]
     chosen = {"multi": by_image[multi][:2], "swapped": by_image[singles[0]], "resized": by_image[singles[1]],
@@ -137,7 +139,7 @@ def cbis_tree(tmp_path_factory, request):
 
     expected_masks = {}
     for case, case_rows in chosen.items():
-        image_rel = ptt.clean_path_field(case_rows[0][img_c])
+        image_rel = clean_path_field(case_rows[0][img_c])
         image = rng.integers(0, 65536, IMG_SHAPE, dtype=np.uint16)
         if case != "missing":
             write_dicom(root / image_rel, image)
@@ -147,7 +149,7 @@ def cbis_tree(tmp_path_factory, request):
             mask = rect_mask(IMG_SHAPE, y0, y0 + 12, x0, x0 + 8)
             merged |= mask > 0
             crop = rng.integers(100, 60000, (13, 11), dtype=np.uint16)
-            roi_path, crop_path = root / ptt.clean_path_field(r[roi_c]), root / ptt.clean_path_field(r[crop_c])
+            roi_path, crop_path = root / clean_path_field(r[roi_c]), root / clean_path_field(r[crop_c])
             if case == "swapped":
                 roi_path, crop_path = crop_path, roi_path
             if case == "resized":  # twice the size, same aspect ratio, even-aligned rectangle
@@ -169,10 +171,10 @@ def cbis_tree(tmp_path_factory, request):
     header_c, rows_c = _raw_rows(shared / "calc_case_description_test_set.csv")
     col_c = {name: i for i, name in enumerate(header_c)}
     calc_row = rows_c[0]
-    calc_image_rel = ptt.clean_path_field(calc_row[col_c["image file path"]])
+    calc_image_rel = clean_path_field(calc_row[col_c["image file path"]])
     write_dicom(root / calc_image_rel, rng.integers(0, 65536, IMG_SHAPE, dtype=np.uint16))
-    write_dicom(root / ptt.clean_path_field(calc_row[col_c["ROI mask file path"]]), rect_mask(IMG_SHAPE, 1, 5, 1, 5))
-    write_dicom(root / ptt.clean_path_field(calc_row[col_c["cropped image file path"]]),
+    write_dicom(root / clean_path_field(calc_row[col_c["ROI mask file path"]]), rect_mask(IMG_SHAPE, 1, 5, 1, 5))
+    write_dicom(root / clean_path_field(calc_row[col_c["cropped image file path"]]),
                 rng.integers(100, 60000, (7, 9), dtype=np.uint16))
     calc_csv = root / "calc_case_description_test_set.csv"
     with open(calc_csv, "w", newline="", encoding="utf-8") as fh:
@@ -236,8 +238,8 @@ def test_cbis_ddsm_nbia_folder_layout(cbis_csv_dir, tmp_path):
     col = {name: i for i, name in enumerate(header)}
     row = rows[0]
     root = tmp_path / "CBIS-DDSM"
-    image_top = ptt.clean_path_field(row[col["image file path"]]).split("/")[0]
-    roi_top = ptt.clean_path_field(row[col["ROI mask file path"]]).split("/")[0]
+    image_top = clean_path_field(row[col["image file path"]]).split("/")[0]
+    roi_top = clean_path_field(row[col["ROI mask file path"]]).split("/")[0]
     image = np.random.default_rng(2).integers(0, 65536, IMG_SHAPE, dtype=np.uint16)
     write_dicom(root / image_top / "08-29-2017-DDSM-96009" / "1.000000-full mammogram images-63992" / "1-1.dcm",
                 image)
@@ -457,10 +459,10 @@ def test_interrupted_run_is_completed_by_a_rerun(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_write(path, array, overwrite)
 
-    monkeypatch.setattr(ptt.imaging, "write_png", flaky_write)
+    monkeypatch.setattr(imaging, "write_png", flaky_write)
     with pytest.raises(KeyboardInterrupt):
         run("--synthetic", "6", "--workspace", ws)
-    monkeypatch.setattr(ptt.imaging, "write_png", real_write)
+    monkeypatch.setattr(imaging, "write_png", real_write)
     assert not (ws / "tissue_dataset.csv").exists()
     assert run("--synthetic", "6", "--workspace", ws) == 0
     for name in ("tissue_dataset.csv", "unified_segmentation_dataset.csv"):

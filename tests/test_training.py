@@ -22,9 +22,11 @@ from torch import nn
 import cascade
 import cascade_segmentation_model as csm
 import checkpoints
+import engine
 import imaging
 import roi
 import models
+import training
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_ENCODER = "tu-mobilenetv3_small_050"
@@ -175,14 +177,14 @@ def test_spawned_workers_give_the_same_epoch(tmp_path, tissue_csv, stage1_run):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tissue_csv, monkeypatch, capsys):
     calls = {"n": 0}
-    real_penalty = csm.l1_penalty
+    real_penalty = engine.l1_penalty
 
     def penalty_nan_in_epoch_2(model, l1_lambda):
         calls["n"] += 1  # 2 steps per epoch: call 3 is epoch 2, step 1
         value = real_penalty(model, l1_lambda)
         return value * float("nan") if calls["n"] >= 3 else value
 
-    monkeypatch.setattr(csm, "l1_penalty", penalty_nan_in_epoch_2)
+    monkeypatch.setattr(engine, "l1_penalty", penalty_nan_in_epoch_2)
     out = tmp_path / "nan"
     assert run(["--train-stage1", "--tissue-csv", str(tissue_csv), *small_args(out, epochs=3)]) == csm.EXIT_NONFINITE_LOSS
     message = capsys.readouterr().err
@@ -232,7 +234,7 @@ def test_bad_tables_offline_weights_and_resume_without_a_run_are_errors_not_trac
     def offline(*_args, **_kwargs):
         raise RuntimeError("could not load ImageNet weights ... use --encoder-weights none")
 
-    monkeypatch.setattr(csm, "build_model", offline)
+    monkeypatch.setattr(training, "build_model", offline)
     argv = ["--train-stage1", "--tissue-csv", str(tissue_csv), *small_args(tmp_path / "w")]
     assert run(argv) == csm.EXIT_INPUT_ERROR
     assert "--encoder-weights none" in capsys.readouterr().err
@@ -322,11 +324,11 @@ def test_stage2_trains_on_crops_made_by_stage1(tmp_path, lesion_csv, monkeypatch
 
 def test_stage2_encoder_can_start_from_stage1(tmp_path, tissue_csv):
     args = csm.get_args_parser().parse_args(["--train-stage2", "--encoder", "resnet18"])
-    stage1_model = models.build_model(csm.model_config_for(1, args, None))
-    state = checkpoints.make_checkpoint(stage=1, model=stage1_model, model_config=csm.model_config_for(1, args, None),
+    stage1_model = models.build_model(training.model_config_for(1, args, None))
+    state = checkpoints.make_checkpoint(stage=1, model=stage1_model, model_config=training.model_config_for(1, args, None),
                                     preprocess_config=imaging.DEFAULT_PREPROCESS, input_size=(64, 64))
     path = checkpoints.save_checkpoint(state, tmp_path / "best_stage1.pth")
-    stage2_model = models.build_model(csm.model_config_for(2, args, str(path)))
+    stage2_model = models.build_model(training.model_config_for(2, args, str(path)))
     encoder1, encoder2 = stage1_model.encoder.state_dict(), stage2_model.encoder.state_dict()
     assert encoder1.keys() == encoder2.keys()
     assert all(torch.equal(encoder1[k], encoder2[k]) for k in encoder1)
@@ -357,28 +359,28 @@ def test_torchrun_two_gloo_processes_only_rank0_writes(tmp_path, tissue_csv):
 
 # ------------------------------------------------------------------------------------------------------ helpers
 def test_epoch_sampler_shards_and_seeds_per_epoch():
-    shards = [csm.EpochSampler(7, seed=3, shuffle=True, rank=r, world_size=2) for r in range(2)]
+    shards = [engine.EpochSampler(7, seed=3, shuffle=True, rank=r, world_size=2) for r in range(2)]
     for s in shards:
         s.set_epoch(5)
     keys = [list(s) for s in shards]
     assert len(keys[0]) == len(keys[1]) == 4  # padded to 8
     assert {i for shard in keys for i, _ in shard} == set(range(7))
-    again = csm.EpochSampler(7, seed=3, shuffle=True, rank=0, world_size=2)
+    again = engine.EpochSampler(7, seed=3, shuffle=True, rank=0, world_size=2)
     again.set_epoch(5)
     assert list(again) == keys[0]  # a pure function of (seed, epoch): no hidden RNG state
     again.set_epoch(6)
     assert [i for i, _ in again] != [i for i, _ in keys[0]] or [k for _, k in again] != [k for _, k in keys[0]]
-    val = [list(csm.EpochSampler(5, seed=3, shuffle=False, rank=r, world_size=2)) for r in range(2)]
+    val = [list(engine.EpochSampler(5, seed=3, shuffle=False, rank=r, world_size=2)) for r in range(2)]
     assert [i for i, _ in val[0]] == [0, 2, 4] and [i for i, _ in val[1]] == [1, 3]
 
 
 def test_rng_state_round_trip_with_weights_only(tmp_path):
-    csm.seed_everything(11, deterministic=False)
-    state = csm.rng_state()
+    engine.seed_everything(11, deterministic=False)
+    state = engine.rng_state()
     torch.save(state, tmp_path / "rng.pt")
     expected = (np.random.rand(), torch.rand(1).item(), __import__("random").random())
     np.random.rand(5), torch.rand(5)
-    csm.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    engine.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert (np.random.rand(), torch.rand(1).item(), __import__("random").random()) == expected
 
 
@@ -386,7 +388,7 @@ def test_patience_stops_early_and_resume_knows_it(tmp_path, tissue_csv, monkeypa
     def flat_evaluate(model, criterion, loader, device, num_classes, args, ctx, panels=0):
         return {"loss": 1.0, "dice": [0.5] * num_classes, "pixel_accuracy": 0.5, "images": 2, "panels": []}
 
-    monkeypatch.setattr(csm, "evaluate", flat_evaluate)  # never better after epoch 1
+    monkeypatch.setattr(training, "evaluate", flat_evaluate)  # never better after epoch 1
     out = tmp_path / "patience"
     argv = ["--train-stage1", "--tissue-csv", str(tissue_csv), *small_args(out, "--patience", "1", epochs=5)]
     assert run(argv) == 0

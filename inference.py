@@ -1,0 +1,402 @@
+"""Running the cascade on files: loading it, one image, a folder with background reading and writing, the viewer.
+
+What lives here: :func:`load_cascade` (both stages through ``runners.load_runner`` -> a :class:`LoadedCascade`) and
+:func:`with_adaptive_clahe`; one file -> :func:`run_image` (a ``record.Prediction``) or :func:`predict_image` (its
+record only); a folder -> :func:`list_inputs` (:data:`IMAGE_SUFFIXES`, :class:`InputItem` per file, unique output
+stems), :func:`mark_existing` (inputs whose ``<stem>.json`` exists), :func:`process` (groups of images per network
+call, the next group read and the last one written in background threads, one progress line per input, a bad
+file failing alone) and :func:`summarize` (``summary.json``); :func:`interactive` wires the OpenCV viewer
+(``viewer.py``) to the cascade.
+
+The record and its measurements are ``record.py``; the files written and the figure are ``outputs.py``; the
+command line is ``cascade_inference.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import cascade
+import checkpoints
+import imaging
+import metrics
+import runners
+import viewer
+from outputs import TISSUE_COLORS_RGB, display_image, write_outputs
+from record import Prediction, build_prediction, validate_record
+
+
+#: File suffixes read as images (the formats ``imaging.read_image`` decodes). Files without a suffix are read when
+#: their magic bytes say DICOM / PNG / JPEG / TIFF / BMP / PGM.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".pgm", ".pnm", ".dcm", ".dicom", ".dic")
+
+
+# -------------------------------------------------------------------------------------------------- the cascade
+@dataclass
+class LoadedCascade:
+    """A ready cascade with what the reports say about it."""
+
+    cascade: cascade.Cascade
+    identities: dict  # {"stage1": checkpoint_identity, "stage2": ...}
+    device: str
+    backend: str
+    notes: list = field(default_factory=list)
+
+
+def load_cascade(stage1_path: str | os.PathLike, stage2_path: str | os.PathLike, *, device: str = "auto",
+                 backend: str = "torch", tta: bool = False, adaptive_clahe: bool = False,
+                 amp: bool = False) -> LoadedCascade:
+    """Load both checkpoints and build the :class:`cascade.Cascade` that inference runs.
+
+    Raises:
+        FileNotFoundError: a checkpoint is missing. ValueError: a file is not a checkpoint of this suite, or holds
+        the other stage. RuntimeError: ``device="cuda"`` without a GPU.
+    """
+    if backend == "onnxruntime" and device == "auto":
+        device = "cpu"  # ONNX Runtime runs on the CPU here (runners.make_runner)
+    torch_device = runners.resolve_device(device)
+    stage1_path, stage2_path = Path(stage1_path), Path(stage2_path)
+    runner1, checkpoint1 = runners.load_runner(stage1_path, backend, torch_device, amp=amp)
+    runner2, checkpoint2 = runners.load_runner(stage2_path, backend, torch_device, amp=amp)
+    notes = []
+    if dict(checkpoint2.get("preprocess_config", {})) != dict(checkpoint1["preprocess_config"]):
+        notes.append("the two checkpoints store different preprocessing configs; the stage-1 one is used for both "
+                     "stages (cascade.Cascade)")
+    model = cascade.Cascade(checkpoint1, checkpoint2, stage1_runner=runner1, stage2_runner=runner2,
+                            device=torch_device, tta=tta, adaptive_clahe="auto" if adaptive_clahe else "off")
+    identities = {"stage1": checkpoints.checkpoint_identity(stage1_path, checkpoint1),
+                  "stage2": checkpoints.checkpoint_identity(stage2_path, checkpoint2)}
+    return LoadedCascade(model, identities, str(torch_device), backend, notes)
+
+
+def with_adaptive_clahe(model: cascade.Cascade, mode: str) -> cascade.Cascade:
+    """A cascade sharing ``model``'s runners with another ``adaptive_clahe`` mode ("off", "on" or "auto")."""
+    return cascade.Cascade(model.stage1_checkpoint, model.stage2_checkpoint, stage1_runner=model.stage1,
+                           stage2_runner=model.stage2, tta=model.tta, adaptive_clahe=mode)
+
+
+# ---------------------------------------------------------------------------------------------------- one image
+def _timed_read(path: Path) -> tuple[imaging.MammogramImage, float]:
+    start = time.perf_counter()
+    image = imaging.read_image(path)
+    return image, time.perf_counter() - start
+
+
+def run_image(loaded: LoadedCascade, path: str | os.PathLike, *, threshold: float = 0.5, min_area_px: int = 1,
+              image: imaging.MammogramImage | None = None, read_s: float | None = None,
+              relative_path: str | None = None, prob_encoding: str = "uint8") -> Prediction:
+    """Run the cascade on one file and build its record (the arrays are kept for :func:`outputs.write_outputs`).
+
+    Args:
+        loaded: from :func:`load_cascade`.
+        path: the input file.
+        threshold: lesion probability threshold for the components.
+        min_area_px: smallest component reported, pixels.
+        image: the file already read (prefetching); read here when None.
+        read_s: seconds the read took (when ``image`` is given).
+        relative_path: the input's name as reported (default: the file name).
+        prob_encoding: the ``cancer_prob`` PNG encoding recorded (see :data:`outputs.PROB_ENCODINGS`).
+
+    Raises:
+        imaging.ImageReadError: the file cannot be read.
+    """
+    path = Path(path)
+    if image is None:
+        image, read_s = _timed_read(path)
+    start = time.perf_counter()
+    result = loaded.cascade(image.pixels)
+    return build_prediction(loaded, path, image, result, read_s=read_s or 0.0, cascade_s=time.perf_counter() - start,
+                            threshold=threshold, min_area_px=min_area_px, relative_path=relative_path,
+                            prob_encoding=prob_encoding)
+
+
+def predict_image(loaded: LoadedCascade, path: str | os.PathLike, **kwargs) -> dict:
+    """Run the cascade on one file and return its JSON record (no file written). See :func:`run_image`."""
+    return run_image(loaded, path, **kwargs).record
+
+
+# ---------------------------------------------------------------------------------------------- folder handling
+@dataclass
+class InputItem:
+    """One input file and where its outputs go."""
+
+    path: Path
+    relative: str  # as reported (relative to --image-dir, or the file name)
+    out_dir: Path
+    stem: str
+    status: str = "pending"  # pending / ok / failed / exists / not_image
+    reason: str = ""
+    record: dict | None = None
+    seconds: float | None = None
+
+
+def _looks_like_image(path: Path) -> bool:
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(132)
+    except OSError:
+        return True  # let the reader report the error
+    return imaging.sniff_format(head, "") in ("dicom", "png", "jpeg", "tiff", "bmp", "pgm")
+
+
+def list_inputs(image_dir: Path, recursive: bool, output_dir: Path) -> list[InputItem]:
+    """Candidate files of a folder (sorted; hidden files and anything under ``output_dir`` left out).
+
+    Files with an image suffix (:data:`IMAGE_SUFFIXES`) or image magic bytes are ``pending``; other files are
+    ``not_image`` with the reason. Output stems are unique per output folder.
+    """
+    output_dir = output_dir.resolve()
+    pattern = image_dir.rglob("*") if recursive else image_dir.iterdir()
+    files = []
+    for path in pattern:
+        relative = path.relative_to(image_dir)
+        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
+            continue
+        resolved = path.resolve()
+        if resolved == output_dir or output_dir in resolved.parents:
+            continue
+        files.append(path)
+    files.sort(key=lambda p: p.relative_to(image_dir).as_posix())
+    items = []
+    for path in files:
+        relative = path.relative_to(image_dir)
+        item = InputItem(path, relative.as_posix(), output_dir / relative.parent, path.stem)
+        if path.suffix.lower() not in IMAGE_SUFFIXES and not _looks_like_image(path):
+            item.status = "not_image"
+            item.reason = (f"not an image file (suffix {path.suffix or 'none'!r} and no image header); "
+                           f"supported: {', '.join(IMAGE_SUFFIXES)} or DICOM without a suffix")
+        items.append(item)
+    stems: dict[tuple[Path, str], list[InputItem]] = {}
+    for item in items:
+        if item.status == "pending":
+            stems.setdefault((item.out_dir, item.stem.lower()), []).append(item)
+    for group in stems.values():
+        if len(group) > 1:
+            for item in group:
+                item.stem = item.path.name.replace(".", "_")
+    return items
+
+
+def mark_existing(items: list[InputItem]) -> list[InputItem]:
+    """Mark each pending item whose ``<stem>.json`` exists as ``exists`` (its record read back when it is valid).
+
+    Returns:
+        The items marked, in order (the caller reports them; with ``--overwrite`` it does not call this).
+    """
+    marked = []
+    for item in items:
+        if item.status == "pending" and (item.out_dir / f"{item.stem}.json").exists():
+            item.status, item.reason = "exists", "outputs exist (pass --overwrite to redo)"
+            try:
+                item.record = json.loads((item.out_dir / f"{item.stem}.json").read_text(encoding="utf-8"))
+                if validate_record(item.record):
+                    item.record = None
+            except (OSError, ValueError):
+                item.record = None
+            marked.append(item)
+    return marked
+
+
+def _report(item: InputItem, index: int, total: int) -> None:
+    """One input's progress line: its density, ROI and lesions on stdout (read warnings on stderr), or why it failed."""
+    if item.status == "failed":
+        print(f"[{index + 1}/{total}] {item.relative}: FAILED, skipped: {item.reason}", file=sys.stderr, flush=True)
+        return
+    record = item.record
+    print(f"[{index + 1}/{total}] {item.relative}: density {record['density']['percent']:.1f} % "
+          f"({record['density']['category']}), ROI from {record['roi']['source']}, "
+          f"{record['lesions']['count']} lesion candidate(s), max p {record['lesions']['max_probability']:.2f}"
+          f"{', adaptive CLAHE used' if record['preprocessing']['adaptive_clahe_used'] else ''}"
+          f" ({item.seconds:.2f} s)", flush=True)
+    for note in record["input"]["notes"]:
+        if note.startswith("warning: ") or "converted" in note:
+            print(f"    {item.relative}: {note}", file=sys.stderr, flush=True)
+
+
+def _fail(item: InputItem, error: Exception) -> None:
+    """Mark ``item`` failed with a one-line reason that names the file."""
+    item.status = "failed"
+    if isinstance(error, imaging.ImageReadError):
+        item.reason = str(error)  # already names the file
+    else:
+        item.reason = f"{item.path}: {type(error).__name__}: {error}"
+
+
+#: Errors that mark one input as failed (the batch goes on); anything else is a bug and stops the run.
+_INPUT_ERRORS = (imaging.ImageReadError, ValueError, TypeError, OSError, RuntimeError, MemoryError)
+
+
+def _read_group(paths: list[Path]) -> list:
+    """Read each file: a list of ``(image, seconds)`` or the exception raised for that file."""
+    out = []
+    for path in paths:
+        try:
+            out.append(_timed_read(path))
+        except _INPUT_ERRORS as error:
+            out.append(error)
+    return out
+
+
+def process(items: list[InputItem], loaded: LoadedCascade, *, threshold: float = 0.5, min_area_px: int = 1,
+            prob_encoding: str = "uint8", visualization: bool = True, overwrite: bool = False, batch_size: int = 1,
+            prefetch: bool = True, protected: set = frozenset()) -> None:
+    """Run every pending item, ``batch_size`` images per network call; fills status / reason / record / seconds.
+
+    ``threshold`` / ``min_area_px`` / ``prob_encoding`` go to :func:`record.build_prediction`; ``visualization``,
+    ``overwrite`` and ``protected`` (input paths, never written) to :func:`outputs.write_outputs`. Each input gets
+    one progress line when it is done (stdout) or failed (stderr, with the reason).
+
+    With ``prefetch`` a reader thread reads the next group while the networks run on this one, and a writer
+    thread writes the outputs of this group (PNG encoding, the matplotlib figure) while the next one runs. At most one
+    group is read ahead and one written behind, so memory stays at about three groups of images. A file that cannot
+    be read fails alone; the rest of its group goes on.
+    """
+    pending = [item for item in items if item.status == "pending"]
+    total = len(pending)
+    size = max(1, int(batch_size))
+    groups = [list(range(i, min(i + size, total))) for i in range(0, total, size)]
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read") if prefetch else None
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") if prefetch else None
+    in_flight: list = []  # (index, item, future, start) of writes running in the background
+
+    def read(group: list[int]):
+        paths = [pending[i].path for i in group]
+        return reader.submit(_read_group, paths) if reader else None
+
+    def finish_writes() -> None:
+        while in_flight:
+            index, item, future, start = in_flight.pop(0)
+            try:
+                item.record = future.result()
+                item.status, item.seconds = "ok", time.perf_counter() - start
+            except (*_INPUT_ERRORS, FileExistsError) as error:
+                _fail(item, error)
+            _report(item, index, total)
+
+    def write(prediction: Prediction, item: InputItem):
+        return write_outputs(prediction, item.out_dir, item.stem, threshold=threshold, prob_encoding=prob_encoding,
+                             visualization=visualization, overwrite=overwrite, protected=protected)
+
+    try:
+        future = read(groups[0]) if groups else None
+        for number, group in enumerate(groups):
+            start = time.perf_counter()
+            current = future.result() if future is not None else _read_group([pending[i].path for i in group])
+            future = read(groups[number + 1]) if number + 1 < len(groups) else None
+            readable = [(i, got) for i, got in zip(group, current) if not isinstance(got, Exception)]
+            for i, got in zip(group, current):
+                if isinstance(got, Exception):
+                    _fail(pending[i], got)
+                    _report(pending[i], i, total)
+            try:
+                network_start = time.perf_counter()
+                results = loaded.cascade.run_batch([image.pixels for _, (image, _) in readable])
+                cascade_s = (time.perf_counter() - network_start) / max(1, len(readable))
+                predictions = [build_prediction(loaded, pending[i].path, image, result, read_s=read_s, cascade_s=cascade_s,
+                                                threshold=threshold, min_area_px=min_area_px,
+                                                relative_path=pending[i].relative, prob_encoding=prob_encoding,
+                                                batch_size=len(readable))
+                               for (i, (image, read_s)), result in zip(readable, results)]
+            except _INPUT_ERRORS:  # find the image at fault: run the group's images one by one
+                predictions = []
+                for i, (image, read_s) in readable:
+                    try:
+                        predictions.append(run_image(loaded, pending[i].path, threshold=threshold,
+                                                     min_area_px=min_area_px, image=image, read_s=read_s,
+                                                     relative_path=pending[i].relative, prob_encoding=prob_encoding))
+                    except _INPUT_ERRORS as error:
+                        _fail(pending[i], error)
+                        _report(pending[i], i, total)
+                        predictions.append(None)
+            finish_writes()
+            for (i, _), prediction in zip(readable, predictions):
+                if prediction is None:
+                    continue
+                if writer is not None:
+                    in_flight.append((i, pending[i], writer.submit(write, prediction, pending[i]), start))
+                    continue
+                try:
+                    pending[i].record = write(prediction, pending[i])
+                    pending[i].status, pending[i].seconds = "ok", time.perf_counter() - start
+                except (*_INPUT_ERRORS, FileExistsError) as write_error:
+                    _fail(pending[i], write_error)
+                _report(pending[i], i, total)
+        finish_writes()
+    finally:
+        for pool in (reader, writer):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+
+def summarize(items: list[InputItem], elapsed_s: float, loaded: LoadedCascade, args: argparse.Namespace) -> dict:
+    """The run summary (``summary.json``): counts by status, failures with reasons, density and lesion overview.
+
+    ``args`` is the command line's namespace: its threshold, batch size and prefetch are reported, and all of it is
+    recorded under ``arguments``.
+    """
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item.status] = counts.get(item.status, 0) + 1
+    done = [item for item in items if item.record is not None]
+    densities = [item.record["density"]["percent"] for item in done]
+    categories = {c: sum(1 for item in done if item.record["density"]["category"] == c) for c in metrics.DENSITY_CATEGORIES}
+    processed = [item.seconds for item in items if item.status == "ok" and item.seconds is not None]
+    return {
+        "inputs": len(items),
+        "counts": counts,
+        "failed": [{"input": item.relative, "reason": item.reason} for item in items if item.status == "failed"],
+        "not_images": [{"input": item.relative, "reason": item.reason} for item in items if item.status == "not_image"],
+        "existing_outputs_kept": [item.relative for item in items if item.status == "exists"],
+        "density_percent": ({"mean": round(float(np.mean(densities)), 3), "median": round(float(np.median(densities)), 3),
+                             "min": round(float(np.min(densities)), 3), "max": round(float(np.max(densities)), 3)}
+                            if densities else None),
+        "density_categories": categories,
+        "images_with_lesion_candidates": sum(1 for item in done if item.record["lesions"]["count"] > 0),
+        "lesion_threshold": args.threshold,
+        "elapsed_s": round(elapsed_s, 3),
+        "mean_s_per_processed_image": round(float(np.mean(processed)), 3) if processed else None,
+        "batching": f"{args.batch_size} image(s) per network call"
+                    + ("; the next group is read and the last one written in background threads" if args.prefetch else ""),
+        "device": loaded.device, "backend": loaded.backend,
+        "checkpoints": loaded.identities,
+        "arguments": {k: v for k, v in vars(args).items()},
+    }
+
+
+# --------------------------------------------------------------------------------------------------- the viewer
+def interactive(items: list[InputItem], loaded: LoadedCascade, *, threshold: float = 0.5, adaptive_clahe: bool = False,
+                save_dir: str | os.PathLike = "predictions", key_source=None) -> int:
+    """Open the viewer (viewer.py) over the pending inputs; results are computed when an image is shown.
+
+    ``threshold`` and ``adaptive_clahe`` are the viewer's starting values; saved views go to ``save_dir``;
+    ``key_source`` replaces the keyboard (see ``viewer.run_viewer``). Returns the viewer's exit status.
+    """
+    entries = [item for item in items if item.status == "pending"]
+    cascades = {False: with_adaptive_clahe(loaded.cascade, "off"), True: with_adaptive_clahe(loaded.cascade, "auto")}
+
+    def compute(index: int, adaptive: bool) -> viewer.ViewItem:
+        item = entries[index]
+        image = imaging.read_image(item.path)
+        model = LoadedCascade(cascades[adaptive], loaded.identities, loaded.device, loaded.backend)
+        prediction = run_image(model, item.path, threshold=threshold, image=image, read_s=0.0,
+                               relative_path=item.relative)
+        result, record = prediction.result, prediction.record
+        box = result.roi_box
+        return viewer.ViewItem(name=item.relative, stem=item.stem, image=display_image(image.pixels),
+                               tissue_classes=result.tissue_classes, lesion_prob=result.lesion_prob,
+                               roi_box=(box.y0, box.x0, box.y1, box.x1), roi_source=result.roi_source,
+                               density_percent=record["density"]["percent"], density_category=record["density"]["category"],
+                               adaptive_clahe_used=result.adaptive_clahe_used)
+
+    state = viewer.ViewerState(count=len(entries), threshold=threshold, adaptive_clahe=bool(adaptive_clahe))
+    return viewer.run_viewer(compute, state, save_dir=Path(save_dir), key_source=key_source,
+                             tissue_colors_rgb=TISSUE_COLORS_RGB)

@@ -1,0 +1,422 @@
+"""Scoring the cascade against ground truth: the cases, the two predictors, per-image rows and data-set summaries.
+
+What lives here (the command line is ``evaluate.py``; its figures are ``evaluation_plots.py``):
+
+- ground truth: :class:`Case`, :func:`tissue_cases` (DDSM tissue-label folder or workspace CSV),
+  :func:`lesion_cases` (workspace CSV or ``images/`` + ``masks/`` folder), :func:`read_lesion_truth`,
+  :func:`acquisition_group` (DM / CM of CDD-CESM);
+- predictors, each with ``tissue(case, pixels)`` and ``lesion(case, pixels)``: :class:`FolderPredictions` (the
+  files ``cascade_inference.py`` wrote) and :class:`CascadePredictions` (the cascade run here, either backend);
+- metrics: :func:`tissue_row` / :func:`lesion_row` (one image), :func:`summarize_tissue` /
+  :func:`summarize_lesion` / :func:`summarize_lesion_by_group` (the data set), :func:`evaluate_tissue` /
+  :func:`evaluate_lesion` (the loops over the cases, bad items skipped and reported);
+- the conventions written into ``metrics.json`` (:data:`CONVENTIONS`) and the metric constants.
+
+Metrics (all computed with :mod:`metrics`):
+    tissue: per-class Dice and IoU (background, adipose, FGT, pectoral), macro Dice (mean over adipose, FGT,
+    pectoral), pixel accuracy, and the 4-channel Dice (mean of the four per-class Dice values including background:
+    the figure Tiryaki & Kaplanoglu, IRBM 2022 report for the DDSM tissue-label set); each per image and averaged
+    over images, and pooled over the data set (sums of intersections and sizes).
+    lesion: binary Dice / IoU of the thresholded probability per image and pooled; lesion-level detection (a true
+    lesion, i.e. a connected component of the mask, is found when a predicted component overlaps it with IoU >=
+    0.1): sensitivity and false positives per image; ROI lesion coverage (true lesion pixels inside the predicted
+    ROI box / all true lesion pixels). DM and CM (CDD-CESM low-energy vs contrast-enhanced) are reported apart.
+Everything is compared at the image's original resolution.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import cascade
+import evaluation_plots
+import imaging
+import labels
+import metrics
+import roi
+import runners
+
+TISSUE_CLASS_NAMES = labels.TISSUE_CLASS_NAMES
+NUM_TISSUE_CLASSES = len(TISSUE_CLASS_NAMES)
+
+#: Lesion probability at or above which a pixel counts as lesion (the usual 0.5 for a sigmoid output).
+LESION_THRESHOLD = 0.5
+
+#: Published reference on the DDSM tissue-label set (../shared/data/README.md; Tiryaki & Kaplanoglu, IRBM 2022,
+#: 5-fold cross-validation on the same 60 images, 4-channel Dice including background).
+PUBLISHED_TISSUE_DICE4 = {"ResNet50-U-net": {"mean": 0.851, "std": 0.021}, "VGG16-U-net": {"mean": 0.826},
+                          "5-layer U-net": {"mean": 0.821}}
+
+#: Smallest component (pixels) counted as a lesion or a detection. The CDD-CESM masks are JPEG files: thresholded at
+#: 127, 8 of their 214 components are 1-3 px specks, and the smallest real lesion is 25 px (measured on all 98 masks).
+MIN_LESION_AREA_PX = 10
+
+CONVENTIONS = {
+    "empty_mask": ("Dice and IoU of a class (or lesion mask) absent from both prediction and truth are 1.0; absent "
+                   "from the truth but predicted: 0.0 (metrics.py). Per-image means include such images; "
+                   "'lesion_images_only' means leave lesion-free images out."),
+    "dice_4channel": ("mean of the four per-class Dice values (background, adipose, FGT, pectoral), per image, then "
+                      "averaged over images (Tiryaki & Kaplanoglu 2022); 'pooled' uses data-set sums per class"),
+    "macro_dice": "mean of the per-class Dice over adipose, FGT and pectoral (background left out)",
+    "pooled": "per class: 2 * sum(intersection) / (sum(|pred|) + sum(|truth|)) over all images (IoU likewise)",
+    "lesion_threshold": "a pixel is lesion when its predicted probability >= the threshold",
+    "lesion_detection": ("each 8-connected component of the truth mask of at least min_lesion_area_px pixels is one "
+                         "lesion (smaller ones, and smaller predicted components, are ignored); it is found when a predicted "
+                         "component overlaps it with IoU >= match_iou; a predicted component matching no lesion at "
+                         "that IoU is a false positive; sensitivity = found / lesions over the set, "
+                         "false_positives_per_image = false positives / images"),
+    "roi_coverage": "true lesion pixels inside the predicted ROI box / all true lesion pixels (images with lesions)",
+    "resolution": "predictions and truth are compared at the image's original resolution",
+}
+
+
+# ------------------------------------------------------------------------------------------------ ground truth
+@dataclass
+class Case:
+    """One ground-truth item: the image, its truth file(s) and its acquisition group ("DM", "CM" or "")."""
+
+    stem: str
+    image_path: str
+    truth_path: str  # tissue label map, or lesion masks joined by ";" ("" = lesion-free)
+    group: str = ""
+
+
+_ACQUISITION = re.compile(r"_(DM|CM)_", re.IGNORECASE)
+
+
+def acquisition_group(name: str, value: str = "") -> str:
+    """"DM" / "CM" from an ``acquisition`` column value, else from a CDD-CESM name (``P1_L_DM_MLO``), else ""."""
+    value = (value or "").strip().upper()
+    if value in ("DM", "CM"):
+        return value
+    found = _ACQUISITION.search(Path(name).name)
+    return found.group(1).upper() if found else ""
+
+
+def _filter_split(df, split: str | None, source: str):
+    if split is None:
+        return df
+    if "split" not in df.columns or not (df["split"] == split).any():
+        raise ValueError(f"{source}: no rows with split == {split!r} (splits found: {sorted(set(df.get('split', [])))})")
+    return df[df["split"] == split]
+
+
+def tissue_cases(tissue_dir: str | None, tissue_csv: str | None, split: str | None) -> list[Case]:
+    """Tissue ground truth from the DDSM folder layout or a workspace CSV (``datasets.read_tissue_table``)."""
+    import datasets
+
+    source = tissue_csv or tissue_dir
+    if source is None:
+        return []
+    df = _filter_split(datasets.read_tissue_table(source), split if tissue_csv else None, str(source))
+    return [Case(Path(r.image_file_path).stem, r.image_file_path, r.label_file_path) for r in df.itertuples()]
+
+
+def lesion_cases(lesion_dir: str | None, lesion_csv: str | None, split: str | None) -> list[Case]:
+    """Lesion ground truth from a workspace CSV (``datasets.read_lesion_table``) or an images/ + masks/ folder."""
+    import datasets
+
+    if lesion_csv:
+        df = _filter_split(datasets.read_lesion_table(lesion_csv), split, lesion_csv)
+        has_acq = "acquisition" in df.columns
+        return [Case(Path(r["image_file_path"]).stem, r["image_file_path"], r["roi_mask_file_path"],
+                     acquisition_group(r["image_file_path"], r["acquisition"] if has_acq else ""))
+                for _, r in df.iterrows()]
+    if not lesion_dir:
+        return []
+    root = Path(lesion_dir)
+    if not (root / "images").is_dir() or not (root / "masks").is_dir():
+        raise FileNotFoundError(f"{root} is not a lesion folder: expected images/ and masks/ inside it "
+                                "(or pass the workspace's unified_segmentation_dataset.csv with --lesion-csv)")
+    masks = sorted(p for p in (root / "masks").iterdir() if p.is_file())
+    cases = []
+    for image in sorted(p for p in (root / "images").iterdir() if p.is_file() and not p.name.startswith(".")):
+        own = [str(m) for m in masks if m.stem == image.stem or m.stem.startswith(image.stem + "_")]
+        cases.append(Case(image.stem, str(image), ";".join(own), acquisition_group(image.name)))
+    if not cases:
+        raise FileNotFoundError(f"no images in {root / 'images'}")
+    return cases
+
+
+def read_lesion_truth(case: Case, shape: tuple[int, int]) -> np.ndarray:
+    """Union of the case's lesion masks, ``(H, W)`` bool (all False for a lesion-free image)."""
+    truth = np.zeros(shape, bool)
+    for path in (p for p in case.truth_path.split(";") if p.strip()):
+        mask = imaging.read_mask(path, kind="binary")
+        if mask.shape != shape:
+            raise ValueError(f"mask {path} is {mask.shape[0]}x{mask.shape[1]} but its image is {shape[0]}x{shape[1]}; "
+                             "masks must match their image pixel for pixel")
+        truth |= mask.astype(bool)
+    return truth
+
+
+# ------------------------------------------------------------------------------------------------ predictions
+@dataclass
+class LesionPrediction:
+    prob: np.ndarray  # (H, W) float32 in [0, 1]
+    roi_box: roi.RoiBox | None
+
+
+class FolderPredictions:
+    """Predictions written by ``cascade_inference.py``: ``<stem>_tissue_seg.png``, ``<stem>_cancer_prob.png`` (uint8
+    p x 255 or uint16 p x 65535) and ``<stem>.json`` (its ``roi.box``).
+
+    Files are looked up in the folder itself first, then anywhere below it (``cascade_inference.py --recursive``
+    mirrors the input's sub-folders); a name found in several sub-folders is an error (ambiguous).
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"predictions folder {self.folder} not found; run cascade_inference.py first")
+        self._below: dict[str, list[Path]] | None = None
+
+    def _find(self, name: str) -> Path | None:
+        path = self.folder / name
+        if path.is_file():
+            return path
+        if self._below is None:  # index the sub-folders once
+            self._below = {}
+            for root, _, files in os.walk(self.folder):
+                for file in files:
+                    self._below.setdefault(file, []).append(Path(root) / file)
+        found = self._below.get(name, [])
+        if len(found) > 1:
+            raise ValueError(f"prediction {name} is ambiguous: found {[str(p) for p in found[:3]]}; evaluate each "
+                             "sub-folder separately or give the images unique names")
+        return found[0] if found else None
+
+    def _file(self, case: Case, suffix: str) -> Path:
+        path = self._find(f"{case.stem}{suffix}")
+        if path is None:
+            raise FileNotFoundError(f"prediction {case.stem}{suffix} not found in {self.folder} for image {case.image_path}")
+        return path
+
+    def tissue(self, case: Case, pixels: np.ndarray) -> np.ndarray:
+        path = self._file(case, "_tissue_seg.png")
+        classes = imaging.read_image(path).pixels
+        if classes.max() >= NUM_TISSUE_CLASSES:
+            raise ValueError(f"{path} holds values up to {classes.max()}; expected class indices 0..3 "
+                             "(cascade_inference.py's *_tissue_seg.png, not the colour map)")
+        return classes.astype(np.uint8)
+
+    def lesion(self, case: Case, pixels: np.ndarray) -> LesionPrediction:
+        raw = imaging.read_image(self._file(case, "_cancer_prob.png")).pixels
+        prob = raw.astype(np.float32) / float(np.iinfo(raw.dtype).max)  # 8-bit: /255, 16-bit: /65535
+        box = None
+        report = self._find(f"{case.stem}.json")
+        if report is not None:
+            box = _roi_from_report(json.loads(report.read_text(encoding="utf-8")))
+        return LesionPrediction(prob, box)
+
+
+def _roi_from_report(report: dict) -> roi.RoiBox | None:
+    """The ROI box of an inference report: ``roi_box`` as ``{y0, x0, y1, x1}`` or ``[y0, x0, y1, x1]``."""
+    for key in ("roi_box", "roi"):
+        value = report.get(key)
+        if isinstance(value, dict) and {"y0", "x0", "y1", "x1"} <= set(value):
+            return roi.RoiBox(*(int(value[k]) for k in ("y0", "x0", "y1", "x1")))
+        if isinstance(value, dict) and isinstance(value.get("box"), (dict, list)):
+            return _roi_from_report({"roi_box": value["box"]})
+        if isinstance(value, (list, tuple)) and len(value) == 4:
+            return roi.RoiBox(*(int(v) for v in value))
+    return None
+
+
+class CascadePredictions:
+    """Predictions made here by :class:`cascade.Cascade` from the two checkpoints (either backend)."""
+
+    def __init__(self, stage1_weights: str, stage2_weights: str | None, backend: str, device: str, tta: bool,
+                 adaptive_clahe: str, channels_last: bool, threads: int | None):
+        device = str(runners.resolve_device(device))
+        runner1, checkpoint1 = runners.load_runner(stage1_weights, backend, device, channels_last=channels_last,
+                                                   threads=threads)
+        runner2, checkpoint2 = (None, None)
+        if stage2_weights:
+            runner2, checkpoint2 = runners.load_runner(stage2_weights, backend, device,
+                                                       channels_last=channels_last, threads=threads)
+        self.cascade = cascade.Cascade(checkpoint1, checkpoint2, stage1_runner=runner1, stage2_runner=runner2,
+                                       tta=tta, adaptive_clahe=adaptive_clahe)
+        self.seconds: list[float] = []
+
+    def tissue(self, case: Case, pixels: np.ndarray) -> np.ndarray:
+        start = time.perf_counter()
+        found = self.cascade.tissue_and_roi(pixels)
+        self.seconds.append(time.perf_counter() - start)
+        return imaging.unflip(found.tissue_classes, found.flipped)
+
+    def lesion(self, case: Case, pixels: np.ndarray) -> LesionPrediction:
+        if self.cascade.stage2 is None:
+            raise RuntimeError("lesion evaluation needs --stage2-weights (or --predictions-dir)")
+        start = time.perf_counter()
+        result = self.cascade(pixels)
+        self.seconds.append(time.perf_counter() - start)
+        return LesionPrediction(result.lesion_prob, result.roi_box)
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def tissue_row(pred: np.ndarray, truth: np.ndarray) -> tuple[dict, np.ndarray]:
+    """Per-image tissue metrics and the image's confusion matrix ``(4, 4)`` int64 (rows truth, columns prediction).
+
+    Raises:
+        ValueError: shapes differ (the message gives both).
+    """
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction is {pred.shape[0]}x{pred.shape[1]} but the label map is "
+                         f"{truth.shape[0]}x{truth.shape[1]}; predictions must be at the image's original size")
+    confusion = metrics.confusion_counts(pred, truth, NUM_TISSUE_CLASSES)
+    dice = metrics.dice_per_class(pred, truth, NUM_TISSUE_CLASSES)
+    iou = metrics.iou_per_class(pred, truth, NUM_TISSUE_CLASSES)
+    row = {f"dice_{name}": float(d) for name, d in zip(TISSUE_CLASS_NAMES, dice)}
+    row.update({f"iou_{name}": float(v) for name, v in zip(TISSUE_CLASS_NAMES, iou)})
+    row["macro_dice"] = float(dice[1:].mean())
+    row["dice_4channel"] = float(dice.mean())
+    row["pixel_accuracy"] = metrics.pixel_accuracy(pred, truth)
+    row["percent_density_pred"] = metrics.percent_density(pred)
+    row["percent_density_truth"] = metrics.percent_density(truth)
+    return row, confusion
+
+
+def summarize_tissue(rows: list[dict], confusion: np.ndarray) -> dict:
+    """Means / std / median over images and pooled per-class Dice / IoU from the summed confusion matrix."""
+    if not rows:
+        return {"n_images": 0}
+    keys = [k for k in rows[0] if isinstance(rows[0][k], float)]
+    values = {k: np.array([r[k] for r in rows], float) for k in keys}
+    intersection, pred_sum, truth_sum = np.diag(confusion), confusion.sum(axis=0), confusion.sum(axis=1)
+    dice = metrics.dice_from_counts(intersection, pred_sum, truth_sum)
+    iou = metrics.iou_from_counts(intersection, pred_sum, truth_sum)
+    density_error = np.abs(values["percent_density_pred"] - values["percent_density_truth"])
+    return {
+        "n_images": len(rows),
+        "mean": {k: float(v.mean()) for k, v in values.items()},
+        "std": {k: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()},
+        "median": {k: float(np.median(v)) for k, v in values.items()},
+        "pooled": {**{f"dice_{n}": float(d) for n, d in zip(TISSUE_CLASS_NAMES, dice)},
+                   **{f"iou_{n}": float(v) for n, v in zip(TISSUE_CLASS_NAMES, iou)},
+                   "macro_dice": float(dice[1:].mean()), "dice_4channel": float(dice.mean()),
+                   "pixel_accuracy": float(intersection.sum() / max(confusion.sum(), 1))},
+        "percent_density_abs_error_mean": float(density_error.mean()),
+        "published_reference_dice_4channel": PUBLISHED_TISSUE_DICE4,
+    }
+
+
+def lesion_row(prob: np.ndarray, truth: np.ndarray, roi_box: roi.RoiBox | None, threshold: float,
+               match_iou: float, min_area_px: int = 1) -> dict:
+    """Per-image lesion metrics: Dice / IoU of ``prob >= threshold``, counts, detection, ROI coverage.
+
+    Raises:
+        ValueError: ``prob`` and ``truth`` shapes differ.
+    """
+    if prob.shape != truth.shape:
+        raise ValueError(f"lesion probability is {prob.shape[0]}x{prob.shape[1]} but the mask is "
+                         f"{truth.shape[0]}x{truth.shape[1]}; predictions must be at the image's original size")
+    pred = prob >= threshold
+    row = {"dice": metrics.binary_dice(pred, truth), "iou": metrics.binary_iou(pred, truth),
+           "intersection_pixels": int(np.logical_and(pred, truth).sum()), "pred_pixels": int(pred.sum()),
+           "truth_pixels": int(truth.sum()), "has_lesion": bool(truth.any())}
+    row.update(metrics.lesion_detection(pred, truth, iou_threshold=match_iou, min_area_px=min_area_px))
+    row["roi_truth_pixels_inside"] = float("nan")
+    row["roi_coverage"] = float("nan")
+    if roi_box is not None:
+        inside = int(truth[roi_box.slices()].sum())
+        row["roi_truth_pixels_inside"] = float(inside)
+        row["roi_coverage"] = inside / row["truth_pixels"] if row["truth_pixels"] else float("nan")
+    return row
+
+
+def summarize_lesion(rows: list[dict]) -> dict:
+    """Set-level lesion metrics of ``rows`` (see :data:`CONVENTIONS`)."""
+    if not rows:
+        return {"n_images": 0}
+    with_lesion = [r for r in rows if r["has_lesion"]]
+    sums = {k: sum(r[k] for r in rows) for k in ("intersection_pixels", "pred_pixels", "truth_pixels", "lesions",
+                                                 "found", "detections", "false_positives")}
+    covered = [r for r in with_lesion if not math.isnan(r["roi_coverage"])]
+
+    def mean(key, items):
+        return float(np.mean([r[key] for r in items])) if items else float("nan")
+
+    return {
+        "n_images": len(rows),
+        "n_lesion_images": len(with_lesion),
+        "dice_mean": mean("dice", rows),
+        "iou_mean": mean("iou", rows),
+        "dice_mean_lesion_images_only": mean("dice", with_lesion),
+        "iou_mean_lesion_images_only": mean("iou", with_lesion),
+        "dice_pooled": float(metrics.dice_from_counts(sums["intersection_pixels"], sums["pred_pixels"], sums["truth_pixels"])),
+        "iou_pooled": float(metrics.iou_from_counts(sums["intersection_pixels"], sums["pred_pixels"], sums["truth_pixels"])),
+        "lesions": sums["lesions"],
+        "lesions_found": sums["found"],
+        "sensitivity": sums["found"] / sums["lesions"] if sums["lesions"] else float("nan"),
+        "false_positives": sums["false_positives"],
+        "false_positives_per_image": sums["false_positives"] / len(rows),
+        "roi_coverage_mean": mean("roi_coverage", covered),
+        "roi_coverage_pooled": (sum(r["roi_truth_pixels_inside"] for r in covered) / sum(r["truth_pixels"] for r in covered)
+                                if covered else float("nan")),
+        "roi_coverage_images": len(covered),
+    }
+
+
+def summarize_lesion_by_group(rows: list[dict]) -> dict:
+    """:func:`summarize_lesion` over all ``rows`` (``"all"``) and over each acquisition group found (``"CM"``, ``"DM"``)."""
+    groups = sorted({r["group"] for r in rows if r["group"]})
+    return {"all": summarize_lesion(rows), **{g: summarize_lesion([r for r in rows if r["group"] == g]) for g in groups}}
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def evaluate_tissue(cases: list[Case], predictor, worst_n: int, thumb_side: int, skipped: list, progress=None):
+    """Tissue metrics over ``cases``: ``(rows, confusion (4, 4), thumbnails of the worst cases)``; bad items are
+    appended to ``skipped`` and the rest goes on.
+
+    ``predictor`` is a :class:`FolderPredictions` or :class:`CascadePredictions`; ``progress`` wraps the case list
+    (a tqdm bar) when given. Thumbnails (:func:`evaluation_plots.case_thumb`) are at most ``thumb_side`` pixels.
+    """
+    rows, thumbs = [], []
+    confusion = np.zeros((NUM_TISSUE_CLASSES, NUM_TISSUE_CLASSES), np.int64)
+    for case in progress(cases) if progress else cases:
+        try:
+            pixels = imaging.read_image(case.image_path).pixels
+            truth = imaging.read_mask(case.truth_path, kind="tissue")
+            if truth.shape != pixels.shape:
+                raise ValueError(f"label map {case.truth_path} is {truth.shape} but the image is {pixels.shape}")
+            pred = predictor.tissue(case, pixels)
+            row, counts = tissue_row(pred, truth)
+        except (OSError, ValueError, RuntimeError, imaging.ImageReadError) as error:
+            skipped.append({"task": "tissue", "image": case.image_path, "reason": f"{type(error).__name__}: {error}"})
+            continue
+        confusion += counts
+        rows.append({"task": "tissue", "stem": case.stem, "group": case.group, "image_file_path": case.image_path, **row})
+        thumbs.append(evaluation_plots.case_thumb(case.stem, row["macro_dice"], pixels, truth, pred, thumb_side))
+        evaluation_plots.keep_worst(thumbs, worst_n)
+    return rows, confusion, thumbs
+
+
+def evaluate_lesion(cases: list[Case], predictor, threshold: float, match_iou: float, min_area_px: int, worst_n: int,
+                    thumb_side: int, skipped: list, progress=None):
+    """Lesion metrics over ``cases``: ``(rows, thumbnails of the worst cases)``; bad items go to ``skipped``."""
+    rows, thumbs = [], []
+    for case in progress(cases) if progress else cases:
+        try:
+            pixels = imaging.read_image(case.image_path).pixels
+            truth = read_lesion_truth(case, pixels.shape)
+            predicted = predictor.lesion(case, pixels)
+            row = lesion_row(predicted.prob, truth, predicted.roi_box, threshold, match_iou, min_area_px)
+        except (OSError, ValueError, RuntimeError, imaging.ImageReadError) as error:
+            skipped.append({"task": "lesion", "image": case.image_path, "reason": f"{type(error).__name__}: {error}"})
+            continue
+        rows.append({"task": "lesion", "stem": case.stem, "group": case.group, "image_file_path": case.image_path, **row})
+        if row["has_lesion"] or row["pred_pixels"]:
+            thumbs.append(evaluation_plots.case_thumb(case.stem, row["dice"], pixels, truth.astype(np.uint8),
+                                                      (predicted.prob >= threshold).astype(np.uint8), thumb_side,
+                                                      predicted.roi_box))
+            evaluation_plots.keep_worst(thumbs, worst_n)
+    return rows, thumbs
