@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -16,8 +15,9 @@ from imaging import ImageReadError
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
-from pydicom.uid import (ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid,  # noqa: E402
-                         DigitalMammographyXRayImageStorageForPresentation)
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid  # noqa: E402
+
+from dicom_helpers import make_dicom  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -28,28 +28,6 @@ def nyu_small(nyu_dir) -> np.ndarray:
     """The real 16-bit NYU CC view, reduced 4x (736x480) with area averaging, for fast DICOM encoding."""
     full = np.array(Image.open(nyu_dir / "images" / "0_R-CC.png"))
     return cv2.resize(full.astype(np.uint16), (480, 736), interpolation=cv2.INTER_AREA)
-
-
-def make_dicom(arr: np.ndarray, path: Path, photometric: str = "MONOCHROME2", bits_stored: int | None = None,
-               transfer_syntax: str | None = None, **elements) -> Path:
-    """Write ``arr`` as a Digital Mammography DICOM with pydicom (optionally compressed)."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = DigitalMammographyXRayImageStorageForPresentation
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = DigitalMammographyXRayImageStorageForPresentation
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.Modality = "MG"
-    ds.PatientID = "test"
-    bits = bits_stored or (8 if arr.dtype == np.uint8 else 16)
-    ds.set_pixel_data(arr, photometric_interpretation=photometric, bits_stored=bits)
-    for key, value in elements.items():
-        setattr(ds, key, value)
-    if transfer_syntax is not None:
-        ds.compress(transfer_syntax)
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -469,3 +447,106 @@ def test_unletterbox_channels_and_images(tissue_dir):
     assert out.shape == (4, 960, 480) and out.dtype == np.float32
     with pytest.raises(ValueError, match="1024, 512"):
         imaging.unletterbox(probs[:, :512], geom)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading decisions that change results (issue 14): raw DICOM, EXIF orientation, grey backgrounds, spacing
+# ----------------------------------------------------------------------------------------------------------------
+MG_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.2.1"  # DICOM PS3.4 B.5
+
+
+def test_for_processing_dicom_is_converted_like_a_presentation_image(tmp_path, nyu_small):
+    """A raw detector image (linear in X-ray intensity: dense tissue dark, background bright) made from the real
+    presentation image by Beer-Lambert, I = I0 exp(-mu), reads back as that presentation image up to a linear
+    stretch; read as a presentation image it would be its negative."""
+    presentation = nyu_small.astype(np.float64) / 65535.0
+    raw = np.rint(16000.0 * np.exp(-3.0 * presentation)).astype(np.uint16)  # 14-bit linear detector values
+    path = make_dicom(raw, tmp_path / "raw.dcm", bits_stored=14, SOPClassUID=MG_FOR_PROCESSING,
+                      PresentationIntentType="FOR PROCESSING", PixelIntensityRelationship="LIN",
+                      PixelIntensityRelationshipSign=1)
+    img = imaging.read_image(path)
+    assert img.pixels.dtype == np.uint16
+    assert any(note.startswith("For Processing (raw detector) image") for note in img.notes)
+    inside = (presentation > 0.05)  # the stretch clips the darkest background; compare on the breast
+    r = np.corrcoef(img.pixels[inside].astype(float), presentation[inside])[0, 1]
+    assert r > 0.99
+    # the same file without the For Processing markers is read as stored: the negative of the breast
+    plain = imaging.read_image(make_dicom(raw, tmp_path / "plain.dcm", bits_stored=14))
+    assert np.corrcoef(plain.pixels[inside].astype(float), presentation[inside])[0, 1] < -0.9
+    assert imaging.preprocess(img.pixels).flipped == imaging.preprocess(nyu_small).flipped
+
+
+def test_exif_orientation_is_applied_to_images_and_masks(tmp_path, lesion_dir):
+    """A JPEG stored rotated with EXIF Orientation 6 (display = stored turned 90 degrees clockwise) reads in its
+    displayed orientation, so a mask drawn on the displayed image lies on the breast."""
+    shown = imaging.read_image(lesion_dir / "images" / "P111_R_DM_MLO.jpg").pixels[:, :400]  # not square
+    stored = np.rot90(shown, 1)  # turning it back clockwise gives the displayed image
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.ascontiguousarray(stored)).save(tmp_path / "rotated.jpg", quality=98, exif=exif)
+    img = imaging.read_image(tmp_path / "rotated.jpg")
+    assert img.pixels.shape == shown.shape
+    assert np.abs(img.pixels.astype(int) - shown.astype(int)).mean() < 2.0
+    assert any(note.startswith("EXIF Orientation 6") for note in img.notes)
+    mask = (shown > np.percentile(shown, 90)).astype(np.uint8) * 255  # drawn on the displayed image
+    imaging.write_png(tmp_path / "mask.png", mask)
+    under = img.pixels[imaging.read_mask(tmp_path / "mask.png") > 0].mean()
+    assert under == pytest.approx(shown[mask > 0].mean(), abs=3.0)
+    assert imaging.exif_orientation((tmp_path / "mask.png").read_bytes()) == 1
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientations_match_pillow(tmp_path, orientation):
+    """Every EXIF orientation, in a PNG (eXIf chunk; the decoders ignore it, we apply it) and a TIFF (the decoders
+    apply the tag themselves): both read as Pillow's ``ImageOps.exif_transpose`` shows the PNG."""
+    from PIL import ImageOps
+
+    arr = np.arange(6 * 4, dtype=np.uint8).reshape(6, 4) * 10
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    for suffix in (".png", ".tif"):
+        Image.fromarray(arr).save(tmp_path / f"a{suffix}", exif=exif)
+    with Image.open(tmp_path / "a.png") as im:
+        expected = np.array(ImageOps.exif_transpose(im))
+    np.testing.assert_array_equal(imaging.read_image(tmp_path / "a.png").pixels, expected)
+    np.testing.assert_array_equal(imaging.read_image(tmp_path / "a.tif").pixels, expected)
+
+
+def test_orientation_on_a_grey_background(tissue_dir):
+    """A scanned-film look: the chest wall on the right and a background of 30 +- 6 grey levels. A fixed level of
+    20 counts the whole background as breast (the halves tie); the background's own level does not."""
+    name = "A_0002_1.RIGHT_MLO"
+    pixels = imaging.read_image(tissue_dir / "fgt_seg" / f"{name}.png").pixels
+    labels = imaging.read_mask(tissue_dir / "fgt_seg_labels" / f"{name}_LI.png", kind="tissue")
+    assert not imaging.preprocess(pixels).flipped  # chest wall on the left as stored
+    grey = pixels.copy()
+    noise = np.random.default_rng(0).normal(30, 6, size=pixels.shape)
+    grey[labels == 0] = np.clip(np.rint(noise[labels == 0]), 0, 255).astype(np.uint8)
+    mirrored = np.ascontiguousarray(grey[:, ::-1])
+    smooth = cv2.medianBlur(mirrored, 5)
+    assert 35 <= imaging.breast_threshold(smooth) <= 45
+    assert (smooth > 20).mean() > 0.95  # the fixed level sees breast (nearly) everywhere
+    assert imaging.preprocess(mirrored).flipped
+    assert not imaging.preprocess(grey).flipped
+
+
+def test_pixel_spacing_from_every_place(tmp_path, nyu_small):
+    small = nyu_small[:64, :64]
+    cases = {
+        "pixel": ({"PixelSpacing": [0.07, 0.07], "ImagerPixelSpacing": [0.1, 0.1]}, (0.07, 0.07), None),
+        "imager_magnified": ({"ImagerPixelSpacing": [0.1, 0.1], "EstimatedRadiographicMagnificationFactor": 1.25},
+                             (0.08, 0.08), "magnification"),
+        "imager": ({"ImagerPixelSpacing": [0.1, 0.12]}, (0.1, 0.12), "ImagerPixelSpacing"),
+        "scanned": ({"NominalScannedPixelSpacing": [0.05, 0.05]}, (0.05, 0.05), "NominalScannedPixelSpacing"),
+    }
+    for name, (elements, expected, note) in cases.items():
+        img = imaging.read_image(make_dicom(small, tmp_path / f"{name}.dcm", **elements))
+        assert img.pixel_spacing_mm == pytest.approx(expected), name
+        assert (note is None and img.notes == []) or any(note in n for n in img.notes), name
+    measures = Dataset()
+    measures.PixelSpacing = [0.085, 0.085]
+    group = Dataset()
+    group.PixelMeasuresSequence = [measures]
+    img = imaging.read_image(make_dicom(small, tmp_path / "enhanced.dcm", SharedFunctionalGroupsSequence=[group]))
+    assert img.pixel_spacing_mm == pytest.approx((0.085, 0.085))
+    assert any("functional group" in n for n in img.notes)
