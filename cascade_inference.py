@@ -20,21 +20,10 @@ so) -> crop of the full-resolution preprocessed image -> stage 2 -> lesion proba
 
 Outputs for each input ``<stem>`` (in ``--output-dir``; with ``--recursive`` the input's sub-folders are mirrored
 there, so equal stems in different folders do not collide; two inputs with one stem in one folder, e.g. ``a.png``
-and ``a.dcm``, get ``a_png`` / ``a_dcm``):
-
-=============================  ===================================================================================
-``<stem>_tissue_seg.png``      8-bit class indices: 0 background, 1 adipose, 2 FGT, 3 pectoral muscle
-``<stem>_tissue_seg_color.png`` the same map in colour (:data:`outputs.TISSUE_COLORS_RGB`)
-``<stem>_fgt_mask.png``        8-bit, 255 = FGT, 0 elsewhere
-``<stem>_cancer_prob.png``     lesion probability; ``--prob-encoding uint8`` (default): value = round(p x 255);
-                               ``uint16``: value = round(p x 65535). The JSON's ``cancer_prob_encoding`` says which.
-``<stem>_visualization.png``   matplotlib figure: image, tissue overlay with legend, FGT + ROI, lesion contours
-``<stem>.json``                the record (:data:`record.RECORD_SPEC`; checked by :func:`record.validate_record`); written last,
-                               so its presence means the image is complete
-=============================  ===================================================================================
-
-For a folder, ``predictions.csv`` (one row per input, :data:`outputs.CSV_COLUMNS`) and ``summary.json`` (counts, failures,
-density distribution, timings) are written too, and a summary is printed.
+and ``a.dcm``, get ``a_png`` / ``a_dcm``): the files of :data:`outputs.OUTPUT_FILES`, listed with their dtypes and
+values by ``--help`` and in the README. For a folder, ``predictions.csv`` (one row per input,
+:data:`outputs.CSV_COLUMNS`) and ``summary.json`` (counts, failures, density distribution, timings) are written too,
+and a summary is printed.
 
 Safety: an input that cannot be read is skipped with its reason and the rest go on (exit status 1 at the end);
 files that are not images (no image suffix and no image magic bytes, e.g. ``notes.txt``) are listed as
@@ -63,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -72,10 +62,22 @@ import inference
 import outputs
 
 
+def _outputs_epilog(width: int = 78) -> str:
+    """The output files (``outputs.OUTPUT_FILES``, ``outputs.FOLDER_FILES``) as the text after the flags in --help."""
+    lines = ["outputs, per input <stem> (in --output-dir):"]
+    for _, pattern, text in (*outputs.OUTPUT_FILES, *((None, *row) for row in outputs.FOLDER_FILES)):
+        if pattern == outputs.FOLDER_FILES[0][0]:
+            lines.append("outputs of a folder run (--image-dir), beside them:")
+        lines.append(f"  {pattern}")
+        lines += textwrap.wrap(text, width, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The command line of the inference script (see the module docstring)."""
     parser = argparse.ArgumentParser(description="Run the two-stage mammogram cascade on an image or a folder.",
-                                     add_help=add_help, parents=[cli.runtime_parser("device", "backend", "amp", "tta")])
+                                     add_help=add_help, parents=[cli.runtime_parser("device", "backend", "amp", "tta")],
+                                     epilog=_outputs_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     # checkpoints
     parser.add_argument("--stage1-weights", type=str, default=None,
                         help="stage-1 (tissue) checkpoint .pth, or .onnx with --backend onnxruntime (default: %(default)s)")
@@ -109,6 +111,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="<stem>_cancer_prob.png: uint8 = round(p x 255), uint16 = round(p x 65535) "
                              "(default: %(default)s)")
     parser.add_argument("--no-visualization", action="store_true", help="skip <stem>_visualization.png (faster)")
+    parser.add_argument("--no-dicom-seg", action="store_true",
+                        help="skip <stem>_seg.dcm, the DICOM Segmentation written for each DICOM input")
     # interactive viewer
     parser.add_argument("--interactive", action="store_true",
                         help="open the OpenCV viewer over the inputs instead of writing all outputs (needs a display)")
@@ -203,7 +207,7 @@ def main(args: argparse.Namespace) -> int:
     inference.process(items, loaded, threshold=args.threshold, min_area_px=args.min_lesion_area,
                       prob_encoding=args.prob_encoding, visualization=not args.no_visualization,
                       overwrite=args.overwrite, batch_size=args.batch_size, prefetch=bool(args.prefetch),
-                      protected=protected)
+                      protected=protected, dicom_seg=not args.no_dicom_seg)
     elapsed = time.perf_counter() - start
 
     if args.image:

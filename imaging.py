@@ -167,6 +167,8 @@ def _finish_dtype(arr: np.ndarray, path: Path, notes: list[str]) -> np.ndarray:
 
 def _decode_raster(data: bytes, path: Path, fmt: str, notes: list[str]) -> np.ndarray:
     """Decode PNG/JPEG/TIFF/BMP/PGM bytes with OpenCV (Pillow as a fallback) to (H, W) uint8/uint16."""
+    if fmt == "png" and len(data) > 25 and data[25] == 3:  # IHDR colour type 3: indexed colour (PNG spec 11.2.2)
+        return _decode_indexed_png(data, path, notes)
     buf = np.frombuffer(data, dtype=np.uint8)
     arr = None
     cv_error = ""
@@ -256,6 +258,28 @@ def apply_exif_orientation(arr: np.ndarray, orientation: int, notes: list[str]) 
     notes.append(f"EXIF Orientation {orientation}: pixels {description} into the displayed orientation (outputs "
                  "are in the displayed orientation)")
     return np.ascontiguousarray(transform(arr))
+
+
+def _decode_indexed_png(data: bytes, path: Path, notes: list[str]) -> np.ndarray:
+    """An indexed-colour PNG -> (H, W) uint8: its palette's gray levels when every palette entry used is gray (an
+    image stored with a palette), else its palette indices (a label map such as ``<stem>_tissue_seg.png``, whose
+    colours are for display only; noted)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            indices = np.array(im.convert("P") if im.mode != "P" else im, dtype=np.uint8)
+            palette = np.array(im.getpalette() or [], dtype=np.uint8).reshape(-1, 3)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageReadError(path, f"corrupt or unsupported png file: {exc}") from exc
+    used = np.unique(indices)
+    if used.size and palette.shape[0] > int(used.max()):
+        colours = palette[used]
+        if np.all(colours[:, 0] == colours[:, 1]) and np.all(colours[:, 1] == colours[:, 2]):
+            return palette[:, 0][indices]
+    notes.append("indexed-colour PNG: read as its palette indices (a label map; the palette colours are for display)")
+    return indices
 
 
 def _dicom_value_range(ds: Any, arr_is_lut_output: bool) -> tuple[float, float]:
@@ -563,8 +587,13 @@ def read_mask(path: str | os.PathLike, kind: str = "binary") -> np.ndarray:
                      "it first (e.g. mask > 0) and save it as PNG.")
 
 
-def write_png(path: str | os.PathLike, array: np.ndarray, overwrite: bool = True) -> Path:
+def write_png(path: str | os.PathLike, array: np.ndarray, overwrite: bool = True,
+              palette: tuple[tuple[int, int, int], ...] | None = None) -> Path:
     """Write a ``(H, W)`` (or ``(H, W, 3)``) uint8 / uint16 array as PNG, atomically.
+
+    With ``palette`` (RGB triples, index = value) a ``(H, W)`` uint8 array is written as an indexed-colour PNG
+    (PNG colour type 3): the pixel values are exact (class indices, read back by :func:`read_image`) and every
+    image viewer shows the palette's colours, the habit of label maps in the field (e.g. PASCAL VOC).
 
     The PNG is encoded in memory, written to a temporary file in the target folder and moved into place with
     ``os.replace``, so a half-written file never carries the final name. Non-ASCII paths work. Missing parent
@@ -595,11 +624,29 @@ def write_png(path: str | os.PathLike, array: np.ndarray, overwrite: bool = True
         raise ValueError(f"write_png: {str(p)!r}: expected (H, W) or (H, W, 3|4), got shape {arr.shape}")
     if not overwrite and p.exists():
         raise FileExistsError(f"write_png: {str(p)!r} exists; remove it or allow overwriting")
+    if palette is not None:
+        return atomic_write_bytes(p, _indexed_png_bytes(arr, palette, p))
     ok, encoded = cv2.imencode(".png", np.ascontiguousarray(arr))
     if not ok:  # pragma: no cover - OpenCV fails only on unsupported input, checked above
         raise OSError(f"write_png: PNG encoding failed for {str(p)!r}")
     atomic_write_bytes(p, encoded.tobytes())
     return p
+
+
+def _indexed_png_bytes(arr: np.ndarray, palette, path: Path) -> bytes:
+    from PIL import Image
+
+    if arr.dtype != np.uint8 or arr.ndim != 2:
+        raise ValueError(f"write_png: {str(path)!r}: an indexed PNG needs a (H, W) uint8 array, got {arr.dtype} "
+                         f"{arr.shape}")
+    if arr.size and int(arr.max()) >= len(palette):
+        raise ValueError(f"write_png: {str(path)!r}: value {int(arr.max())} has no palette entry "
+                         f"({len(palette)} colours)")
+    image = Image.frombytes("P", (arr.shape[1], arr.shape[0]), np.ascontiguousarray(arr).tobytes())
+    image.putpalette([int(c) for rgb in palette for c in rgb])
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -248,11 +248,12 @@ def _read_group(paths: list[Path]) -> list:
 
 def process(items: list[InputItem], loaded: LoadedCascade, *, threshold: float = 0.5, min_area_px: int = 1,
             prob_encoding: str = "uint8", visualization: bool = True, overwrite: bool = False, batch_size: int = 1,
-            prefetch: bool = True, protected: set = frozenset()) -> None:
+            prefetch: bool = True, protected: set = frozenset(), dicom_seg: bool = True) -> None:
     """Run every pending item, ``batch_size`` images per network call; fills status / reason / record / seconds.
 
     ``threshold`` / ``min_area_px`` / ``prob_encoding`` go to :func:`record.build_prediction`; ``visualization``,
-    ``overwrite`` and ``protected`` (input paths, never written) to :func:`outputs.write_outputs`. Each input gets
+    ``overwrite``, ``protected`` (input paths, never written) and ``dicom_seg`` to :func:`outputs.write_outputs`.
+    Each input gets
     one progress line when it is done (stdout) or failed (stderr, with the reason).
 
     With ``prefetch`` a reader thread reads the next group while the networks run on this one, and a writer
@@ -284,7 +285,8 @@ def process(items: list[InputItem], loaded: LoadedCascade, *, threshold: float =
 
     def write(prediction: Prediction, item: InputItem):
         return write_outputs(prediction, item.out_dir, item.stem, threshold=threshold, prob_encoding=prob_encoding,
-                             visualization=visualization, overwrite=overwrite, protected=protected)
+                             visualization=visualization, overwrite=overwrite, protected=protected,
+                             dicom_seg=dicom_seg)
 
     try:
         future = read(groups[0]) if groups else None

@@ -35,6 +35,35 @@ if TYPE_CHECKING:
     from record import Prediction
 
 
+#: Every file written for one input ``<stem>``, in the order written: (record ``outputs`` key, file name pattern, what
+#: it holds). ``cascade_inference.py --help`` and the README list these; a test checks that the README does.
+OUTPUT_FILES = (
+    ("tissue_seg", "<stem>_tissue_seg.png",
+     "tissue classes, 8-bit indexed-colour PNG: pixel value = class index (0 background, 1 adipose, 2 FGT, "
+     "3 pectoral muscle), palette = the display colours, so the file is exact and viewable"),
+    ("tissue_seg_color", "<stem>_tissue_seg_color.png",
+     "the same map as 8-bit RGB (black, yellow, magenta, blue), for tools that ignore palettes"),
+    ("fgt_mask", "<stem>_fgt_mask.png", "FGT mask, 8-bit grayscale: 255 = FGT, 0 elsewhere"),
+    ("cancer_prob", "<stem>_cancer_prob.png",
+     "lesion probability, grayscale PNG: uint8 value = round(p x 255) (default) or, with --prob-encoding uint16, "
+     "round(p x 65535); exactly 0 outside the ROI box"),
+    ("visualization", "<stem>_visualization.png",
+     "RGB figure for reading: image, tissue overlay, FGT + ROI box, lesion probability with its contour "
+     "(not with --no-visualization)"),
+    ("dicom_seg", "<stem>_seg.dcm",
+     "DICOM inputs only (not with --no-dicom-seg): a DICOM Segmentation (BINARY) referencing the source image, "
+     "segments 1 adipose, 2 FGT, 3 pectoral muscle, 4 lesion (probability >= --threshold), for PACS viewers"),
+    ("json", "<stem>.json",
+     "the record: sizes, pixel spacing, ROI, tissue areas (px, mm2), percent density, lesion components, reading "
+     "notes, checkpoints, timings (record.RECORD_SPEC); written last, so its presence means the image is complete"),
+)
+
+#: Files written for a folder (``--image-dir``), beside the per-image files.
+FOLDER_FILES = (
+    ("predictions.csv", "one row per input (CSV_COLUMNS): status, reason, size, density, ROI, lesion counts"),
+    ("summary.json", "counts by status, failures with reasons, the density distribution, timings, the arguments"),
+)
+
 #: Display colours (RGB) of the tissue classes 0..3 in the coloured map, the figure and the viewer. Our choice:
 #: background black, adipose yellow, FGT magenta, pectoral muscle blue (distinct for the common colour blindnesses).
 TISSUE_COLORS_RGB = ((0, 0, 0), (240, 200, 60), (220, 40, 150), (60, 120, 255))
@@ -147,9 +176,7 @@ def make_visualization(pixels: np.ndarray, result: cascade.CascadeResult, thresh
 def output_paths(out_dir: str | os.PathLike, stem: str) -> dict[str, Path]:
     """The output files of one input (keys as in the record's ``outputs``)."""
     out_dir = Path(out_dir)
-    return {"tissue_seg": out_dir / f"{stem}_tissue_seg.png", "tissue_seg_color": out_dir / f"{stem}_tissue_seg_color.png",
-            "fgt_mask": out_dir / f"{stem}_fgt_mask.png", "cancer_prob": out_dir / f"{stem}_cancer_prob.png",
-            "visualization": out_dir / f"{stem}_visualization.png", "json": out_dir / f"{stem}.json"}
+    return {key: out_dir / pattern.replace("<stem>", stem) for key, pattern, _ in OUTPUT_FILES}
 
 
 def write_json(path: str | os.PathLike, value) -> Path:
@@ -160,8 +187,9 @@ def write_json(path: str | os.PathLike, value) -> Path:
 
 def write_outputs(prediction: Prediction, out_dir: str | os.PathLike, stem: str, *, threshold: float = 0.5,
                   prob_encoding: str = "uint8", visualization: bool = True, overwrite: bool = False,
-                  protected: Iterable[str | os.PathLike] = ()) -> dict:
-    """Write one image's outputs (PNG maps, figure, then the JSON last) and fill ``record["outputs"]``.
+                  protected: Iterable[str | os.PathLike] = (), dicom_seg: bool = True) -> dict:
+    """Write one image's outputs (:data:`OUTPUT_FILES`: PNG maps, figure, DICOM SEG, then the JSON last) and fill
+    ``record["outputs"]``.
 
     Args:
         prediction: from :func:`inference.run_image` (or :func:`record.build_prediction`).
@@ -172,6 +200,7 @@ def write_outputs(prediction: Prediction, out_dir: str | os.PathLike, stem: str,
         visualization: also draw ``<stem>_visualization.png``.
         overwrite: replace an existing ``<stem>.json`` (otherwise FileExistsError).
         protected: input files; an output path equal to one of them raises ValueError (inputs are never written).
+        dicom_seg: for a DICOM input, also write ``<stem>_seg.dcm`` (:func:`write_dicom_seg_output`).
 
     Returns:
         The record (also updated in place) with ``outputs`` (file names relative to ``out_dir``) and the
@@ -189,7 +218,7 @@ def write_outputs(prediction: Prediction, out_dir: str | os.PathLike, stem: str,
     if paths["json"].exists() and not overwrite:
         raise FileExistsError(f"{paths['json']} exists; pass --overwrite to replace it")
     result, record = prediction.result, prediction.record
-    imaging.write_png(paths["tissue_seg"], result.tissue_classes.astype(np.uint8))
+    imaging.write_png(paths["tissue_seg"], result.tissue_classes.astype(np.uint8), palette=TISSUE_COLORS_RGB)
     imaging.write_png(paths["tissue_seg_color"], cv2.cvtColor(colorize_tissue(result.tissue_classes), cv2.COLOR_RGB2BGR))
     imaging.write_png(paths["fgt_mask"], (result.tissue_classes == labels.FGT).astype(np.uint8) * 255)
     imaging.write_png(paths["cancer_prob"], encode_probability(result.lesion_prob, prob_encoding))
@@ -198,13 +227,41 @@ def write_outputs(prediction: Prediction, out_dir: str | os.PathLike, stem: str,
         title = (f"{record['input']['relative_path']}: density {record['density']['percent']:.1f} % "
                  f"({record['density']['category']}), {record['lesions']['count']} lesion candidate(s)")
         atomic_write_bytes(paths["visualization"], make_visualization(prediction.image.pixels, result, threshold, title))
-    record["outputs"] = {k: (p.name if (k != "visualization" or visualization) else None) for k, p in paths.items()}
+    seg_written = dicom_seg and prediction.image.source_format == "dicom" and write_dicom_seg_output(
+        prediction, paths["dicom_seg"], threshold=threshold)
+    written = {"visualization": visualization, "dicom_seg": seg_written}
+    record["outputs"] = {k: (p.name if written.get(k, True) else None) for k, p in paths.items()}
     timings = record["timings_s"]
     timings["write"] = round(time.perf_counter() - start, 4)
     timings["total"] = round(timings.get("read", 0) + timings.get("cascade_total", 0) + timings.get("postprocess", 0)
                              + timings["write"], 4)
     write_json(paths["json"], record)
     return record
+
+
+def write_dicom_seg_output(prediction: Prediction, path: Path, *, threshold: float) -> bool:
+    """Write ``<stem>_seg.dcm`` of a DICOM input (``dicom_seg.write_dicom_seg``): the tissue classes and the lesion
+    mask ``lesion_prob >= threshold`` on the source's pixel grid, the algorithm version naming both checkpoints.
+
+    Like the PNGs, an existing file is replaced: :func:`write_outputs` has already refused to redo an image whose
+    JSON exists, so a file here is left from an interrupted run. A source the SEG cannot be made for (a multi-frame
+    image, a source highdicom refuses) costs only this file: the reason is added to the record's findings and input
+    notes, and False is returned; the other outputs stand.
+    """
+    import dicom_seg  # highdicom is imported only when a DICOM input is written
+
+    record, result = prediction.record, prediction.result
+    identities = record.get("checkpoints", {})
+    version = "stage1 {} stage2 {}".format(*(identities.get(f"stage{n}", {}).get("sha256_16", "?")[:12] for n in (1, 2)))
+    try:
+        dicom_seg.write_dicom_seg(prediction.image.path, result.tissue_classes, result.lesion_prob >= threshold, path,
+                                  overwrite=True, threshold=threshold, algorithm_version=version)
+    except ValueError as error:
+        text = f"DICOM Segmentation not written: {error}"
+        record["input"]["notes"].append(text)
+        record["findings"].append(f"Warning: {text}.")
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------------ folder tables

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 
 #: Version of the JSON record layout (:data:`RECORD_SPEC`); bump when fields change meaning.
-RECORD_SCHEMA_VERSION = 1
+RECORD_SCHEMA_VERSION = 2  # 2: outputs.dicom_seg added (a version-1 record, without it, still validates)
 
 #: Connectivity of lesion components (``cv2.connectedComponentsWithStats``): 8 (diagonal neighbours join).
 LESION_CONNECTIVITY = 8
@@ -87,7 +87,8 @@ RECORD_SPEC: dict[str, Any] = {
     "preprocessing": {"config": dict, "adaptive_clahe": str, "adaptive_clahe_used": bool, "tta": bool},
     # file names relative to the JSON's folder; null when not written (predict_image writes nothing)
     "outputs": {"tissue_seg": (str, _NoneType), "tissue_seg_color": (str, _NoneType), "fgt_mask": (str, _NoneType),
-                "cancer_prob": (str, _NoneType), "visualization": (str, _NoneType), "json": (str, _NoneType)},
+                "cancer_prob": (str, _NoneType), "visualization": (str, _NoneType), "dicom_seg": (str, _NoneType),
+                "json": (str, _NoneType)},
     "cancer_prob_encoding": str,
     "timings_s": dict,
     "checkpoints": {"stage1": _CHECKPOINT_SPEC, "stage2": _CHECKPOINT_SPEC},
@@ -328,6 +329,8 @@ def validate_record(record: dict) -> list[str]:
         The problems found, as sentences (empty when the record is valid).
     """
     problems: list[str] = []
+    if record.get("schema_version") == 1 and isinstance(record.get("outputs"), dict):  # written before dicom_seg
+        record = {**record, "outputs": {"dicom_seg": None, **record["outputs"]}}
     _check(record, RECORD_SPEC, "record", problems)
     if problems:
         return problems

@@ -26,6 +26,7 @@ import checkpoints
 import fileio
 import imaging
 import inference
+import labels
 import outputs
 from models import build_model, default_model_config
 from record import RECORD_SPEC, lesion_components, plausibility_warnings, validate_record
@@ -411,6 +412,77 @@ def test_dicom_input_gives_the_same_masks_as_its_png(checkpoint_dir, tissue_imag
     areas_px, areas_mm2 = dicom_record["tissue"]["areas_px"], dicom_record["tissue"]["areas_mm2"]
     assert all(areas_mm2[k] == pytest.approx(areas_px[k] * 0.02, abs=1e-3) for k in areas_px)
     assert dicom_record["roi"] == png_record["roi"] and dicom_record["density"] == png_record["density"]
+
+
+def test_dicom_input_writes_a_segmentation_with_the_png_masks_and_the_source_uids(checkpoint_dir, loaded, tissue_image,
+                                                                                tmp_path):
+    """<stem>_seg.dcm reads back (highdicom) with the tissue classes of <stem>_tissue_seg.png, the lesion mask of the
+    cascade at the threshold, the source's UIDs and pixel spacing; --no-dicom-seg and non-DICOM inputs write none."""
+    hd = pytest.importorskip("highdicom")
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from dicom_helpers import make_dicom
+
+    pixels = _read(tissue_image)
+    (tmp_path / "in").mkdir()
+    uids = {"StudyInstanceUID": generate_uid(), "SeriesInstanceUID": generate_uid(),
+            "FrameOfReferenceUID": generate_uid()}
+    source = make_dicom(pixels, tmp_path / "in" / "scan.dcm", PixelSpacing=[0.1, 0.2], PatientOrientation=["A", "R"],
+                        PositionReferenceIndicator="", **uids)
+    prob = loaded.cascade(pixels).lesion_prob
+    threshold = round(float(np.median(prob[prob > 0])), 4)  # the untrained model's lesion mask is then partial
+    out = tmp_path / "out"
+    assert ci.main(_args(checkpoint_dir, "--image", str(source), "--output-dir", str(out), "--backend", "torch",
+                         "--threshold", str(threshold), "--no-visualization")) == 0
+    record = json.loads((out / "scan.json").read_text(encoding="utf-8"))
+    assert record["outputs"]["dicom_seg"] == "scan_seg.dcm" and validate_record(record) == []
+    seg = hd.seg.segread(out / "scan_seg.dcm")
+    sop = pydicom.dcmread(source).SOPInstanceUID
+    segments = seg.get_pixels_by_source_instance([sop], segment_numbers=[1, 2, 3, 4])[0].astype(bool)
+    tissue = _read(out / "scan_tissue_seg.png")
+    assert tissue.shape == segments.shape[:2] == pixels.shape
+    for number, class_id in ((1, labels.ADIPOSE), (2, labels.FGT), (3, labels.PECTORAL)):
+        np.testing.assert_array_equal(segments[..., number - 1], tissue == class_id)
+    np.testing.assert_array_equal(segments[..., 3], prob >= threshold)
+    for k in (0, 3):  # the comparisons are not between empty or full masks
+        assert segments[..., k].any() and not segments[..., k].all()
+    assert seg.StudyInstanceUID == uids["StudyInstanceUID"] and seg.FrameOfReferenceUID == uids["FrameOfReferenceUID"]
+    assert [item.ReferencedSOPInstanceUID for item in seg.SourceImageSequence] == [sop]
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == uids["SeriesInstanceUID"]
+    spacing = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+    assert [float(v) for v in spacing] == [0.1, 0.2]
+
+    assert ci.main(_args(checkpoint_dir, "--image", str(source), "--output-dir", str(tmp_path / "no_seg"),
+                         "--no-dicom-seg", "--no-visualization")) == 0
+    assert not (tmp_path / "no_seg" / "scan_seg.dcm").exists()
+    assert json.loads((tmp_path / "no_seg" / "scan.json").read_text(encoding="utf-8"))["outputs"]["dicom_seg"] is None
+    assert ci.main(_args(checkpoint_dir, "--image", str(tissue_image), "--output-dir", str(tmp_path / "png"),
+                         "--no-visualization")) == 0
+    assert not list((tmp_path / "png").glob("*.dcm"))
+
+
+def test_tissue_map_is_an_indexed_png_with_exact_classes_and_the_display_palette(loaded, tissue_image, tmp_path):
+    from PIL import Image
+
+    prediction = inference.run_image(loaded, tissue_image)
+    outputs.write_outputs(prediction, tmp_path, "t", visualization=False)
+    with Image.open(tmp_path / "t_tissue_seg.png") as im:
+        assert im.mode == "P"
+        indices = np.array(im)
+        palette = np.array(im.getpalette()[:12]).reshape(4, 3)
+    np.testing.assert_array_equal(indices, prediction.result.tissue_classes)
+    np.testing.assert_array_equal(palette, np.array(outputs.TISSUE_COLORS_RGB))
+    np.testing.assert_array_equal(_read(tmp_path / "t_tissue_seg.png"), prediction.result.tissue_classes)
+    assert any("palette indices" in note for note in imaging.read_image(tmp_path / "t_tissue_seg.png").notes)
+
+
+def test_every_output_file_is_explained_in_the_readme_and_in_help():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    help_text = ci.get_args_parser().format_help()
+    for pattern in [p for _, p, _ in outputs.OUTPUT_FILES] + [p for p, _ in outputs.FOLDER_FILES]:
+        assert f"`{pattern}`" in readme, pattern
+        assert pattern in help_text, pattern
 
 
 # ----------------------------------------------------------------------------------------------------- options
