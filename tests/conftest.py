@@ -56,3 +56,28 @@ def nyu_dir() -> Path:
 def cbis_csv_dir() -> Path:
     """The four official CBIS-DDSM description CSVs (no images)."""
     return _require(SHARED_DATA / "cbis_ddsm_csv")
+
+
+#: Network sizes of the untrained checkpoints of :func:`checkpoint_dir` (small: geometry, not accuracy, is tested).
+STAGE1_SIZE, STAGE2_SIZE = (128, 64), (64, 64)
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory) -> Path:
+    """best_stage1.pth / best_stage2.pth in ``stage1/`` and ``stage2/``: untrained, seeded (ResNet18 encoder, stage 1
+    at 128x64, stage 2 at 64x64), saved with ``checkpoints.save_checkpoint``."""
+    import torch
+
+    import checkpoints
+    import imaging
+    from models import build_model, default_model_config
+
+    folder = tmp_path_factory.mktemp("checkpoints")
+    for stage, classes, size in ((1, 4, STAGE1_SIZE), (2, 1, STAGE2_SIZE)):
+        torch.manual_seed(stage)
+        config = default_model_config(classes, encoder_name="resnet18", encoder_weights=None)
+        checkpoint = checkpoints.make_checkpoint(stage=stage, model=build_model(config), model_config=config,
+                                                 preprocess_config=dict(imaging.DEFAULT_PREPROCESS), input_size=size,
+                                                 epoch=2, best_metric=0.25)
+        checkpoints.save_checkpoint(checkpoint, folder / f"stage{stage}" / f"best_stage{stage}.pth")
+    return folder

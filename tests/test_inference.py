@@ -22,34 +22,18 @@ import torch
 
 import cascade
 import cascade_inference as ci
-import checkpoints
 import fileio
 import imaging
 import inference
 import labels
 import outputs
-from models import build_model, default_model_config
 from record import RECORD_SPEC, lesion_components, plausibility_warnings, validate_record
 
-STAGE1_SIZE, STAGE2_SIZE = (128, 64), (64, 64)
 TISSUE_NAME = "A_0002_1.RIGHT_MLO.png"
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="session")
-def checkpoint_dir(tmp_path_factory) -> Path:
-    """best_stage1.pth / best_stage2.pth, untrained and seeded, saved with checkpoints.save_checkpoint."""
-    folder = tmp_path_factory.mktemp("checkpoints")
-    for stage, classes, size in ((1, 4, STAGE1_SIZE), (2, 1, STAGE2_SIZE)):
-        torch.manual_seed(stage)
-        config = default_model_config(classes, encoder_name="resnet18", encoder_weights=None)
-        checkpoint = checkpoints.make_checkpoint(stage=stage, model=build_model(config), model_config=config,
-                                             preprocess_config=dict(imaging.DEFAULT_PREPROCESS), input_size=size,
-                                             epoch=2, best_metric=0.25)
-        checkpoints.save_checkpoint(checkpoint, folder / f"stage{stage}" / f"best_stage{stage}.pth")
-    return folder
-
-
+# checkpoint_dir (untrained, seeded best_stage1.pth / best_stage2.pth) is in conftest.py
 @pytest.fixture(scope="session")
 def loaded(checkpoint_dir) -> inference.LoadedCascade:
     return inference.load_cascade(checkpoint_dir / "stage1" / "best_stage1.pth",
