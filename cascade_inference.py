@@ -6,6 +6,13 @@ Usage::
     python cascade_inference.py --stage1-weights checkpoints/stage1/best_stage1.pth \\
         --stage2-weights checkpoints/stage2/best_stage2.pth --image 0_R-CC.dcm --output-dir predictions
     python cascade_inference.py --checkpoint-dir checkpoints --image-dir scans/ --interactive   # OpenCV viewer
+    torchrun --nproc-per-node 4 cascade_inference.py --checkpoint-dir checkpoints --image-dir archive/ --recursive
+
+Under ``torchrun`` (one machine or several: ``--nnodes``, ``--rdzv-endpoint``) the inputs are split across the
+processes (every N-th input, ``inference.shard``), each process uses one GPU (``cuda:<LOCAL_RANK>``) or an equal
+share of the CPU cores and writes its own images' outputs, and rank 0 merges ``predictions.csv`` and
+``summary.json`` in input order (the processes exchange their tables over gloo). An interrupted run continues
+where it stopped: an input whose ``<stem>.json`` exists is skipped, whatever the number of processes.
 
 The two checkpoints alone define the networks, their input sizes and the preprocessing (no training flag is
 repeated). Every format ``imaging.read_image`` reads is accepted: PNG / TIFF (8 and 16 bit), JPEG, BMP, PGM and
@@ -51,6 +58,7 @@ summary, the viewer wiring).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 import time
@@ -58,8 +66,10 @@ from pathlib import Path
 
 import checkpoints
 import cli
+import distributed
 import inference
 import outputs
+import runners
 
 
 def _outputs_epilog(width: int = 78) -> str:
@@ -158,6 +168,22 @@ def _resolve_weights(args) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
+def _process_device(device: str, ctx: distributed.DistContext) -> tuple[str, int | None]:
+    """This process's device and CPU threads. Under torchrun: ``cuda:<LOCAL_RANK>`` where a GPU is asked for (or
+    ``auto`` finds one), and on the CPU an equal share of the cores per process on this machine (torchrun's
+    ``LOCAL_WORLD_SIZE``), so that the processes do not oversubscribe the cores. A single process: unchanged."""
+    if ctx.world_size == 1:
+        return device, None
+    import torch
+
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{ctx.local_rank}", None
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+    threads = max(1, runners.available_cores() // max(1, local))
+    torch.set_num_threads(threads)
+    return ("cpu" if device == "auto" else device), threads
+
+
 def main(args: argparse.Namespace) -> int:
     """Run inference as the command line asks; returns 0 (all done), 1 (some inputs failed) or 2 (usage error)."""
     if not args.image and not args.image_dir:
@@ -179,9 +205,17 @@ def main(args: argparse.Namespace) -> int:
             return cli.usage_error(f"--output-dir {output_dir} is the input folder; outputs would mix with the inputs. "
                                 "Choose another folder")
     try:
+        ctx = distributed.env_context()
+    except ValueError as error:
+        return cli.usage_error(str(error))
+    if ctx.world_size > 1 and args.interactive:
+        return cli.usage_error("--interactive opens one window: run it without torchrun")
+    device, threads = _process_device(args.device, ctx)
+    try:
         stage1_path, stage2_path = _resolve_weights(args)
-        loaded = inference.load_cascade(stage1_path, stage2_path, device=args.device, backend=args.backend,
-                                        tta=args.tta, adaptive_clahe=args.adaptive_clahe, amp=args.amp)
+        loaded = inference.load_cascade(stage1_path, stage2_path, device=device, backend=args.backend,
+                                        tta=args.tta, adaptive_clahe=args.adaptive_clahe, amp=args.amp,
+                                        threads=threads)
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         return cli.usage_error(str(error))
     for note in loaded.notes:
@@ -200,15 +234,26 @@ def main(args: argparse.Namespace) -> int:
         return inference.interactive(items, loaded, threshold=args.threshold, adaptive_clahe=args.adaptive_clahe,
                                      save_dir=args.output_dir)
 
-    for item in ([] if args.overwrite else inference.mark_existing(items)):
-        print(f"{item.relative}: outputs exist, skipped (pass --overwrite to redo)")
     protected = {item.path.resolve() for item in items}
+    if ctx.world_size > 1:
+        ctx = distributed.init_distributed("cpu", backend="gloo")  # the ranks exchange only their tables
+    own = inference.shard(items, ctx.rank, ctx.world_size)
+    mine = [item for _, item in own]
+    for item in ([] if args.overwrite else inference.mark_existing(mine)):
+        print(f"{item.relative}: outputs exist, skipped (pass --overwrite to redo)")
     start = time.perf_counter()
-    inference.process(items, loaded, threshold=args.threshold, min_area_px=args.min_lesion_area,
+    inference.process(mine, loaded, threshold=args.threshold, min_area_px=args.min_lesion_area,
                       prob_encoding=args.prob_encoding, visualization=not args.no_visualization,
                       overwrite=args.overwrite, batch_size=args.batch_size, prefetch=bool(args.prefetch),
                       protected=protected, dicom_seg=not args.no_dicom_seg)
     elapsed = time.perf_counter() - start
+    if ctx.enabled:
+        shards = distributed.gather_objects((own, elapsed), ctx)
+        distributed.cleanup(ctx)
+        if not ctx.is_main:
+            return 1 if any(item.status == "failed" for item in mine) else 0
+        items = inference.merge_shards([part for part, _ in shards])
+        elapsed = max(seconds for _, seconds in shards)
 
     if args.image:
         item = items[0]

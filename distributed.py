@@ -1,4 +1,4 @@
-"""Distributed training helpers: one process per device, started by ``torchrun``.
+"""Distributed helpers for training and inference: one process per device, started by ``torchrun``.
 
 ``torchrun --nproc_per_node=N script.py ...`` starts N copies of a script and gives each the environment variables
 ``RANK`` (global process index), ``WORLD_SIZE`` (number of processes), ``LOCAL_RANK`` (index on this machine) and
@@ -62,13 +62,16 @@ def env_context() -> DistContext:
     return DistContext(rank, world_size, local_rank, enabled=False)
 
 
-def init_distributed(device_type: str, timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> DistContext:
+def init_distributed(device_type: str, timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+                     backend: str | None = None) -> DistContext:
     """Initialise the default process group when started by torchrun with more than one process.
 
     Args:
         device_type: ``"cuda"`` (NCCL, or gloo without NCCL; the process's GPU is ``cuda:<LOCAL_RANK>``, made current here) or ``"cpu"``
             (gloo).
         timeout: collective timeout.
+        backend: force a process-group backend; ``"gloo"`` for runs that exchange only Python objects (inference
+            merging its tables), whatever the device.
 
     Returns:
         The :class:`DistContext` (``enabled`` False for a single process).
@@ -86,7 +89,7 @@ def init_distributed(device_type: str, timeout: datetime.timedelta = DEFAULT_TIM
         torch.cuda.set_device(ctx.local_rank)
     if not dist.is_initialized():
         # NCCL for GPUs where it exists (Linux); gloo otherwise (CPU, and CUDA on Windows, which has no NCCL)
-        backend = "nccl" if device_type == "cuda" and dist.is_nccl_available() else "gloo"
+        backend = backend or ("nccl" if device_type == "cuda" and dist.is_nccl_available() else "gloo")
         dist.init_process_group(backend=backend, timeout=timeout, rank=ctx.rank, world_size=ctx.world_size)
     return DistContext(ctx.rank, ctx.world_size, ctx.local_rank, enabled=True)
 
@@ -146,3 +149,13 @@ def broadcast_object(obj, ctx: DistContext, src: int = 0):
     holder = [obj if ctx.rank == src else None]
     dist.broadcast_object_list(holder, src)
     return holder[0]
+
+
+def gather_objects(obj, ctx: DistContext, dst: int = 0) -> list | None:
+    """Collect a picklable object from every process on rank ``dst``: the list of all of them (in rank order) there,
+    None elsewhere; ``[obj]`` for a single process. Needs a gloo process group (objects travel through the CPU)."""
+    if not ctx.enabled:
+        return [obj]
+    holder = [None] * ctx.world_size if ctx.rank == dst else None
+    dist.gather_object(obj, holder, dst=dst)
+    return holder

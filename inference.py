@@ -54,8 +54,11 @@ class LoadedCascade:
 
 def load_cascade(stage1_path: str | os.PathLike, stage2_path: str | os.PathLike, *, device: str = "auto",
                  backend: str = "torch", tta: bool = False, adaptive_clahe: bool = False,
-                 amp: bool = False) -> LoadedCascade:
+                 amp: bool = False, threads: int | None = None) -> LoadedCascade:
     """Load both checkpoints and build the :class:`cascade.Cascade` that inference runs.
+
+    ``threads``: CPU threads of the ONNX Runtime sessions (default: all cores this process may use; torch's own
+    thread count is the caller's, ``torch.set_num_threads``).
 
     Raises:
         FileNotFoundError: a checkpoint is missing. ValueError: a file is not a checkpoint of this suite, or holds
@@ -65,8 +68,8 @@ def load_cascade(stage1_path: str | os.PathLike, stage2_path: str | os.PathLike,
         device = "cpu"  # ONNX Runtime runs on the CPU here (runners.make_runner)
     torch_device = runners.resolve_device(device)
     stage1_path, stage2_path = Path(stage1_path), Path(stage2_path)
-    runner1, checkpoint1 = runners.load_runner(stage1_path, backend, torch_device, amp=amp)
-    runner2, checkpoint2 = runners.load_runner(stage2_path, backend, torch_device, amp=amp)
+    runner1, checkpoint1 = runners.load_runner(stage1_path, backend, torch_device, amp=amp, threads=threads)
+    runner2, checkpoint2 = runners.load_runner(stage2_path, backend, torch_device, amp=amp, threads=threads)
     notes = []
     if dict(checkpoint2.get("preprocess_config", {})) != dict(checkpoint1["preprocess_config"]):
         notes.append("the two checkpoints store different preprocessing configs; the stage-1 one is used for both "
@@ -184,6 +187,26 @@ def list_inputs(image_dir: Path, recursive: bool, output_dir: Path) -> list[Inpu
             for item in group:
                 item.stem = item.path.name.replace(".", "_")
     return items
+
+
+def shard(items: list[InputItem], rank: int, world_size: int) -> list[tuple[int, InputItem]]:
+    """This process's share of a run's inputs under torchrun: every ``world_size``-th input from ``rank`` on, with
+    its index in ``items`` (so that rank 0 can put the run back in input order, :func:`merge_shards`). Each input
+    belongs to exactly one rank; its outputs are written by that rank alone."""
+    return [(index, item) for index, item in enumerate(items) if index % world_size == rank]
+
+
+def merge_shards(shards: list[list[tuple[int, InputItem]]]) -> list[InputItem]:
+    """The whole run's inputs, in input order, from every rank's :func:`shard` after processing.
+
+    Raises:
+        ValueError: the shards do not cover the inputs exactly once (ranks that listed different folders).
+    """
+    pairs = sorted((pair for part in shards for pair in part), key=lambda pair: pair[0])
+    if [index for index, _ in pairs] != list(range(len(pairs))):
+        raise ValueError("the processes listed different inputs (was the folder changed while they started?); "
+                         "run again")
+    return [item for _, item in pairs]
 
 
 def mark_existing(items: list[InputItem]) -> list[InputItem]:
