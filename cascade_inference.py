@@ -121,6 +121,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="<stem>_cancer_prob.png: uint8 = round(p x 255), uint16 = round(p x 65535) "
                              "(default: %(default)s)")
     parser.add_argument("--no-visualization", action="store_true", help="skip <stem>_visualization.png (faster)")
+    parser.add_argument("--color-map", action="store_true",
+                        help="also write <stem>_tissue_seg_color.png, the tissue map as plain RGB (the indexed "
+                             "<stem>_tissue_seg.png already shows these colours in image viewers)")
     parser.add_argument("--no-dicom-seg", action="store_true",
                         help="skip <stem>_seg.dcm, the DICOM Segmentation written for each DICOM input")
     # interactive viewer
@@ -245,7 +248,8 @@ def main(args: argparse.Namespace) -> int:
     inference.process(mine, loaded, threshold=args.threshold, min_area_px=args.min_lesion_area,
                       prob_encoding=args.prob_encoding, visualization=not args.no_visualization,
                       overwrite=args.overwrite, batch_size=args.batch_size, prefetch=bool(args.prefetch),
-                      protected=protected, dicom_seg=not args.no_dicom_seg)
+                      protected=protected, dicom_seg=not args.no_dicom_seg,
+                      color_map=args.color_map)
     elapsed = time.perf_counter() - start
     if ctx.enabled:
         shards = distributed.gather_objects((own, elapsed), ctx)

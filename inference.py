@@ -271,11 +271,13 @@ def _read_group(paths: list[Path]) -> list:
 
 def process(items: list[InputItem], loaded: LoadedCascade, *, threshold: float = 0.5, min_area_px: int = 1,
             prob_encoding: str = "uint8", visualization: bool = True, overwrite: bool = False, batch_size: int = 1,
-            prefetch: bool = True, protected: set = frozenset(), dicom_seg: bool = True) -> None:
+            prefetch: bool = True, protected: set = frozenset(), dicom_seg: bool = True,
+            color_map: bool = False) -> None:
     """Run every pending item, ``batch_size`` images per network call; fills status / reason / record / seconds.
 
     ``threshold`` / ``min_area_px`` / ``prob_encoding`` go to :func:`record.build_prediction`; ``visualization``,
-    ``overwrite``, ``protected`` (input paths, never written) and ``dicom_seg`` to :func:`outputs.write_outputs`.
+    ``overwrite``, ``protected`` (input paths, never written), ``dicom_seg`` and ``color_map`` to
+    :func:`outputs.write_outputs`.
     Each input gets
     one progress line when it is done (stdout) or failed (stderr, with the reason).
 
@@ -309,7 +311,7 @@ def process(items: list[InputItem], loaded: LoadedCascade, *, threshold: float =
     def write(prediction: Prediction, item: InputItem):
         return write_outputs(prediction, item.out_dir, item.stem, threshold=threshold, prob_encoding=prob_encoding,
                              visualization=visualization, overwrite=overwrite, protected=protected,
-                             dicom_seg=dicom_seg)
+                             dicom_seg=dicom_seg, color_map=color_map)
 
     try:
         future = read(groups[0]) if groups else None

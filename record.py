@@ -120,7 +120,7 @@ def _pixel_area_mm2(spacing_mm) -> float | None:
 
 def tissue_summary(tissue_classes: np.ndarray, spacing_mm=None) -> dict:
     """Per-class areas of a ``(H, W)`` class map: ``{"areas_px": {name: int}, "areas_mm2": {name: float} | None}``."""
-    counts = np.bincount(tissue_classes.ravel(), minlength=len(labels.TISSUE_CLASS_NAMES))
+    counts = imaging.histogram_u8(tissue_classes)
     areas = {name: int(counts[i]) for i, name in enumerate(labels.TISSUE_CLASS_NAMES)}
     pixel_mm2 = _pixel_area_mm2(spacing_mm)
     return {"areas_px": areas,
@@ -136,7 +136,8 @@ def density_summary(tissue_classes: np.ndarray) -> dict:
             "caveat": DENSITY_CAVEAT}
 
 
-def lesion_components(prob: np.ndarray, threshold: float = 0.5, spacing_mm=None, min_area_px: int = 1) -> dict:
+def lesion_components(prob: np.ndarray, threshold: float = 0.5, spacing_mm=None, min_area_px: int = 1,
+                      box: roi.RoiBox | None = None) -> dict:
     """Connected components (8-connectivity) of ``prob >= threshold``, largest first.
 
     Args:
@@ -144,6 +145,9 @@ def lesion_components(prob: np.ndarray, threshold: float = 0.5, spacing_mm=None,
         threshold: probability threshold (components are where ``prob >= threshold``).
         spacing_mm: ``(row, col)`` pixel spacing in mm, or None (then areas in mm^2 are None).
         min_area_px: components smaller than this many pixels are dropped.
+        box: the ROI box outside which ``prob`` is exactly 0 (the cascade's ``roi_box``); with a threshold above 0
+            the components lie inside it, so only the box is searched (the same result, less work on a full-field
+            image). None: the whole map.
 
     Returns:
         The ``"lesions"`` part of the record: ``threshold``, ``connectivity``, ``min_area_px``, ``count`` (all
@@ -151,21 +155,25 @@ def lesion_components(prob: np.ndarray, threshold: float = 0.5, spacing_mm=None,
         map), ``total_area_px`` / ``total_area_mm2`` and ``components`` (each as :data:`COMPONENT_SPEC`; boxes are
         half-open ``[y0, y1) x [x0, x1)`` in pixels, centroids ``[y, x]`` in pixels).
     """
+    top = left = 0
+    if box is not None and threshold > 0:
+        top, left = box.y0, box.x0
+        prob = prob[box.slices()]
     mask = (prob >= threshold).astype(np.uint8)
-    n, labels, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=LESION_CONNECTIVITY)
+    n, component_ids, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=LESION_CONNECTIVITY)
     pixel_mm2 = _pixel_area_mm2(spacing_mm)
     kept = sorted((i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= max(1, min_area_px)),
                   key=lambda j: (-int(stats[j, cv2.CC_STAT_AREA]), j))
     components = []
     for i in kept[:MAX_LISTED_COMPONENTS]:  # statistics inside each component's own box (fast on large images)
         x, y, w, h, area = (int(v) for v in stats[i])
-        values = prob[y:y + h, x:x + w][labels[y:y + h, x:x + w] == i]
+        values = prob[y:y + h, x:x + w][component_ids[y:y + h, x:x + w] == i]
         components.append({
-            "id": 0, "box": _box_dict(y, x, y + h, x + w), "area_px": area,
+            "id": 0, "box": _box_dict(top + y, left + x, top + y + h, left + x + w), "area_px": area,
             "area_mm2": None if pixel_mm2 is None else round(area * pixel_mm2, 3),
             "max_probability": round(float(values.max()), 4),
             "mean_probability": round(float(values.mean(dtype=np.float64)), 4),
-            "centroid_yx": [round(float(centroids[i][1]), 1), round(float(centroids[i][0]), 1)],
+            "centroid_yx": [round(top + float(centroids[i][1]), 1), round(left + float(centroids[i][0]), 1)],
         })
     for rank, component in enumerate(components, start=1):
         component["id"] = rank
@@ -267,7 +275,7 @@ def build_prediction(loaded: LoadedCascade, path: Path, image: imaging.Mammogram
         "tissue": {"class_names": list(labels.TISSUE_CLASS_NAMES), **tissue_summary(result.tissue_classes, spacing),
                    "confidence": round(float(result.tissue_confidence), 4)},
         "density": density_summary(result.tissue_classes),
-        "lesions": lesion_components(result.lesion_prob, threshold, spacing, min_area_px),
+        "lesions": lesion_components(result.lesion_prob, threshold, spacing, min_area_px, box=result.roi_box),
         "preprocessing": {"config": dict(model.preprocess_config), "adaptive_clahe": model.adaptive_clahe,
                           "adaptive_clahe_used": bool(result.adaptive_clahe_used), "tta": bool(model.tta)},
         "outputs": {key: None for key in RECORD_SPEC["outputs"]},

@@ -27,6 +27,7 @@ import imaging
 import inference
 import labels
 import outputs
+import roi
 from record import RECORD_SPEC, lesion_components, plausibility_warnings, validate_record
 
 TISSUE_NAME = "A_0002_1.RIGHT_MLO.png"
@@ -66,7 +67,7 @@ def _check_outputs(out_dir: Path, stem: str, pixels: np.ndarray, expected: casca
     shape = pixels.shape
     assert (record["image_size"]["height"], record["image_size"]["width"]) == shape
     tissue = _read(out_dir / f"{stem}_tissue_seg.png")
-    color = cv2.imread(str(out_dir / f"{stem}_tissue_seg_color.png"), cv2.IMREAD_COLOR)
+    color = cv2.imread(str(out_dir / f"{stem}_tissue_seg.png"), cv2.IMREAD_COLOR)  # a viewer shows the palette
     fgt = _read(out_dir / f"{stem}_fgt_mask.png")
     prob_png = _read(out_dir / f"{stem}_cancer_prob.png")
     assert tissue.shape == fgt.shape == prob_png.shape == color.shape[:2] == shape
@@ -74,6 +75,8 @@ def _check_outputs(out_dir: Path, stem: str, pixels: np.ndarray, expected: casca
     assert np.array_equal(fgt, (tissue == 2).astype(np.uint8) * 255)
     palette_bgr = np.array(outputs.TISSUE_COLORS_RGB, np.uint8)[:, ::-1]
     assert np.array_equal(color, palette_bgr[tissue])
+    if (out_dir / f"{stem}_tissue_seg_color.png").exists():  # --color-map: the same colours as plain RGB
+        assert np.array_equal(cv2.imread(str(out_dir / f"{stem}_tissue_seg_color.png"), cv2.IMREAD_COLOR), color)
     box = record["roi"]["box"]
     inside = np.zeros(shape, bool)
     inside[box["y0"]:box["y1"], box["x0"]:box["x1"]] = True
@@ -207,6 +210,9 @@ def test_lesion_components_by_hand():
     filtered = lesion_components(prob, threshold=0.5, min_area_px=3)
     assert filtered["count"] == 1 and filtered["total_area_mm2"] is None
     assert lesion_components(prob, threshold=0.95)["count"] == 0
+    box = roi.RoiBox(1, 1, prob.shape[0], prob.shape[1])  # prob is 0 outside it: searching the box alone is the same
+    assert not prob[0].any() and not prob[:, 0].any()
+    assert lesion_components(prob, threshold=0.5, spacing_mm=(0.1, 0.2), box=box) == result
 
 
 def test_probability_encodings_round_trip():
