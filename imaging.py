@@ -588,10 +588,10 @@ def read_mask(path: str | os.PathLike, kind: str = "binary") -> np.ndarray:
 
 
 #: PNG encoder settings by bit depth (False: 8 bit, True: 16 bit), chosen by measurement on the cascade's outputs of
-#: a 2944x1920 image (issue 13): zlib level 1 costs the same CPU time as level 0-3 and far less than 6; OpenCV's
-#: default strategy, RLE, gives the smallest 8-bit masks and maps (a 4-class colour map 23 kB vs 88 kB with the
-#: filtered strategy), while 16-bit probabilities compress a third better with the default zlib strategy (2.9 MB
-#: vs 4.3 MB) at the same time.
+#: a 2944x1920 image (issue 13): zlib level 1 costs the same CPU time as levels 0-3 and far less than 6; the RLE
+#: strategy gives the smallest 8-bit masks and maps (a 4-class colour map 23 kB vs 88 kB with the default
+#: strategy), while 16-bit probabilities compress a third better with the default strategy (2.9 MB vs 4.3 MB with
+#: RLE) at the same time.
 _PNG_PARAMS = {False: [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE],
                True: [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_DEFAULT]}
 
