@@ -1,6 +1,7 @@
 """Speed and memory of the cascade on this machine, against a physical reference and a published-style baseline.
 
-The command line only: the timers, the measurements, the targets and the table are in ``speed.py``.
+The command line only: the timers, the measurements, the targets and the table are in ``speed.py`` (and the
+whole-process folder measurements in ``throughput.py``).
 
 One run measures, on the CPU, with all cores this process may use (``--threads``):
 
@@ -17,15 +18,26 @@ One run measures, on the CPU, with all cores this process may use (``--threads``
    fresh subprocess each (so peak memory does not mix): latency, peak RSS, and the ratio to the baseline pass;
 6. peak RSS of the whole cascade on a ``--large-size`` (default 4096 x 3328) 16-bit image, synthesised by
    upscaling the real one, in its own subprocess;
-7. a stage-1 training step (forward, TissueLoss, L1 penalty, backward, AdamW) fed by the training script's real
+7. folder throughput (``throughput.py``, issue 13): whole ``cascade_inference.py --image-dir`` processes with every
+   default output, under the default ``--backend`` and each explicit one (``--folder-backends``, default all that
+   ``runners.BACKENDS`` holds besides ``auto``), on ``--folder-images`` (N, default 12) and 2 copies of the
+   cascade image (the checkpoints below, linked into a ``--checkpoint-dir``), interleaved with the plain
+   single-network tool ``scripts/plain_segmenter.py`` (read, 8 bit, ``smp.Unet("resnet34")`` 512 x 512 eager,
+   class map written at full size) on the same folders; ms per image = (t_N - t_2) / (N - 2) (start-up cancels
+   out), the median of ``--folder-repeats`` rounds, the ratio to the plain tool and each process's own peak RSS;
+   then the peak RSS of one ``cascade_inference.py --image`` process on a 2944 x 1920 16-bit image (the cascade
+   image, resized if it is another size) under ``--backend onnxruntime``. ``--skip-folder`` leaves both out;
+8. a stage-1 training step (forward, TissueLoss, L1 penalty, backward, AdamW) fed by the training script's real
    data loader (``engine.make_loader`` over ``datasets.TissueDataset`` with the training
    augmentation; ``--workers``) vs the same steps on batches already in memory: the loader's overhead in percent.
 
 Every timing is the median of ``--repeats`` runs after ``--warmup`` runs (training: the median step time over
-``--train-steps`` steps after one warm-up step). The table is printed and everything is written to ``--output``
-as JSON, with the targets of the project issue and whether each was met. Stage checkpoints come from
-``--stage1-weights`` / ``--stage2-weights`` or are untrained models at the default sizes (512 x 512 and
-384 x 384); the JSON says which (speed does not depend on the weights).
+``--train-steps`` steps after one warm-up step; folder throughput: the median over ``--folder-repeats`` rounds after
+one untimed round). The table is printed and everything is written to ``--output`` as JSON, with the targets of
+the project issue and whether each was met. Stage checkpoints come from ``--stage1-weights`` / ``--stage2-weights``
+or are untrained models at ``--stage1-size`` / ``--stage2-size`` (default 512 x 512 and 384 x 384, the training
+script's defaults; ``--stage1-size 512 256 --stage2-size 256 256`` gives the README's real-data run); the JSON says
+which (speed does not depend on the weights).
 
 Other processes on the machine slow every figure down; the JSON records the load average before and after.
 ``--quick`` runs everything at tiny sizes once (for the tests; its numbers mean nothing).
@@ -48,6 +60,7 @@ import imaging
 import onnx_export
 import runners
 import speed
+import throughput
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -81,6 +94,17 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--cascade-backends", nargs="+", default=["torch", "onnxruntime"],
                         choices=("torch", "onnxruntime"), help="backends of the whole-cascade test (default: %(default)s)")
     parser.add_argument("--skip-training", action="store_true", help="leave out the training-step measurement")
+    parser.add_argument("--folder-images", type=int, default=None,
+                        help=f"N, images of the large folder of the folder-throughput test, at least "
+                             f"{throughput.MIN_FOLDER_IMAGES} (default: {throughput.DEFAULT_FOLDER_IMAGES}; "
+                             f"{throughput.QUICK['folder_images']} with --quick)")
+    parser.add_argument("--folder-repeats", type=int, default=throughput.DEFAULT_FOLDER_REPEATS,
+                        help="timed rounds of the folder-throughput test (default: %(default)s; 1 with --quick)")
+    parser.add_argument("--folder-backends", nargs="*", default=None, choices=throughput.explicit_backends(),
+                        help="explicit --backend values measured beside the default one in the folder test (default: "
+                             "every one cascade_inference.py takes, now %s)" % " ".join(throughput.explicit_backends()))
+    parser.add_argument("--skip-folder", action="store_true",
+                        help="leave out the folder-throughput test and the ONNX Runtime whole-process memory test")
     return parser
 
 
@@ -98,6 +122,14 @@ def main(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
     quick = args.quick
+    folder_images = args.folder_images
+    if folder_images is None:
+        folder_images = throughput.QUICK["folder_images"] if quick else throughput.DEFAULT_FOLDER_IMAGES
+    least = throughput.SMALL_FOLDER_IMAGES + 1 if quick else throughput.MIN_FOLDER_IMAGES
+    if folder_images < least:
+        print(f"error: --folder-images {folder_images}: at least {least} images are needed"
+              + ("" if quick else " (issue 13; fewer only with --quick)"), file=sys.stderr)
+        return 2
     threads = int(args.threads or runners.available_cores())
     torch.set_num_threads(threads)
     repeats, warmup = (speed.QUICK["repeats"], speed.QUICK["warmup"]) if quick else (args.repeats, args.warmup)
@@ -156,6 +188,24 @@ def main(args: argparse.Namespace) -> int:
                                  "image": str(large), "repeats": 1, "warmup": 0})
         results["memory_large"] = {"size_hw": list(large_size), "backend": best_backend,
                                    "image_note": "the cascade image upscaled (linear), 16-bit PNG", **child}
+
+        if not args.skip_folder:
+            print(f"folder throughput ({folder_images} and {throughput.SMALL_FOLDER_IMAGES} images, whole processes, "
+                  "interleaved with the plain tool) ...", file=sys.stderr)
+            folder_repeats = throughput.QUICK["repeats"] if quick else args.folder_repeats
+            plain_size = throughput.QUICK["plain_size"] if quick else throughput.PLAIN_SIZE
+            results["folder_throughput"] = throughput.measure_folder_throughput(
+                image, paths, work, n=folder_images, repeats=folder_repeats, threads=threads, plain_size=plain_size,
+                warmup=not quick, backends=args.folder_backends)
+            results["folder_throughput"]["image_note"] = image_note
+            results["folder_throughput"]["stage_input_sizes"] = {name: results["stages"][name]["input_size"]
+                                                                 for name in ("stage1", "stage2")}
+            print("peak RSS of one --image process (onnxruntime) ...", file=sys.stderr)
+            memory_input = image  # 2944 x 1920 by default; with --quick the tiny image
+            if not quick and tuple(shape) != throughput.MEMORY_IMAGE_SIZE:
+                memory_input = speed.large_image(image, throughput.MEMORY_IMAGE_SIZE, work)
+            results["folder_throughput"]["memory_onnxruntime"] = throughput.measure_memory(
+                memory_input, paths, work, backend="onnxruntime", threads=threads, warmup=not quick)
 
         if not args.skip_training:
             print("training step with the real loader ...", file=sys.stderr)
