@@ -18,40 +18,80 @@ key                   value
 ``input_size``        [height, width] of the network input, pixels
 ``epoch``             int, last finished epoch (1-based)
 ``best_metric``       float, best validation metric so far; ``metric_name`` names it (``val/dice_fgt``)
-``optimizer`` ...     ``optimizer``, ``lr_scheduler``, ``scaler`` state dicts (or None), ``rng_state`` (dict)
+``optimizer`` ...     ``optimizer``, ``lr_scheduler``, ``scaler`` state dicts (or None), ``rng_state`` (dict):
+                      the training state (:data:`TRAINING_STATE_KEYS`), in ``last_stageN.pth`` only
 ``args``              the training arguments as a dict of plain types
 ``versions``          library versions (python, torch, smp, numpy, opencv)
 ``roi``               stage 2 only: the ROI settings it was trained with (``margin_fraction``)
 ====================  ==========================================================================================
+
+Lean and full checkpoints: training writes ``best_stageN.pth`` and the per-epoch ``stageN_epoch{E}.pth`` without the
+training state (:func:`without_training_state`: weights and settings only, about a third of the size with AdamW,
+whose two moment buffers per weight are twice the weights); ``last_stageN.pth`` alone keeps it for ``--resume``.
+Older checkpoints that hold the training state in every file load everywhere as before.
+
+Imports: reading or writing a ``.pth`` file and rebuilding a model need PyTorch, which the functions here import when
+called, not when this module is imported; so :mod:`runners` can run an exported ``.onnx`` model (ONNX Runtime)
+without loading PyTorch at all (see ``runners.py``).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import math
 import os
 import platform
+import re
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from fileio import atomic_writer, file_sha256
 from labels import LESION_CLASS_NAMES, TISSUE_CLASS_NAMES
-from models import build_model
 from roi import ROI_MARGIN_FRACTION
 
+if TYPE_CHECKING:  # annotations only: torch is imported by the functions that use it (see the module docstring)
+    import torch
+
 CHECKPOINT_FORMAT_VERSION = 1
+
+#: Keys of the training state: needed to resume (``last_stageN.pth``), not to run the model.
+TRAINING_STATE_KEYS = ("optimizer", "lr_scheduler", "scaler", "rng_state")
+
+_VERSION_LINE = re.compile(r"^__version__\s*=\s*['\"](?P<version>[^'\"]+)['\"]", re.MULTILINE)
+
+
+def _version(module: str, distribution: str) -> str:
+    """A library's ``__version__`` without importing it when it is not loaded yet (importing torch or
+    segmentation_models_pytorch only to read a version would cost seconds and hundreds of MB): read from the
+    package's ``version.py`` / ``__version__.py`` (torch's holds the full ``2.14.1+cu130``, the installed
+    distribution's metadata only ``2.14.1``), else from the distribution's metadata."""
+    loaded = sys.modules.get(module)
+    if loaded is not None and hasattr(loaded, "__version__"):
+        return str(loaded.__version__)
+    spec = importlib.util.find_spec(module)  # finds the package without importing it
+    folders = (spec.submodule_search_locations or []) if spec is not None else []
+    for file in (Path(folder, name) for folder in folders for name in ("version.py", "__version__.py")):
+        found = _VERSION_LINE.search(file.read_text(encoding="utf-8")) if file.is_file() else None
+        if found:
+            return found["version"]
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def library_versions() -> dict:
     """Versions of the libraries a checkpoint depends on (plain strings)."""
     import cv2
-    import segmentation_models_pytorch as smp
 
     return {
         "python": platform.python_version(),
-        "torch": str(torch.__version__),
-        "segmentation_models_pytorch": str(smp.__version__),
+        "torch": _version("torch", "torch"),
+        "segmentation_models_pytorch": _version("segmentation_models_pytorch", "segmentation_models_pytorch"),
         "numpy": str(np.__version__),
         "opencv": str(cv2.__version__),
     }
@@ -92,16 +132,25 @@ def make_checkpoint(*, stage: int, model: torch.nn.Module, model_config: dict, p
     return checkpoint
 
 
+def without_training_state(state: dict) -> dict:
+    """A shallow copy of checkpoint ``state`` without :data:`TRAINING_STATE_KEYS` (optimizer, scheduler, scaler, RNG
+    states): what ``best_stageN.pth`` and ``stageN_epoch{E}.pth`` hold. The model and every setting are kept, so it
+    runs, exports and evaluates like the full checkpoint; only ``--resume`` needs the full one."""
+    return {k: v for k, v in state.items() if k not in TRAINING_STATE_KEYS}
+
+
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
     """Write ``state`` to ``path`` atomically (``fileio.atomic_writer``): a crash mid-write leaves the previous file
     intact, never a truncated one. Parent folders are created."""
+    import torch
+
     with atomic_writer(path) as stream:
         torch.save(state, stream)
     return Path(path)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
+    """Read a checkpoint written by :func:`save_checkpoint` with ``weights_only=True`` (lean or full, any version).
 
     Raises:
         FileNotFoundError: no file at ``path`` (the message says how to make one).
@@ -112,6 +161,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise FileNotFoundError(
             f"checkpoint {path} not found; train one with cascade_segmentation_model.py or pass the right path"
         )
+    import torch
+
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types; its advice to unpickle with weights_only=False is unsafe
@@ -127,6 +178,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 def model_from_checkpoint(checkpoint: dict, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Rebuild the model stored in ``checkpoint`` (in eval mode, on ``device``). No training flag is needed."""
+    from models import build_model  # imports torch (see the module docstring)
+
     config = dict(checkpoint["model_config"])
     if "encoder_weights" in config:
         config["encoder_weights"] = None  # the trained weights come from the state dict, not from ImageNet

@@ -10,7 +10,7 @@ Flags by name (:data:`RUNTIME_FLAGS`):
 name               flags
 =================  ===================================================================================
 ``device``         ``--device`` auto | cpu | cuda | cuda:N (default auto)
-``backend``        ``--backend`` torch | onnxruntime (default torch)
+``backend``        ``--backend`` auto | torch | onnxruntime (default auto: ``runners.resolve_backend``)
 ``amp``            ``--amp`` automatic mixed precision
 ``threads``        ``--threads`` CPU threads (default: all cores this process may use)
 ``tta``            ``--tta`` horizontal-flip test-time augmentation
@@ -65,14 +65,16 @@ def _add_device(group) -> None:
 
 
 def _add_backend(group) -> None:
-    group.add_argument("--backend", type=str, default="torch", choices=BACKENDS,
-                       help="network runtime; onnxruntime runs on the CPU (default: %(default)s)")
+    group.add_argument("--backend", type=str, default="auto", choices=BACKENDS,
+                       help="network runtime: auto = ONNX Runtime on the CPU when installed (a .pth is exported once, "
+                            "the .onnx kept beside it or in ~/.cache/mammo_cascade/onnx), torch with float16 "
+                            "autocast on CUDA; torch or onnxruntime (CPU only) force one (default: %(default)s)")
 
 
 def _add_amp(group) -> None:
     group.add_argument("--amp", action="store_true",
                        help="automatic mixed precision on the torch backend: float16 on CUDA (with gradient scaling "
-                            "when training), bfloat16 on the CPU")
+                            "when training), bfloat16 on the CPU; --backend auto on CUDA turns it on")
 
 
 def _add_threads(group) -> None:

@@ -53,9 +53,12 @@ class LoadedCascade:
 
 
 def load_cascade(stage1_path: str | os.PathLike, stage2_path: str | os.PathLike, *, device: str = "auto",
-                 backend: str = "torch", tta: bool = False, adaptive_clahe: bool = False,
+                 backend: str = "auto", tta: bool = False, adaptive_clahe: bool = False,
                  amp: bool = False, threads: int | None = None) -> LoadedCascade:
     """Load both checkpoints and build the :class:`cascade.Cascade` that inference runs.
+
+    ``backend`` / ``device``: as ``runners.load_runner`` (``auto``: ONNX Runtime on a CPU, its export cached beside
+    the checkpoint; torch with float16 autocast on CUDA). The returned ``backend`` and ``device`` are those that run.
 
     ``threads``: CPU threads of the ONNX Runtime sessions (default: all cores this process may use; torch's own
     thread count is the caller's, ``torch.set_num_threads``).
@@ -64,21 +67,19 @@ def load_cascade(stage1_path: str | os.PathLike, stage2_path: str | os.PathLike,
         FileNotFoundError: a checkpoint is missing. ValueError: a file is not a checkpoint of this suite, or holds
         the other stage. RuntimeError: ``device="cuda"`` without a GPU.
     """
-    if backend == "onnxruntime" and device == "auto":
-        device = "cpu"  # ONNX Runtime runs on the CPU here (runners.make_runner)
-    torch_device = runners.resolve_device(device)
     stage1_path, stage2_path = Path(stage1_path), Path(stage2_path)
-    runner1, checkpoint1 = runners.load_runner(stage1_path, backend, torch_device, amp=amp, threads=threads)
-    runner2, checkpoint2 = runners.load_runner(stage2_path, backend, torch_device, amp=amp, threads=threads)
+    runner1, checkpoint1 = runners.load_runner(stage1_path, backend, device, amp=amp, threads=threads)
+    runner2, checkpoint2 = runners.load_runner(stage2_path, backend, device, amp=amp, threads=threads)
     notes = []
     if dict(checkpoint2.get("preprocess_config", {})) != dict(checkpoint1["preprocess_config"]):
         notes.append("the two checkpoints store different preprocessing configs; the stage-1 one is used for both "
                      "stages (cascade.Cascade)")
     model = cascade.Cascade(checkpoint1, checkpoint2, stage1_runner=runner1, stage2_runner=runner2,
-                            device=torch_device, tta=tta, adaptive_clahe="auto" if adaptive_clahe else "off")
+                            tta=tta, adaptive_clahe="auto" if adaptive_clahe else "off",
+                            stage1_name=str(stage1_path), stage2_name=str(stage2_path))
     identities = {"stage1": checkpoints.checkpoint_identity(stage1_path, checkpoint1),
                   "stage2": checkpoints.checkpoint_identity(stage2_path, checkpoint2)}
-    return LoadedCascade(model, identities, str(torch_device), backend, notes)
+    return LoadedCascade(model, identities, str(runner1.device), runner1.backend, notes)
 
 
 def with_adaptive_clahe(model: cascade.Cascade, mode: str) -> cascade.Cascade:
@@ -142,7 +143,9 @@ class InputItem:
     seconds: float | None = None
 
 
-def _looks_like_image(path: Path) -> bool:
+def looks_like_image(path: Path) -> bool:
+    """Whether a file starts like an image the suite reads (DICOM, PNG, JPEG, TIFF, BMP, PGM magic bytes); True when
+    it cannot be opened, so that the reader reports why."""
     try:
         with open(path, "rb") as stream:
             head = stream.read(132)
@@ -173,7 +176,7 @@ def list_inputs(image_dir: Path, recursive: bool, output_dir: Path) -> list[Inpu
     for path in files:
         relative = path.relative_to(image_dir)
         item = InputItem(path, relative.as_posix(), output_dir / relative.parent, path.stem)
-        if path.suffix.lower() not in IMAGE_SUFFIXES and not _looks_like_image(path):
+        if path.suffix.lower() not in IMAGE_SUFFIXES and not looks_like_image(path):
             item.status = "not_image"
             item.reason = (f"not an image file (suffix {path.suffix or 'none'!r} and no image header); "
                            f"supported: {', '.join(IMAGE_SUFFIXES)} or DICOM without a suffix")

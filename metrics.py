@@ -12,8 +12,9 @@ data set) are given by the ``*_from_counts`` helpers.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
-import torch
 
 #: Density category thresholds on percent density (FGT area / breast area, in %) used by this suite's reports.
 #: Quartiles of percent density as in Wolfe-style / BI-RADS 4th edition (ACR 2003): <25 % (a, almost entirely fatty),
@@ -23,7 +24,8 @@ DENSITY_CATEGORIES = ("A", "B", "C", "D")
 
 
 def _as_numpy(array) -> np.ndarray:
-    if isinstance(array, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor exists only where torch is loaded: no import (the ONNX route has none)
+    if torch is not None and isinstance(array, torch.Tensor):
         return array.detach().cpu().numpy()
     return np.asarray(array)
 

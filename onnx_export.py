@@ -14,6 +14,11 @@ runs offline and exports these convolutional networks exactly (max |logit differ
 
 The spatial size is fixed at the checkpoint's ``input_size`` (the cascade always letterboxes to it); pass
 ``dynamic_size=True`` to :func:`export_onnx` to also leave H and W free (multiples of 32).
+
+Exporting needs PyTorch (imported by :func:`export_onnx_bytes` when called); reading the settings back
+(:func:`read_onnx_metadata`, :func:`settings_from_metadata`) does not, so this module imports without it.
+``runners.load_runner`` keeps an export of each ``.pth`` it runs under ONNX Runtime (see ``runners.py``); such a file
+also records the checkpoint it came from (metadata ``source``: its SHA-256 and file name).
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import checkpoints
 import fileio
@@ -36,7 +40,7 @@ ONNX_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 
 #: Key of the ONNX metadata entry holding the checkpoint's settings as JSON (all keys but the weights and the
-#: optimizer / scheduler / scaler / RNG states).
+#: optimizer / scheduler / scaler / RNG states), plus the export's ``opset`` and, when given, its ``source``.
 METADATA_KEY = "mammo_cascade.checkpoint"
 _METADATA_FIELDS = ("format_version", "stage", "model_config", "preprocess_config", "class_names", "input_size",
                     "epoch", "best_metric", "metric_name", "roi", "versions")
@@ -46,18 +50,24 @@ def _as_checkpoint(checkpoint: dict | str | os.PathLike) -> dict:
     return checkpoint if isinstance(checkpoint, dict) else checkpoints.load_checkpoint(checkpoint)
 
 
-def _metadata_json(checkpoint: dict) -> str:
+def _metadata_json(checkpoint: dict, opset: int, source: dict | None) -> str:
     meta = {k: checkpoint[k] for k in _METADATA_FIELDS if k in checkpoint}
+    meta["opset"] = int(opset)
+    if source is not None:
+        meta["source"] = dict(source)
     return json.dumps(meta, default=float)
 
 
-def export_onnx_bytes(checkpoint: dict | str | os.PathLike, *, opset: int = ONNX_OPSET, dynamic_size: bool = False) -> bytes:
+def export_onnx_bytes(checkpoint: dict | str | os.PathLike, *, opset: int = ONNX_OPSET, dynamic_size: bool = False,
+                      source: dict | None = None) -> bytes:
     """Export a stage checkpoint to an in-memory ONNX model (see :func:`export_onnx`).
 
     Args:
         checkpoint: a checkpoint dict or the path of a ``.pth`` checkpoint.
         opset: ONNX opset version.
         dynamic_size: leave H and W free as well as the batch axis.
+        source: what the export was made from, stored as the metadata's ``source`` (plain JSON types; the export
+            cache of ``runners.py`` stores ``{"checkpoint_sha256", "checkpoint_name"}``).
 
     Returns:
         The serialised ONNX model (bytes) with the checkpoint's settings in its metadata (:data:`METADATA_KEY`).
@@ -66,6 +76,7 @@ def export_onnx_bytes(checkpoint: dict | str | os.PathLike, *, opset: int = ONNX
         FileNotFoundError / ValueError: from :func:`checkpoints.load_checkpoint` for a bad path.
     """
     import onnx
+    import torch  # only exporting needs it (see the module docstring)
 
     checkpoint = _as_checkpoint(checkpoint)
     model = checkpoints.model_from_checkpoint(checkpoint, "cpu")
@@ -79,7 +90,7 @@ def export_onnx_bytes(checkpoint: dict | str | os.PathLike, *, opset: int = ONNX
                           opset_version=opset, do_constant_folding=True, dynamo=False)
     proto = onnx.load_from_string(buffer.getvalue())
     entry = proto.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, _metadata_json(checkpoint)
+    entry.key, entry.value = METADATA_KEY, _metadata_json(checkpoint, opset, source)
     proto.producer_name = "mammo_cascade onnx_backend.py"
     onnx.checker.check_model(proto)
     return proto.SerializeToString()
@@ -128,11 +139,25 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as error:
         raise ValueError(f"{path} is not a readable ONNX model ({type(error).__name__}: {error})") from error
-    for entry in proto.metadata_props:
-        if entry.key == METADATA_KEY:
-            return json.loads(entry.value)
-    raise ValueError(f"{path} holds no '{METADATA_KEY}' metadata: it was not exported by onnx_export.export_onnx "
-                     "(re-export it from the .pth checkpoint with onnx_backend.py)")
+    return settings_from_metadata({entry.key: entry.value for entry in proto.metadata_props}, path)
+
+
+def settings_from_metadata(metadata: dict, source: str | os.PathLike) -> dict:
+    """The checkpoint settings in an ONNX model's metadata map (``{key: value}`` strings, as
+    ``onnxruntime.InferenceSession.get_modelmeta().custom_metadata_map`` gives them, so no second parse of the file
+    is needed); ``source`` names the file in errors.
+
+    Raises:
+        ValueError: no :data:`METADATA_KEY` entry, or one that is not JSON.
+    """
+    if METADATA_KEY not in metadata:
+        raise ValueError(f"{source} holds no '{METADATA_KEY}' metadata: it was not exported by "
+                         "onnx_export.export_onnx (re-export it from the .pth checkpoint with onnx_backend.py)")
+    try:
+        return json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{source}: its '{METADATA_KEY}' metadata is not JSON ({error}); re-export it from the .pth "
+                         "checkpoint with onnx_backend.py") from error
 
 
 def max_logit_difference(checkpoint: dict, onnx_model: str | os.PathLike | bytes, batch: np.ndarray,

@@ -9,7 +9,8 @@ import torch
 import imaging
 import runners
 from cascade import Cascade
-from checkpoints import load_checkpoint, load_stage, make_checkpoint, save_checkpoint
+from checkpoints import (TRAINING_STATE_KEYS, load_checkpoint, load_stage, make_checkpoint, save_checkpoint,
+                         without_training_state)
 from labels import FGT
 from roi import RoiBox, fgt_roi_box, paste_into_box
 from models import build_model, default_model_config
@@ -166,3 +167,48 @@ def test_swapped_checkpoints_are_refused():
         Cascade(_checkpoint(2, (32, 32)), _checkpoint(1, (64, 32)))
     with pytest.raises(ValueError, match="stage-1 checkpoint given holds stage 2"):
         Cascade(_checkpoint(2, (32, 32)), None)
+
+
+def _trained_state(stage: int = 1, size=(64, 64)) -> tuple[dict, torch.nn.Module]:
+    """A checkpoint as training writes its ``last`` file (and as every file was written before lean checkpoints):
+    weights after one AdamW step, with optimizer, scheduler, scaler and RNG states."""
+    torch.manual_seed(stage)
+    config = default_model_config(4 if stage == 1 else 1, encoder_name="resnet18")
+    model = build_model(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=10)
+    model(torch.rand(2, 1, *size)).mean().backward()
+    optimizer.step()
+    scheduler.step()
+    state = make_checkpoint(stage=stage, model=model, model_config=config, preprocess_config=imaging.DEFAULT_PREPROCESS,
+                            input_size=size, epoch=1, best_metric=0.5, optimizer=optimizer, lr_scheduler=scheduler,
+                            scaler=torch.amp.GradScaler("cuda", enabled=False),
+                            rng_state={"torch": torch.get_rng_state()})
+    return state, model.eval()
+
+
+def test_lean_checkpoint_keeps_weights_and_settings_only(tmp_path):
+    state, _ = _trained_state()
+    lean = without_training_state(state)
+    assert not set(TRAINING_STATE_KEYS) & set(lean) and set(TRAINING_STATE_KEYS) <= set(state)
+    assert lean["model"] is state["model"] and lean["model_config"] == state["model_config"]
+    full_path = save_checkpoint(state, tmp_path / "last_stage1.pth")
+    lean_path = save_checkpoint(lean, tmp_path / "best_stage1.pth")
+    # AdamW keeps two moments per weight: the lean file is about a third of the full one
+    assert lean_path.stat().st_size < 0.4 * full_path.stat().st_size
+    x = torch.rand(1, 1, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(load_stage(lean_path)[0](x), load_stage(full_path)[0](x))
+
+
+def test_old_checkpoint_with_training_state_still_loads_and_runs(tmp_path):
+    state, model = _trained_state(stage=2)
+    path = save_checkpoint(state, tmp_path / "best_stage2.pth")  # the pre-lean format: training state in every file
+    loaded = load_checkpoint(path)
+    assert loaded["optimizer"]["state"] and loaded["lr_scheduler"]["last_epoch"] == 1
+    batch = np.random.default_rng(0).random((1, 1, 64, 64), dtype=np.float32)
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(batch)).numpy()
+    for backend in ("torch", "onnxruntime"):
+        runner, _ = runners.load_runner(path, backend, "cpu", threads=1, onnx_cache=False)
+        assert np.abs(runner(batch) - expected).max() < 1e-4, backend

@@ -131,3 +131,21 @@ def test_load_runner_errors(tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"not an onnx model")
     with pytest.raises(ValueError, match="junk.onnx"):
         onnx_export.read_onnx_metadata(tmp_path / "junk.onnx")
+
+
+def test_settings_from_metadata_errors_and_export_provenance(tmp_path):
+    checkpoint = _checkpoint(2, size=(64, 64))
+    source = {"checkpoint_sha256": "ab" * 32, "checkpoint_name": "x.pth"}
+    data = onnx_export.export_onnx_bytes(checkpoint, source=source)
+    runner = runners.OnnxRunner(data, threads=1)
+    assert runner.path is None and runner.backend == "onnxruntime"
+    settings = onnx_export.settings_from_metadata(runner.metadata, "memory")
+    assert settings["opset"] == onnx_export.ONNX_OPSET and settings["source"]["checkpoint_name"] == "x.pth"
+    assert settings["stage"] == 2 and settings["input_size"] == [64, 64]
+    with pytest.raises(ValueError, match="no 'mammo_cascade.checkpoint' metadata"):
+        onnx_export.settings_from_metadata({}, "plain.onnx")
+    with pytest.raises(ValueError, match="not JSON"):
+        onnx_export.settings_from_metadata({onnx_export.METADATA_KEY: "{broken"}, "bad.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"not an onnx model")
+    with pytest.raises(ValueError, match="ONNX Runtime cannot load .*junk.onnx"):
+        runners.OnnxRunner(tmp_path / "junk.onnx")
