@@ -61,6 +61,7 @@ import onnx_export
 import runners
 import speed
 import throughput
+import user_inputs
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -112,6 +113,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark, print the table and write the JSON; returns 0, or 2 for bad arguments / an existing output."""
     output = Path(args.output)
+    if output.is_dir():
+        return cli.usage_error(f"--output {output} is a folder; pass a file name (e.g. {output / 'benchmark.json'})")
     if output.exists() and not args.overwrite:
         print(f"error: {output} exists; pass --overwrite or choose another --output", file=sys.stderr)
         return 2
@@ -121,6 +124,15 @@ def main(args: argparse.Namespace) -> int:
             print(f"error: {flag} {value} not found; pass an existing path or leave the flag out for the default",
                   file=sys.stderr)
             return 2
+    try:  # the cheap checks of every path before minutes of measuring
+        for stage in (1, 2):
+            weights = getattr(args, f"stage{stage}_weights")
+            if weights:
+                user_inputs.load_stage_checkpoint(weights, f"--stage{stage}-weights", stage)
+        if args.image:
+            imaging.read_image(args.image)
+    except (user_inputs.UserInputError, imaging.ImageReadError, ValueError) as error:
+        return cli.usage_error(user_inputs.one_line(error))
     quick = args.quick
     folder_images = args.folder_images
     if folder_images is None:

@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 import imaging
 import runners
 from labels import BACKGROUND, FGT
 from roi import ROI_MARGIN_FRACTION, RoiBox, fgt_roi_box, paste_into_box
 from runners import LogitsFn
+
+if TYPE_CHECKING:  # annotations only: a cascade over ONNX Runtime runners never loads PyTorch (see runners.py)
+    import torch
 
 #: Mean stage-1 confidence (max softmax probability over breast pixels) below which ``adaptive_clahe="auto"`` re-runs
 #: stage 1 on the stronger-CLAHE image. A heuristic of this suite, not from a paper.
@@ -100,6 +103,54 @@ def predict_lesion(logits_fn: LogitsFn, crop_u8: np.ndarray, size_hw: tuple[int,
 
 
 # ------------------------------------------------------------------------------------------------ the cascade
+def checkpoint_stage(checkpoint: dict) -> int:
+    """The stage a checkpoint dict (or the settings of an exported ``.onnx`` file) says it holds; 0 when it says
+    nothing usable."""
+    try:
+        return int(checkpoint.get("stage", 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+def stage_mismatch(found1: int | None, found2: int | None, name1: str | None = None, name2: str | None = None,
+                   flags: tuple[str, str] = ("--stage1-weights", "--stage2-weights")) -> str | None:
+    """Why the checkpoints given for stage 1 and stage 2 do not fit, with the advice that fits the case; None if they do.
+
+    Args:
+        found1, found2: the stage each checkpoint holds (:func:`checkpoint_stage`); ``found2`` None = no stage 2 given.
+        name1, name2: what to call the files in the message (their paths), or None.
+        flags: the command-line flags of the two checkpoints.
+
+    Returns:
+        One line: stage 1 got a stage-2 checkpoint and stage 2 a stage-1 one: swap the flags; both hold one stage:
+        pass a checkpoint of the other stage to that stage's flag; one holds the other stage (or no stage): pass the
+        right one there. None when stage 1 holds stage 1 and stage 2 holds stage 2 (or is absent).
+    """
+    def named(name):
+        return f" ({name})" if name else ""
+
+    if found1 == 1 and found2 in (None, 2):
+        return None
+    if found1 == 2 and found2 == 1:
+        return (f"the stage-1 checkpoint given{named(name1)} holds stage 2 and the stage-2 checkpoint given"
+                f"{named(name2)} holds stage 1; swap {flags[0]} and {flags[1]}")
+    if found1 == found2 and found1 in (1, 2):
+        names = f" ({name1} and {name2})" if name1 and name2 else ""
+        other = 3 - found1
+        return (f"both checkpoints given are stage-{found1} checkpoints{names}; pass a stage-{other} checkpoint as "
+                f"{flags[other - 1]}")
+    for wanted, found, name in ((1, found1, name1), (2, found2, name2)):
+        if found in (None, wanted):
+            continue
+        flag = flags[wanted - 1]
+        if found in (1, 2):
+            return (f"the stage-{wanted} checkpoint given{named(name)} holds stage {found}; pass a stage-{wanted} "
+                    f"checkpoint (best_stage{wanted}.pth) as {flag}")
+        return (f"the stage-{wanted} checkpoint given{named(name)} holds stage {found}, which is neither 1 nor 2: it "
+                f"is not a stage checkpoint of this suite; pass best_stage{wanted}.pth as {flag}")
+    return None
+
+
 @dataclass
 class TissueAndRoi:
     """Stage 1 and the ROI on one image, all in the orientation-normalised frame (what stage 2 training needs)."""
@@ -158,22 +209,24 @@ class Cascade:
             when the confidence is below :data:`ADAPTIVE_CLAHE_CONFIDENCE`, keep the more confident result).
         roi_margin: ROI margin fraction; default: the stage-2 checkpoint's ``roi["margin_fraction"]``, else
             :data:`ROI_MARGIN_FRACTION`.
+        stage1_name, stage2_name: what error messages call the two checkpoints (their paths); None: unnamed.
 
     Raises:
-        ValueError: a checkpoint of the other stage (the two were swapped), or a bad ``adaptive_clahe``.
+        ValueError: checkpoints of the wrong stages, with the advice that fits (:func:`stage_mismatch`: swapped, two
+            of one stage, one of the other stage), or a bad ``adaptive_clahe``.
     """
 
     def __init__(self, stage1_checkpoint: dict, stage2_checkpoint: dict | None = None, *, stage1_runner: LogitsFn | None = None,
                  stage2_runner: LogitsFn | None = None, device: torch.device | str = "cpu", tta: bool = False,
                  adaptive_clahe: str = "off", amp: bool = False, channels_last: bool = False,
-                 roi_margin: float | None = None):
+                 roi_margin: float | None = None, stage1_name: str | None = None, stage2_name: str | None = None):
         if adaptive_clahe not in ("off", "on", "auto"):
             raise ValueError(f"adaptive_clahe must be 'off', 'on' or 'auto', not {adaptive_clahe!r}")
-        for wanted, checkpoint in ((1, stage1_checkpoint), (2, stage2_checkpoint)):
-            found = None if checkpoint is None else int(checkpoint.get("stage", 0))
-            if found not in (None, wanted):
-                raise ValueError(f"the stage-{wanted} checkpoint given holds stage {found}; swap --stage1-weights and "
-                                 "--stage2-weights")
+        mismatch = stage_mismatch(checkpoint_stage(stage1_checkpoint),
+                                  None if stage2_checkpoint is None else checkpoint_stage(stage2_checkpoint),
+                                  stage1_name, stage2_name)
+        if mismatch:
+            raise ValueError(mismatch)
         self.stage1_checkpoint, self.stage2_checkpoint = stage1_checkpoint, stage2_checkpoint
         self.preprocess_config = dict(stage1_checkpoint["preprocess_config"])
         self.stage1_size = tuple(int(v) for v in stage1_checkpoint["input_size"])

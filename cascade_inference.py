@@ -43,8 +43,9 @@ Speed: images go through the networks in groups of ``--batch-size`` (``Cascade.r
 letterboxed images at once, then stage 2 on their ROI crops); while the networks run on one group, a background
 thread reads the next group and another writes the previous group's outputs (PNG encoding, the figure;
 ``--prefetch 1``, the default). ``--no-visualization`` skips the slowest output.
-``--backend onnxruntime`` runs both networks under ONNX Runtime on the CPU (``runners.py``; ``.onnx`` files
-exported by ``onnx_backend.py`` are accepted as weights).
+The default ``--backend auto`` runs both networks under ONNX Runtime on a CPU (the export cached beside the
+checkpoint, see ``runners.py``) and under torch with float16 autocast on CUDA; ``.onnx`` files exported by
+``onnx_backend.py`` are accepted as weights.
 
 Exit status: 0 every input done (or skipped as ``exists`` / ``not_image``), 1 some inputs failed (each is reported
 with its reason; the others were processed), 2 usage, checkpoint or display error.
@@ -66,10 +67,10 @@ from pathlib import Path
 
 import checkpoints
 import cli
-import distributed
 import inference
 import outputs
 import runners
+import user_inputs
 
 
 def _outputs_epilog(width: int = 78) -> str:
@@ -90,9 +91,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                      epilog=_outputs_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     # checkpoints
     parser.add_argument("--stage1-weights", type=str, default=None,
-                        help="stage-1 (tissue) checkpoint .pth, or .onnx with --backend onnxruntime (default: %(default)s)")
+                        help="stage-1 (tissue) checkpoint .pth, or .onnx (run by ONNX Runtime) (default: %(default)s)")
     parser.add_argument("--stage2-weights", type=str, default=None,
-                        help="stage-2 (lesion) checkpoint .pth, or .onnx with --backend onnxruntime (default: %(default)s)")
+                        help="stage-2 (lesion) checkpoint .pth, or .onnx (run by ONNX Runtime) (default: %(default)s)")
     parser.add_argument("--checkpoint-dir", type=str, default=None,
                         help="folder holding best_stage1.pth and best_stage2.pth (directly or in stage1/ and stage2/); "
                              "used for a stage whose --stageN-weights is not given (default: %(default)s)")
@@ -106,7 +107,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     # the model run
     parser.add_argument("--threshold", type=cli.probability, default=0.5,
                         help="lesion probability threshold in (0, 1] for the reported components (default: %(default)s)")
-    parser.add_argument("--min-lesion-area", type=int, default=1,
+    parser.add_argument("--min-lesion-area", type=cli.positive_int, default=1,
                         help="smallest lesion component reported, in pixels (default: %(default)s)")
     parser.add_argument("--adaptive-clahe", action="store_true",
                         help="when stage 1 is unsure (mean confidence < cascade.ADAPTIVE_CLAHE_CONFIDENCE), re-run it "
@@ -159,11 +160,22 @@ def _print_summary(summary: dict, csv_path: Path | None, summary_path: Path | No
 
 # --------------------------------------------------------------------------------------------------------- main
 def _resolve_weights(args) -> tuple[Path, Path]:
+    """The two stage files from ``--stageN-weights`` or ``--checkpoint-dir``, checked cheaply (nothing loaded).
+
+    Raises:
+        user_inputs.UserInputError / FileNotFoundError: a missing, empty or wrong kind of file, a file given as
+            ``--checkpoint-dir``, or no way to find a stage.
+    """
+    if args.checkpoint_dir and Path(args.checkpoint_dir).exists() and not Path(args.checkpoint_dir).is_dir():
+        raise user_inputs.UserInputError(
+            f"--checkpoint-dir {args.checkpoint_dir} is {user_inputs.describe(args.checkpoint_dir)}, not a folder; "
+            "pass the folder holding best_stage1.pth and best_stage2.pth, or the files with --stage1-weights / "
+            "--stage2-weights")
     paths = []
     for stage in (1, 2):
         given = getattr(args, f"stage{stage}_weights")
         if given:
-            paths.append(Path(given))
+            paths.append(user_inputs.checkpoint_file(given, f"--stage{stage}-weights", stage, allow_onnx=True))
         elif args.checkpoint_dir:
             paths.append(checkpoints.find_checkpoint(args.checkpoint_dir, stage))
         else:
@@ -171,11 +183,26 @@ def _resolve_weights(args) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
-def _process_device(device: str, ctx: distributed.DistContext) -> tuple[str, int | None]:
+def _torchrun_context():
+    """This process's ``distributed.DistContext`` when torchrun started several, else None. ``distributed`` (and with
+    it torch) is imported only then: a single process on the ONNX Runtime route never loads torch.
+
+    Raises:
+        ValueError: torchrun's variables are inconsistent (``distributed.env_context``).
+    """
+    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "1"):
+        return None
+    import distributed
+
+    return distributed.env_context()
+
+
+def _process_device(device: str, ctx) -> tuple[str, int | None]:
     """This process's device and CPU threads. Under torchrun: ``cuda:<LOCAL_RANK>`` where a GPU is asked for (or
     ``auto`` finds one), and on the CPU an equal share of the cores per process on this machine (torchrun's
-    ``LOCAL_WORLD_SIZE``), so that the processes do not oversubscribe the cores. A single process: unchanged."""
-    if ctx.world_size == 1:
+    ``LOCAL_WORLD_SIZE``), so that the processes do not oversubscribe the cores. A single process (``ctx`` None):
+    unchanged."""
+    if ctx is None:
         return device, None
     import torch
 
@@ -200,6 +227,9 @@ def main(args: argparse.Namespace) -> int:
         if not source.is_file():
             hint = " (a folder: use --image-dir)" if source.is_dir() else ""
             return cli.usage_error(f"--image {source} is not a file{hint}")
+        if not inference.looks_like_image(source):
+            return cli.usage_error(f"--image {source} is {user_inputs.describe(source)}, not a mammogram; pass a PNG, "
+                                   "JPEG, TIFF, BMP, PGM or DICOM file")
     else:
         source = Path(args.image_dir)
         if not source.is_dir():
@@ -208,10 +238,10 @@ def main(args: argparse.Namespace) -> int:
             return cli.usage_error(f"--output-dir {output_dir} is the input folder; outputs would mix with the inputs. "
                                 "Choose another folder")
     try:
-        ctx = distributed.env_context()
+        ctx = _torchrun_context()
     except ValueError as error:
         return cli.usage_error(str(error))
-    if ctx.world_size > 1 and args.interactive:
+    if ctx is not None and args.interactive:
         return cli.usage_error("--interactive opens one window: run it without torchrun")
     device, threads = _process_device(args.device, ctx)
     try:
@@ -238,9 +268,11 @@ def main(args: argparse.Namespace) -> int:
                                      save_dir=args.output_dir)
 
     protected = {item.path.resolve() for item in items}
-    if ctx.world_size > 1:
+    if ctx is not None:
+        import distributed
+
         ctx = distributed.init_distributed("cpu", backend="gloo")  # the ranks exchange only their tables
-    own = inference.shard(items, ctx.rank, ctx.world_size)
+    own = inference.shard(items, ctx.rank, ctx.world_size) if ctx is not None else list(enumerate(items))
     mine = [item for _, item in own]
     for item in ([] if args.overwrite else inference.mark_existing(mine)):
         print(f"{item.relative}: outputs exist, skipped (pass --overwrite to redo)")
@@ -251,7 +283,7 @@ def main(args: argparse.Namespace) -> int:
                       protected=protected, dicom_seg=not args.no_dicom_seg,
                       color_map=args.color_map)
     elapsed = time.perf_counter() - start
-    if ctx.enabled:
+    if ctx is not None:
         shards = distributed.gather_objects((own, elapsed), ctx)
         distributed.cleanup(ctx)
         if not ctx.is_main:

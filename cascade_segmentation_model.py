@@ -63,9 +63,10 @@ import cli
 import distributed
 import roi
 import runners
+import user_inputs
 from engine import NonFiniteLossError
 from models import MODEL_REGISTRY
-from training import TrainingInputError, stage_spec, train_stage
+from training import TrainingInputError, check_inputs, stage_spec, train_stage
 
 #: Exit statuses of :func:`main`.
 EXIT_OK, EXIT_INPUT_ERROR, EXIT_NONFINITE_LOSS = 0, 2, 3
@@ -176,6 +177,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 # Entry point
 # ----------------------------------------------------------------------------------------------------------------
 def _check_args(args: argparse.Namespace) -> None:
+    """Refuse flags that do not go together and numbers outside their range (one line naming the flag)."""
     if (args.fold is None) != (args.folds is None):
         raise TrainingInputError("--fold and --folds go together (e.g. --fold 0 --folds 5)")
     if args.val_fraction is not None and args.folds is not None:
@@ -191,10 +193,29 @@ def _check_args(args: argparse.Namespace) -> None:
     for stage in (1, 2):
         if getattr(args, f"epochs_stage{stage}") < 1:
             raise TrainingInputError(f"--epochs-stage{stage} must be >= 1")
+    try:
+        for stage in (1, 2):
+            user_inputs.number(getattr(args, f"lr_stage{stage}"), f"--lr-stage{stage}", 0, low_open=True)
+            user_inputs.number(getattr(args, f"t0_stage{stage}"), f"--t0-stage{stage}", 1)
+        user_inputs.number(args.t_mult, "--t-mult", 1)
+        user_inputs.number(args.weight_decay, "--weight-decay", 0)
+        user_inputs.number(args.l1_lambda, "--l1-lambda", 0)
+        user_inputs.number(args.val_fraction, "--val-fraction", 0, 1, low_open=True, high_open=True)
+        user_inputs.number(args.folds, "--folds", 2)
+        if args.folds is not None:
+            user_inputs.number(args.fold, "--fold", 0, args.folds - 1)
+        user_inputs.number(args.keep_epoch_checkpoints, "--keep-epoch-checkpoints", 0)
+        user_inputs.number(args.image_every, "--image-every", 0)
+    except user_inputs.UserInputError as error:
+        raise TrainingInputError(str(error)) from None
 
 
 def main(args: argparse.Namespace) -> int:
-    """Train the stages the flags ask for. Returns 0 on success, 2 for bad input, 3 for a non-finite loss."""
+    """Train the stages the flags ask for. Returns 0 on success, 2 for bad input, 3 for a non-finite loss.
+
+    Bad input (flags, tables, files, checkpoints, output folders) is found before anything is trained
+    (``training.check_inputs``) and printed as one line on stderr: ``error: <what, which file, the fix>``.
+    """
     try:
         _check_args(args)
         device = runners.resolve_device(args.device)
@@ -204,9 +225,9 @@ def main(args: argparse.Namespace) -> int:
             if not any(path.is_file() for path in lasts):
                 raise TrainingInputError(f"--resume: nothing to resume from ({', '.join(map(str, lasts))} not found); "
                                          "check --stage1-checkpoint-dir / --stage2-checkpoint-dir, or drop --resume")
+        check_inputs(args)
     except (TrainingInputError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_INPUT_ERROR
+        return cli.usage_error(user_inputs.one_line(error))
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     cudnn_before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     ctx = distributed.init_distributed(device.type)
@@ -219,8 +240,7 @@ def main(args: argparse.Namespace) -> int:
             train_stage(2, args, ctx, device)
         return EXIT_OK
     except TrainingInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_INPUT_ERROR
+        return cli.usage_error(user_inputs.one_line(error))
     except NonFiniteLossError as error:
         if ctx.is_main:
             print(f"error: {error}", file=sys.stderr)

@@ -19,7 +19,9 @@ worker processes started by spawn; each worker reseeds its augmentation pipeline
 
 Table layouts (see the project's module contract): the tissue table has ``image_file_path, label_file_path,
 patient_id, source, split``; the lesion table ``image_file_path, roi_mask_file_path, patient_id, split`` (+ any
-extra columns). Paths in a CSV are relative to the CSV's folder; the readers return absolute paths.
+extra columns). Paths in a CSV are relative to the CSV's folder; the readers return absolute paths. The tables are
+read by ``tables.read_table``: every cell normalised (``" Train "`` is ``train``, ``images\\a.png`` is
+``images/a.png``), an unknown ``split`` value refused, and ``A.PNG`` finds ``A.png`` on disk.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import torch
 from torch.utils.data import Dataset
 
 import imaging
+import tables
 from imaging import DEFAULT_PREPROCESS
 from labels import TISSUE_CLASS_NAMES  # re-exported: the datasets' class ids (labels.py defines them)
 
@@ -60,7 +63,7 @@ __all__ = [
 TISSUE_LABEL_VALUES: dict[int, int] = dict(imaging.TISSUE_LABEL_VALUES)
 
 #: Separator of several ROI mask paths in one ``roi_mask_file_path`` cell (merged by union).
-MASK_PATH_SEPARATOR = ";"
+MASK_PATH_SEPARATOR = tables.PATH_SEPARATOR
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -113,23 +116,7 @@ def patient_id_from_name(name: str | os.PathLike) -> str:
     return base
 
 
-def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
-    if not path.is_file():
-        raise FileNotFoundError(f"table {str(path)!r} not found")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise ValueError(f"table {str(path)!r} lacks column(s) {missing}; found {list(df.columns)}. "
-                         f"Expected at least {list(required)} (written by prepare_to_train.py)")
-    return df
-
-
-def _resolve(root: Path, value: str) -> str:
-    value = value.strip()
-    if not value:
-        return ""
-    p = Path(value)
-    return str(p) if p.is_absolute() else os.path.normpath(root / p)
+_TABLE_FIX = "pass the workspace table written by prepare_to_train.py (tissue_dataset.csv / unified_segmentation_dataset.csv)"
 
 
 def _fill_patient_ids(df: pd.DataFrame) -> pd.DataFrame:
@@ -155,7 +142,8 @@ def read_tissue_table(csv_or_dir: str | os.PathLike) -> pd.DataFrame:
 
     Raises:
         FileNotFoundError: no such CSV / folder, or images without their label file (all are listed).
-        ValueError: missing CSV columns.
+        tables.TableError (a ValueError): a table that cannot be read, lacks columns, has no rows, or holds a
+            ``split`` other than train / val / test / empty (see ``tables.read_table``).
     """
     path = Path(csv_or_dir)
     if path.is_dir():
@@ -166,7 +154,7 @@ def read_tissue_table(csv_or_dir: str | os.PathLike) -> pd.DataFrame:
         images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() == ".png")
         if not images:
             raise FileNotFoundError(f"no PNG images in {str(img_dir)!r}")
-        labels = [lab_dir / f"{p.stem}_LI.png" for p in images]
+        labels = [tables.existing_path(lab_dir / f"{p.stem}_LI.png") for p in images]
         missing = [str(lab) for lab in labels if not lab.is_file()]
         if missing:
             raise FileNotFoundError(f"{len(missing)} tissue image(s) lack their label file: {missing[:5]}"
@@ -175,10 +163,10 @@ def read_tissue_table(csv_or_dir: str | os.PathLike) -> pd.DataFrame:
                            "label_file_path": [str(p) for p in labels],
                            "source": "ddsm_tissue", "split": ""})
         return _fill_patient_ids(df)[["image_file_path", "label_file_path", "patient_id", "source", "split"]]
-    df = _read_csv(path, ("image_file_path", "label_file_path"))
+    df = tables.read_table(path, ("image_file_path", "label_file_path"), what="tissue table", fix=_TABLE_FIX)
     root = path.parent
-    df["image_file_path"] = [_resolve(root, v) for v in df["image_file_path"]]
-    df["label_file_path"] = [_resolve(root, v) for v in df["label_file_path"]]
+    df["image_file_path"] = [tables.resolve_path(root, v) for v in df["image_file_path"]]
+    df["label_file_path"] = [tables.resolve_path(root, v) for v in df["label_file_path"]]
     for col in ("source", "split"):
         if col not in df.columns:
             df[col] = ""
@@ -198,15 +186,14 @@ def read_lesion_table(csv: str | os.PathLike) -> pd.DataFrame:
         blank) and ``split`` ("" where absent), other columns kept.
 
     Raises:
-        FileNotFoundError: no such CSV. ValueError: missing columns.
+        FileNotFoundError: no such CSV.
+        tables.TableError (a ValueError): as for :func:`read_tissue_table`.
     """
     path = Path(csv)
-    df = _read_csv(path, ("image_file_path", "roi_mask_file_path"))
+    df = tables.read_table(path, ("image_file_path", "roi_mask_file_path"), what="lesion table", fix=_TABLE_FIX)
     root = path.parent
-    df["image_file_path"] = [_resolve(root, v) for v in df["image_file_path"]]
-    df["roi_mask_file_path"] = [
-        MASK_PATH_SEPARATOR.join(_resolve(root, p) for p in v.split(MASK_PATH_SEPARATOR) if p.strip())
-        for v in df["roi_mask_file_path"]]
+    df["image_file_path"] = [tables.resolve_path(root, v) for v in df["image_file_path"]]
+    df["roi_mask_file_path"] = [tables.resolve_paths(root, v) for v in df["roi_mask_file_path"]]
     if "split" not in df.columns:
         df["split"] = ""
     return _fill_patient_ids(df)

@@ -43,13 +43,17 @@ import evaluation_plots
 import fileio
 import metrics
 import scoring
+import tables
+import user_inputs
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """Command-line flags of the evaluation (see the module docstring)."""
     parser = argparse.ArgumentParser(description="Evaluate the cascade against tissue and lesion ground truth.",
                                      add_help=add_help, parents=[cli.runtime_parser("backend", "device", "threads", "tta")])
-    parser.set_defaults(device="cpu")  # evaluation is reproducible on any machine unless a GPU is asked for
+    # evaluation is reproducible on any machine (and comparable with RESULTS.md) unless a GPU or ONNX Runtime is asked
+    # for: ONNX Runtime's logits differ from torch's by ~1e-6, enough to flip a thresholded pixel
+    parser.set_defaults(device="cpu", backend="torch")
     # ground truth
     parser.add_argument("--tissue-dir", type=str, default=None,
                         help="DDSM tissue-label folder (fgt_seg/ + fgt_seg_labels/) (default: %(default)s)")
@@ -60,7 +64,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="lesion folder with images/ and masks/ (masks/<stem>.* or <stem>_*.*; no mask = "
                              "lesion-free) (default: %(default)s)")
     parser.add_argument("--split", type=str, default=None,
-                        help="keep only this split of a CSV: train, val or test (default: all rows)")
+                        help="keep only this split of a CSV: train, val or test, in any case (default: all rows)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate at most this many images per task")
     # predictions
     parser.add_argument("--predictions-dir", type=str, default=None,
@@ -93,16 +97,26 @@ def main(args: argparse.Namespace) -> int:
     """Evaluate as the command line asks; returns 0 (done; skipped items listed), 1 (nothing evaluated) or 2 (usage)."""
     import pandas as pd
 
+    try:
+        _check_numbers(args)
+        if args.split is not None:
+            args.split = tables.normalise_split_name(args.split)
+        if args.output_dir is not None:
+            user_inputs.output_folder(args.output_dir, "--output-dir")
+    except ValueError as error:
+        return cli.usage_error(user_inputs.one_line(error))
     if args.export_onnx:
         import onnx_export
 
         if not (args.stage1_weights or args.stage2_weights):
             return cli.usage_error("--export-onnx needs --stage1-weights and/or --stage2-weights")
         try:
+            user_inputs.output_folder(args.export_onnx, "--export-onnx")
+            user_inputs.load_stage_pair(args.stage1_weights, args.stage2_weights)
             report = onnx_export.export_stages(args.stage1_weights, args.stage2_weights, args.export_onnx,
                                                overwrite=args.overwrite)
         except (FileNotFoundError, FileExistsError, ValueError) as error:
-            return cli.usage_error(str(error))
+            return cli.usage_error(user_inputs.one_line(error))
         for name, item in report.items():
             print(f"exported {name}: {item['path']} (max |logit diff| vs PyTorch {item['max_abs_logit_diff']:.2e})")
         if not any((args.tissue_dir, args.tissue_csv, args.lesion_dir, args.lesion_csv)):
@@ -132,7 +146,7 @@ def main(args: argparse.Namespace) -> int:
         tissue = scoring.tissue_cases(args.tissue_dir, args.tissue_csv, args.split)
         lesion = scoring.lesion_cases(args.lesion_dir, args.lesion_csv, args.split)
     except (FileNotFoundError, ValueError) as error:
-        return cli.usage_error(str(error))
+        return cli.usage_error(user_inputs.one_line(error))
     if args.limit is not None:
         tissue, lesion = tissue[: args.limit], lesion[: args.limit]
     try:
@@ -144,7 +158,7 @@ def main(args: argparse.Namespace) -> int:
             predictor = scoring.CascadePredictions(args.stage1_weights, args.stage2_weights, args.backend, args.device,
                                            args.tta, args.adaptive_clahe, args.channels_last, args.threads)
     except (FileNotFoundError, ValueError, RuntimeError) as error:
-        return cli.usage_error(str(error))
+        return cli.usage_error(user_inputs.one_line(error))
     if args.threads:
         import torch
 
@@ -203,6 +217,14 @@ def main(args: argparse.Namespace) -> int:
         print("error: no image could be evaluated (see the skipped items above)", file=sys.stderr)
         return 1
     return 0
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Refuse numbers outside their range (``user_inputs.UserInputError``, one line naming the flag)."""
+    user_inputs.number(args.limit, "--limit", 1)
+    user_inputs.number(args.worst_n, "--worst-n", 0)
+    user_inputs.number(args.min_lesion_area, "--min-lesion-area", 0)
+    user_inputs.number(args.threads, "--threads", 1)
 
 
 def _print_summary(summary: dict) -> None:

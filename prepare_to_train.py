@@ -60,12 +60,13 @@ from collections import defaultdict
 from pathlib import Path
 
 import cli
+import user_inputs
 from fileio import atomic_write_bytes
 from sources.archives import DEFAULT_TISSUE_URL, classify_zip, download, extract_zip
-from sources.cbis_ddsm import cbis_samples, find_cbis_csvs
+from sources.cbis_ddsm import cbis_samples, find_cbis_csvs, read_cbis_csv
 from sources.common import DEFAULT_MASK_ASPECT_TOLERANCE, Report, Sample
-from sources.folders import lesion_dir_samples, tissue_samples
-from sources.mini_ddsm import mini_records, mini_samples
+from sources.folders import lesion_dir_samples, pair_folders, tissue_folders, tissue_samples
+from sources.mini_ddsm import find_mini_tables, mini_records, mini_samples
 from sources.synthetic_source import synthetic_samples
 from workspace import (LESION_COLUMNS, TISSUE_COLUMNS, Manifest, archive_workspace, assign_splits, csv_bytes,
                        drop_duplicate_outputs, inside, make_table, print_summary, process_samples,
@@ -132,34 +133,109 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Checks before any work
+# ----------------------------------------------------------------------------------------------------------------
+#: What each input-folder flag expects, ending its messages.
+_FOLDER_FIXES = {
+    "--zips-dir": "pass the folder holding the downloaded zips, or one zip with --cbis-zip / --mini1-zip / "
+                  "--mini2-zip / --tissue-zip",
+    "--cbis-dir": "pass the CBIS-DDSM image folder (the CSVs' paths are relative to it), or its zip with --cbis-zip",
+    "--mini-ddsm-dir": "pass the Mini-DDSM folder holding DataWMask.xlsx, or its zip with --mini1-zip",
+    "--tissue-dir": "pass the tissue-label folder holding fgt_seg/ and fgt_seg_labels/, or its zip with --tissue-zip",
+    "--lesion-dir": "pass a folder holding images/ and masks/ with the same file stems",
+}
+
+
+def _cbis_csv_path(csv: Path, cbis_dir: Path | None) -> Path:
+    """A ``--cbis-csv`` as given, else looked up in ``--cbis-dir``; FileNotFoundError naming both places."""
+    if csv.is_file() or cbis_dir is None:
+        return csv
+    if (cbis_dir / csv).is_file():
+        return cbis_dir / csv
+    raise FileNotFoundError(f"--cbis-csv {csv} not found (also looked in {cbis_dir}); pass a CBIS-DDSM description "
+                            "CSV (mass/calc *_case_description_*.csv)")
+
+
+def _archive_path(args: argparse.Namespace) -> Path:
+    """The zip ``--archive`` writes: the path given, or ``<workspace>.zip`` beside the workspace."""
+    workspace = Path(args.workspace)
+    return workspace.parent / f"{workspace.resolve().name}.zip" if args.archive == "auto" else Path(args.archive)
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    """Every path flag and number checked before any work: a folder that is a file or missing, a folder without its
+    dataset's layout, a zip that is not one, a CBIS-DDSM CSV that is not one, a workspace or archive path that cannot be
+    written, a negative tolerance or count.
+
+    Raises:
+        FileNotFoundError, ValueError (``user_inputs.UserInputError``, ``tables.TableError``): one line naming the
+            file or flag, what is wrong and the fix.
+    """
+    user_inputs.number(args.mask_aspect_tolerance, "--mask-aspect-tolerance", 0)
+    user_inputs.number(args.synthetic, "--synthetic", 0)
+    user_inputs.output_folder(args.workspace, "--workspace")
+    if args.archive is not None:
+        user_inputs.output_file(_archive_path(args), "--archive", "workspace.zip")
+    folders = [("--zips-dir", args.zips_dir), ("--cbis-dir", args.cbis_dir)]
+    repeatable = (("--mini-ddsm-dir", args.mini_ddsm_dir), ("--tissue-dir", args.tissue_dir),
+                  ("--lesion-dir", args.lesion_dir))
+    folders += [(flag, d) for flag, values in repeatable for d in values or []]
+    for flag, folder in folders:
+        if folder is not None:
+            user_inputs.input_folder(folder, flag, _FOLDER_FIXES[flag])
+    layouts = (("--tissue-dir", args.tissue_dir, tissue_folders, "no fgt_seg/ folder with a sibling fgt_seg_labels/"),
+               ("--lesion-dir", args.lesion_dir, pair_folders, "no folder holding both images/ and masks/"),
+               ("--mini-ddsm-dir", args.mini_ddsm_dir, find_mini_tables, "no .xlsx table (DataWMask.xlsx)"))
+    for flag, values, find, lacking in layouts:
+        for folder in values or []:
+            if not find(folder):
+                raise user_inputs.UserInputError(f"{flag} {folder} holds {lacking} at any depth; {_FOLDER_FIXES[flag]}")
+    if args.cbis_dir is not None and not args.cbis_csv and not find_cbis_csvs(args.cbis_dir):
+        raise user_inputs.UserInputError(f"--cbis-dir {args.cbis_dir} holds no CBIS-DDSM description CSV (a CSV with "
+                                         "an 'image file path' column); pass them with --cbis-csv")
+    for flag, z in (("--cbis-zip", args.cbis_zip), ("--mini1-zip", args.mini1_zip), ("--mini2-zip", args.mini2_zip),
+                    ("--tissue-zip", args.tissue_zip)):
+        if z is not None:
+            user_inputs.input_file(z, flag, "pass the downloaded zip, or the extracted folder with its -dir flag")
+            if not zipfile.is_zipfile(z):
+                raise user_inputs.UserInputError(f"{flag} {z} is {user_inputs.describe(z)}, not a zip archive; pass "
+                                                 "the downloaded zip, or the extracted folder with its -dir flag")
+    for csv in args.cbis_csv or []:
+        if args.cbis_dir is not None or csv.exists():  # with a zip only, a name that is no file here is skipped
+            read_cbis_csv(_cbis_csv_path(csv, args.cbis_dir))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------------------------
 def main(args: argparse.Namespace) -> int:
-    """Build the workspace. Returns 0 on success, 1 when a source could not be used at all, 2 on bad usage."""
+    """Build the workspace. Returns 0 on success, 1 when a source could not be used at all, 2 on bad usage (one line
+    on stderr naming the file or flag, what is wrong and the fix, before any work: :func:`_check_inputs`)."""
     start = time.perf_counter()
     workspace: Path = args.workspace
     tissue_dirs = list(args.tissue_dir or [])
     lesion_dirs = list(args.lesion_dir or [])
     mini_dirs: list[tuple[Path, bool]] = [(d, False) for d in args.mini_ddsm_dir or []]
     cbis_dirs: list[tuple[Path, list[Path]]] = []
+    if args.cbis_csv and not (args.cbis_dir or args.cbis_zip or args.zips_dir):
+        return cli.usage_error(f"--cbis-csv {args.cbis_csv[0]} needs --cbis-dir (the folder the CSV's image paths are "
+                               "relative to) or a CBIS-DDSM zip (--cbis-zip or --zips-dir)")
     if not any([args.zips_dir, args.cbis_zip, args.mini1_zip, args.mini2_zip, args.tissue_zip, args.tissue_url,
                 args.cbis_dir, mini_dirs, tissue_dirs, lesion_dirs, args.synthetic]):
-        print("error: no source given. Pass downloaded zips (--zips-dir), extracted folders (--cbis-dir, "
-              "--mini-ddsm-dir, --tissue-dir, --lesion-dir) or --synthetic N for a smoke-test set.", file=sys.stderr)
-        return 2
+        return cli.usage_error("no source given. Pass downloaded zips (--zips-dir), extracted folders (--cbis-dir, "
+                               "--mini-ddsm-dir, --tissue-dir, --lesion-dir) or --synthetic N for a smoke-test set.")
     if not 0 <= args.val_fraction < 1:
-        print(f"error: --val-fraction must be in [0, 1), got {args.val_fraction}", file=sys.stderr)
-        return 2
+        return cli.usage_error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    try:
+        _check_inputs(args)
+    except (FileNotFoundError, ValueError) as error:
+        return cli.usage_error(user_inputs.one_line(error))
     inputs = [p for p in [args.zips_dir, args.cbis_dir, *(d for d, _ in mini_dirs), *tissue_dirs, *lesion_dirs]
               if p is not None]
     for p in inputs:
-        if not p.exists():
-            print(f"error: input folder {p} does not exist", file=sys.stderr)
-            return 2
         if inside(workspace, p):
-            print(f"error: the workspace {workspace} lies inside the input folder {p}; inputs are never written "
-                  "to. Choose a workspace outside it.", file=sys.stderr)
-            return 2
+            return cli.usage_error(f"the workspace {workspace} lies inside the input folder {p}; inputs are never "
+                                   "written to. Choose a workspace outside it.")
     workspace.mkdir(parents=True, exist_ok=True)
     removed = remove_stale_temporaries(workspace)
     if removed:
@@ -180,9 +256,6 @@ def main(args: argparse.Namespace) -> int:
                 zips[kind].append(z)
     for kind, z in explicit.items():
         if z is not None:
-            if not z.is_file():
-                print(f"error: --{kind}-zip {z} is not a file", file=sys.stderr)
-                return 2
             zips[kind].append(z)
     if args.tissue_url:
         try:
@@ -204,18 +277,10 @@ def main(args: argparse.Namespace) -> int:
             else:
                 mini_dirs.append((folder, kind == "mini2"))
     if args.cbis_csv and not args.cbis_dir and not cbis_dirs:
-        print("error: --cbis-csv needs --cbis-dir (the folder the CSV's image paths are relative to) or a "
-              "CBIS-DDSM zip", file=sys.stderr)
-        return 2
+        return cli.usage_error("--cbis-csv needs --cbis-dir (the folder the CSV's image paths are relative to) or a "
+                               "CBIS-DDSM zip")
     if args.cbis_dir:
-        csvs = []
-        for c in args.cbis_csv or []:
-            cand = c if c.is_file() else args.cbis_dir / c
-            if not cand.is_file():
-                print(f"error: CBIS-DDSM CSV {c} not found (also looked in {args.cbis_dir})", file=sys.stderr)
-                return 2
-            csvs.append(cand)
-        cbis_dirs.append((args.cbis_dir, csvs))
+        cbis_dirs.append((args.cbis_dir, [_cbis_csv_path(c, args.cbis_dir) for c in args.cbis_csv or []]))
 
     # 2. samples of every source
     tissue: list[Sample] = []
@@ -251,10 +316,8 @@ def main(args: argparse.Namespace) -> int:
                                                       (lesion_df, "unified_segmentation_dataset.csv")) if len(df)]
     conflicts = [text for text in (table_conflict(df, path, args.overwrite) for df, path in tables) if text]
     if conflicts:
-        for text in conflicts:
-            print(f"error: {text}", file=sys.stderr)
-        print("nothing was replaced (images prepared so far stay cached in the workspace)", file=sys.stderr)
-        return 2
+        return cli.usage_error("; ".join(conflicts) + "; nothing was replaced (images prepared so far stay cached in "
+                               "the workspace)")
     for df, path in tables:
         atomic_write_bytes(path, csv_bytes(df))
 
@@ -263,7 +326,7 @@ def main(args: argparse.Namespace) -> int:
                         json.dumps(report_data, indent=1, ensure_ascii=False).encode("utf-8"))
     print_summary(report_data)
     if args.archive:
-        target = workspace.parent / f"{workspace.resolve().name}.zip" if args.archive == "auto" else Path(args.archive)
+        target = _archive_path(args)
         if target.exists():
             print(f"note: replacing the existing archive {target}")
         archive_workspace(workspace, target)

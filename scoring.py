@@ -43,6 +43,8 @@ import labels
 import metrics
 import roi
 import runners
+import tables
+import user_inputs
 
 TISSUE_CLASS_NAMES = labels.TISSUE_CLASS_NAMES
 NUM_TISSUE_CLASSES = len(TISSUE_CLASS_NAMES)
@@ -104,35 +106,60 @@ def acquisition_group(name: str, value: str = "") -> str:
 def _filter_split(df, split: str | None, source: str):
     if split is None:
         return df
+    split = tables.normalise_split_name(split)
     if "split" not in df.columns or not (df["split"] == split).any():
         raise ValueError(f"{source}: no rows with split == {split!r} (splits found: {sorted(set(df.get('split', [])))})")
     return df[df["split"] == split]
 
 
 def tissue_cases(tissue_dir: str | None, tissue_csv: str | None, split: str | None) -> list[Case]:
-    """Tissue ground truth from the DDSM folder layout or a workspace CSV (``datasets.read_tissue_table``)."""
+    """Tissue ground truth from the DDSM folder layout (``--tissue-dir``) or a workspace CSV (``--tissue-csv``), both
+    read by ``datasets.read_tissue_table``; ``split`` keeps one split of a CSV.
+
+    Raises:
+        FileNotFoundError, ValueError: the folder or table cannot be used (``user_inputs.UserInputError``: a file
+            where a folder goes or the reverse; ``tables.TableError``: an unreadable table, missing columns, an
+            unknown split value, files that do not exist or are not images); one line naming the file and the fix.
+    """
     import datasets
 
+    if tissue_dir:
+        user_inputs.input_folder(tissue_dir, "--tissue-dir", "pass the DDSM tissue-label folder (fgt_seg/ + "
+                                 "fgt_seg_labels/), or a workspace table with --tissue-csv")
+    if tissue_csv:
+        user_inputs.input_file(tissue_csv, "--tissue-csv", "pass the workspace's tissue_dataset.csv, or a DDSM "
+                               "tissue-label folder with --tissue-dir")
     source = tissue_csv or tissue_dir
     if source is None:
         return []
     df = _filter_split(datasets.read_tissue_table(source), split if tissue_csv else None, str(source))
+    if tissue_csv:
+        tables.check_table_files(df, ("image_file_path", "label_file_path"), tissue_csv)
     return [Case(Path(r.image_file_path).stem, r.image_file_path, r.label_file_path) for r in df.itertuples()]
 
 
 def lesion_cases(lesion_dir: str | None, lesion_csv: str | None, split: str | None) -> list[Case]:
-    """Lesion ground truth from a workspace CSV (``datasets.read_lesion_table``) or an images/ + masks/ folder."""
+    """Lesion ground truth from a workspace CSV (``--lesion-csv``, ``datasets.read_lesion_table``; ``split`` keeps
+    one split) or an images/ + masks/ folder (``--lesion-dir``).
+
+    Raises:
+        FileNotFoundError, ValueError: as for :func:`tissue_cases`; a folder without images/ and masks/.
+    """
     import datasets
 
     if lesion_csv:
+        user_inputs.input_file(lesion_csv, "--lesion-csv", "pass the workspace's unified_segmentation_dataset.csv, "
+                               "or an images/ + masks/ folder with --lesion-dir")
         df = _filter_split(datasets.read_lesion_table(lesion_csv), split, lesion_csv)
+        tables.check_table_files(df, ("image_file_path", "roi_mask_file_path"), lesion_csv)
         has_acq = "acquisition" in df.columns
         return [Case(Path(r["image_file_path"]).stem, r["image_file_path"], r["roi_mask_file_path"],
                      acquisition_group(r["image_file_path"], r["acquisition"] if has_acq else ""))
                 for _, r in df.iterrows()]
     if not lesion_dir:
         return []
-    root = Path(lesion_dir)
+    root = user_inputs.input_folder(lesion_dir, "--lesion-dir", "pass a folder holding images/ and masks/, or the "
+                                    "workspace's unified_segmentation_dataset.csv with --lesion-csv")
     if not (root / "images").is_dir() or not (root / "masks").is_dir():
         raise FileNotFoundError(f"{root} is not a lesion folder: expected images/ and masks/ inside it "
                                 "(or pass the workspace's unified_segmentation_dataset.csv with --lesion-csv)")
@@ -175,6 +202,10 @@ class FolderPredictions:
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise user_inputs.UserInputError(
+                f"--predictions-dir {self.folder} is {user_inputs.describe(self.folder)}, not a folder; pass the "
+                "--output-dir of cascade_inference.py")
         if not self.folder.is_dir():
             raise FileNotFoundError(f"predictions folder {self.folder} not found; run cascade_inference.py first")
         self._below: dict[str, list[Path]] | None = None
@@ -232,10 +263,18 @@ def _roi_from_report(report: dict) -> roi.RoiBox | None:
 
 
 class CascadePredictions:
-    """Predictions made here by :class:`cascade.Cascade` from the two checkpoints (either backend)."""
+    """Predictions made here by :class:`cascade.Cascade` from the two checkpoints (either backend).
+
+    Raises (on construction): ``user_inputs.UserInputError`` for a file that cannot be a checkpoint (a folder, an
+    image, a text file, ...), ValueError / FileNotFoundError from loading, ValueError from ``cascade.Cascade`` for
+    checkpoints of the wrong stages (naming both files, with the advice that fits), RuntimeError for a missing GPU.
+    """
 
     def __init__(self, stage1_weights: str, stage2_weights: str | None, backend: str, device: str, tta: bool,
                  adaptive_clahe: str, channels_last: bool, threads: int | None):
+        user_inputs.checkpoint_file(stage1_weights, "--stage1-weights", 1, allow_onnx=True)
+        if stage2_weights:
+            user_inputs.checkpoint_file(stage2_weights, "--stage2-weights", 2, allow_onnx=True)
         device = str(runners.resolve_device(device))
         runner1, checkpoint1 = runners.load_runner(stage1_weights, backend, device, channels_last=channels_last,
                                                    threads=threads)
@@ -244,7 +283,8 @@ class CascadePredictions:
             runner2, checkpoint2 = runners.load_runner(stage2_weights, backend, device,
                                                        channels_last=channels_last, threads=threads)
         self.cascade = cascade.Cascade(checkpoint1, checkpoint2, stage1_runner=runner1, stage2_runner=runner2,
-                                       tta=tta, adaptive_clahe=adaptive_clahe)
+                                       tta=tta, adaptive_clahe=adaptive_clahe, stage1_name=str(stage1_weights),
+                                       stage2_name=str(stage2_weights) if stage2_weights else None)
         self.seconds: list[float] = []
 
     def tissue(self, case: Case, pixels: np.ndarray) -> np.ndarray:

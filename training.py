@@ -4,8 +4,13 @@ What lives here (the engine pieces it calls are in ``engine.py``, the stage-2 cr
 line in ``cascade_segmentation_model.py``):
 
 - :class:`TrainingInputError`: bad command line or data, found before anything is trained (the script exits 2);
+  :func:`check_inputs` finds it for every stage asked for before the first one starts (tables, their files, the
+  stage-1 checkpoint, ``--encoder-weights``, output folders, sizes), and a file that cannot be read during an epoch
+  stops training with one line naming it;
 - data tables: :func:`split_table` (k-fold, a fresh patient split or the table's ``split`` column),
-  :func:`tissue_table` (``--tissue-csv`` / ``--tissue-data-dir``), :func:`check_files_exist`;
+  :func:`tissue_table` (``--tissue-csv`` / ``--tissue-data-dir``), :func:`lesion_table` (``--cancer-csv``),
+  :func:`check_files_exist`; tables are read by ``tables.read_table`` (cells normalised, unknown splits refused);
+- :func:`stage1_checkpoint`: the checkpoint that makes the stage-2 crops, checked (a file, a checkpoint, stage 1);
 - a stage's settings: :func:`stage_spec` (``engine.StageSpec`` from the arguments, sizes checked),
   :func:`model_config_for`;
 - :func:`train_stage`: output folders (``--resume`` / ``--overwrite``), the stage's datasets (stage 2: ROI crops and
@@ -22,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pandas as pd
@@ -37,6 +44,8 @@ import imaging
 import labels
 import roi
 import roi_crops
+import tables
+import user_inputs
 from engine import (EpochSampler, NonFiniteLossError, SeedableAugment, StageSpec, evaluate, log_epoch, make_loader,
                     plain_args, print_epoch, save_epoch, seed_everything, set_rng_state, train_one_epoch)
 from fileio import atomic_write_text
@@ -48,6 +57,10 @@ class TrainingInputError(Exception):
     """Bad command line or data for training; the message names what was expected, what was found and the fix."""
 
 
+_ENCODER_WEIGHTS_ADVICE = ("pass 'imagenet', 'none', an encoder state_dict (.pth) or a checkpoint of this suite "
+                           "(best_stage1.pth)")
+
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data tables
@@ -55,12 +68,21 @@ class TrainingInputError(Exception):
 def split_table(table: pd.DataFrame, args: argparse.Namespace) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """Train / validation tables: k-fold, a fresh patient split, or the table's own ``split`` column.
 
-    Rows with ``split == "test"`` never take part. Returns ``(train, val, description)``.
+    Rows with ``split == "test"`` never take part. The table's column is used when it names both ``train`` and
+    ``val`` rows (values normalised by ``tables.read_table``: ``"train "`` is ``train``) and neither ``--folds`` nor
+    ``--val-fraction`` asks for another split. Returns ``(train, val, description)``.
 
     Raises:
-        TrainingInputError: an empty side, or a bad fold / fraction.
+        TrainingInputError: an empty side, a bad fold / fraction, or a table whose split column names train and val
+            rows but leaves other rows empty (they would silently take no part).
     """
     table = table[table["split"].astype(str) != "test"].reset_index(drop=True)
+    splits = set(table["split"].astype(str))
+    if args.folds is None and args.val_fraction is None and {"train", "val"} <= splits and "" in splits:
+        blank = int((table["split"].astype(str) == "").sum())
+        raise TrainingInputError(f"the table's split column names train and val rows but leaves {blank} row(s) "
+                                 "empty, which would take no part; fill them in, or pass --val-fraction F to re-split "
+                                 "all rows by patient")
     try:
         if args.folds is not None:
             train, val = datasets.kfold_by_patient(table, args.folds, args.fold, args.seed)
@@ -82,37 +104,156 @@ def split_table(table: pd.DataFrame, args: argparse.Namespace) -> tuple[pd.DataF
 
 
 def tissue_table(args: argparse.Namespace) -> pd.DataFrame:
-    """The stage-1 table from ``--tissue-csv`` or ``--tissue-data-dir`` (a raw folder or a workspace)."""
+    """The stage-1 table from ``--tissue-csv`` or ``--tissue-data-dir`` (a raw folder or a workspace), its files
+    checked (:func:`check_files_exist`).
+
+    Raises:
+        TrainingInputError: neither or both flags, a file where a folder goes or the reverse, a table that cannot be
+            used (``tables.read_table``), or files that do not exist or are not images.
+    """
     if (args.tissue_csv is None) == (args.tissue_data_dir is None):
         raise TrainingInputError("stage 1 needs exactly one of --tissue-csv (workspace/tissue_dataset.csv) or "
                                  "--tissue-data-dir (a DDSM tissue folder with fgt_seg/ and fgt_seg_labels/)")
-    source = args.tissue_csv
-    if source is None:
-        source = args.tissue_data_dir
-        if (source / "tissue_dataset.csv").is_file():
-            source = source / "tissue_dataset.csv"
     try:
-        table = datasets.read_tissue_table(source)
+        if args.tissue_csv is not None:
+            source = user_inputs.input_file(args.tissue_csv, "--tissue-csv", "pass the workspace's tissue_dataset.csv, "
+                                            "or a tissue folder with --tissue-data-dir")
+        else:
+            source = user_inputs.input_folder(args.tissue_data_dir, "--tissue-data-dir", "pass a workspace folder "
+                                              "(holding tissue_dataset.csv) or a DDSM tissue folder (fgt_seg/ + "
+                                              "fgt_seg_labels/); a CSV goes to --tissue-csv")
+    except user_inputs.UserInputError as error:
+        raise TrainingInputError(str(error)) from None
+    if source.is_dir() and (source / "tissue_dataset.csv").exists():
+        source = source / "tissue_dataset.csv"
+    elif source.is_dir() and not ((source / "fgt_seg").is_dir() and (source / "fgt_seg_labels").is_dir()):
+        raise TrainingInputError(f"--tissue-data-dir {source} holds neither tissue_dataset.csv (a workspace) nor "
+                                 "fgt_seg/ + fgt_seg_labels/ (a DDSM tissue-label folder); pass the --workspace of "
+                                 "prepare_to_train.py or the tissue-label folder")
+    return _checked_table(datasets.read_tissue_table, source, ("image_file_path", "label_file_path"))
+
+
+def lesion_table(args: argparse.Namespace) -> pd.DataFrame:
+    """The stage-2 table from ``--cancer-csv`` (all rows, ``test`` ones included), its files checked.
+
+    Raises:
+        TrainingInputError: no ``--cancer-csv``, a folder, a table that cannot be used, or files that do not exist
+            or are not images.
+    """
+    if args.cancer_csv is None:
+        raise TrainingInputError("stage 2 needs --cancer-csv (workspace/unified_segmentation_dataset.csv)")
+    return _checked_table(datasets.read_lesion_table, args.cancer_csv, ("image_file_path", "roi_mask_file_path"),
+                          ("--cancer-csv", "pass the workspace's unified_segmentation_dataset.csv"))
+
+
+def _checked_table(read, source: Path, columns: tuple[str, ...], file_flag: tuple[str, str] | None = None
+                   ) -> pd.DataFrame:
+    """``read(source)`` (a ``datasets`` table reader) with the files named in ``columns`` checked; ``file_flag``
+    (``(flag, fix)``, when given) first checks that ``source`` is a file. Every problem becomes a one-line
+    ``TrainingInputError``."""
+    try:
+        if file_flag:
+            source = user_inputs.input_file(source, *file_flag)
+        table = read(source)
     except (FileNotFoundError, ValueError) as error:
         raise TrainingInputError(str(error)) from None
-    check_files_exist(table, ("image_file_path", "label_file_path"), source)
+    check_files_exist(table, columns, source)
     return table
 
 
 def check_files_exist(table: pd.DataFrame, columns: tuple[str, ...], source) -> None:
-    """Raise ``TrainingInputError`` listing every file named in ``columns`` that does not exist (before training).
+    """Raise ``TrainingInputError`` (one line: how many, the first five, the fix) when a file named in ``columns``
+    does not exist or is not an image (``tables.check_table_files``), before anything is trained.
 
     Cells may hold several paths joined by ";" (merged lesion masks); empty cells mean "none".
     """
-    missing = []
-    for column in columns:
-        for cell in table[column].fillna("").astype(str):
-            missing += [path for path in cell.split(";") if path.strip() and not Path(path.strip()).is_file()]
-    if missing:
-        shown = "\n  ".join(missing[:10]) + (f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else "")
-        raise TrainingInputError(f"{source} names {len(missing)} file(s) that do not exist:\n  {shown}\n"
-                                 "fix the paths (relative paths are resolved against the CSV's folder) or re-run "
-                                 "prepare_to_train.py")
+    try:
+        tables.check_table_files(table, columns, source)
+    except tables.TableError as error:
+        raise TrainingInputError(str(error)) from None
+
+
+def stage1_checkpoint(args: argparse.Namespace) -> tuple[Path, dict]:
+    """The stage-1 checkpoint that makes the stage-2 crops: ``--stage1-checkpoint``, else ``best_stage1.pth`` in
+    ``--stage1-checkpoint-dir``; returns ``(path, checkpoint dict)``.
+
+    Raises:
+        TrainingInputError: the file is missing, a folder, not a checkpoint (a text file, an image, ...), or a
+            checkpoint of stage 2; the message names it and fits the case.
+    """
+    path = _stage1_path(args)
+    if not args.stage1_checkpoint and not path.exists():
+        raise TrainingInputError(f"stage-1 checkpoint {path} not found; train stage 1 first (--train-stage1 or "
+                                 "--train-both) or pass --stage1-checkpoint")
+    flag = "--stage1-checkpoint" if args.stage1_checkpoint else "the stage-1 checkpoint of --stage1-checkpoint-dir"
+    try:
+        return path, user_inputs.load_stage_checkpoint(path, flag, 1, fix="stage-2 crops are made by stage 1: pass "
+                                                       "a stage-1 checkpoint (best_stage1.pth)")
+    except user_inputs.UserInputError as error:
+        raise TrainingInputError(str(error)) from None
+
+
+def _stage1_path(args: argparse.Namespace) -> Path:
+    """Where the stage-1 checkpoint of stage 2 is: ``--stage1-checkpoint``, else ``best_stage1.pth`` in
+    ``--stage1-checkpoint-dir`` (not checked)."""
+    if args.stage1_checkpoint:
+        return Path(args.stage1_checkpoint)
+    return Path(args.stage1_checkpoint_dir) / "best_stage1.pth"
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Check everything the stages asked for will read or write, before the first one starts.
+
+    Stage 1: its size and batch (:func:`stage_spec`) and its table with its files (:func:`tissue_table`). Stage 2:
+    the same with :func:`lesion_table`, and the stage-1 checkpoint (:func:`stage1_checkpoint`; not with
+    ``--train-both`` and no ``--stage1-checkpoint``: stage 1 makes it first). Both: ``--encoder-weights`` when it is
+    a file (:func:`user_inputs.checkpoint_file`'s checks), and the checkpoint and log folders (not files).
+
+    Raises:
+        TrainingInputError: the first problem found (one line naming the file or flag and the fix).
+    """
+    stages = [s for s, wanted in ((1, args.train_stage1 or args.train_both), (2, args.train_stage2 or args.train_both))
+              if wanted]
+    try:
+        for stage in stages:
+            spec = stage_spec(stage, args)
+            user_inputs.output_folder(spec.checkpoint_dir, f"--stage{stage}-checkpoint-dir")
+        user_inputs.output_folder(args.logdir, "--logdir")
+        weights = str(args.encoder_weights)
+        used = args.model == "aca_atrous_resunet" and (1 in stages or not args.stage2_init_from_stage1)
+        if used and not args.resume and weights.lower() not in ("imagenet", "none", ""):
+            user_inputs.checkpoint_file(weights, "--encoder-weights", 1, advice=_ENCODER_WEIGHTS_ADVICE)
+    except user_inputs.UserInputError as error:
+        raise TrainingInputError(str(error)) from None
+    if 1 in stages:
+        tissue_table(args)
+    if 2 in stages:
+        lesion_table(args)
+        if args.stage1_checkpoint or args.train_stage2:  # else stage 1 is trained first and writes it
+            stage1_checkpoint(args)
+
+
+def _data_error(error: BaseException) -> str | None:
+    """The one-line reason when ``error`` comes from reading a data file during an epoch, else None (a bug).
+
+    Errors raised in the main process (``--num-workers 0``) are recognised by their type and by passing through
+    ``datasets.py`` / ``imaging.py``; errors re-raised from a DataLoader worker carry the worker's traceback as their
+    message, whose last line is the original ``Type: message``.
+    """
+    text = str(error)
+    if text.startswith("Caught ") and "DataLoader worker" in text.split("\n", 1)[0]:
+        name, _, message = text.strip().splitlines()[-1].partition(": ")
+        if name.rsplit(".", 1)[-1] in ("ImageReadError", "ValueError", "OSError", "FileNotFoundError"):
+            return message
+        return None
+    if isinstance(error, imaging.ImageReadError):
+        return text
+    if isinstance(error, (ValueError, OSError)):
+        files = {str(Path(datasets.__file__).resolve()), str(Path(imaging.__file__).resolve())}
+        frames = traceback.walk_tb(error.__traceback__)
+        if any(str(Path(frame.f_code.co_filename).resolve()) in files for frame, _ in frames):
+            return text
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -165,8 +306,7 @@ def _prepare_output_dirs(spec: StageSpec, args: argparse.Namespace, ctx: distrib
     distributed.barrier(ctx)
 
 
-def _stage_data(spec: StageSpec, args: argparse.Namespace, ctx: distributed.DistContext, device: torch.device,
-                stage1_path: Path | None) -> dict:
+def _stage_data(spec: StageSpec, args: argparse.Namespace, ctx: distributed.DistContext, device: torch.device) -> dict:
     """Datasets of a stage and what the checkpoint needs to know about them."""
     if spec.stage == 1:
         table = tissue_table(args)
@@ -176,23 +316,15 @@ def _stage_data(spec: StageSpec, args: argparse.Namespace, ctx: distributed.Dist
         extra: dict = {}
         augment = datasets.tissue_augmentation()
     else:
-        if args.cancer_csv is None:
-            raise TrainingInputError("stage 2 needs --cancer-csv (workspace/unified_segmentation_dataset.csv)")
-        try:
-            table = datasets.read_lesion_table(args.cancer_csv)
-        except (FileNotFoundError, ValueError) as error:
-            raise TrainingInputError(str(error)) from None
-        check_files_exist(table, ("image_file_path", "roi_mask_file_path"), args.cancer_csv)
+        table = lesion_table(args)
         table = table[table["split"].astype(str) != "test"].reset_index(drop=True)
-        if not stage1_path.is_file():
-            raise TrainingInputError(f"stage-1 checkpoint {stage1_path} not found; train stage 1 first "
-                                     "(--train-stage1 or --train-both) or pass --stage1-checkpoint")
+        stage1_path, stage1_state = stage1_checkpoint(args)
         try:
             crops, info = roi_crops.build_roi_crops(stage1_path, table, spec.checkpoint_dir / "roi_crops",
                                                     args.roi_margin, device, ctx)
         except roi_crops.RoiCropError as error:
             raise TrainingInputError(str(error)) from None
-        preprocess_config = dict(checkpoints.load_checkpoint(stage1_path)["preprocess_config"])
+        preprocess_config = dict(stage1_state["preprocess_config"])
         train_df, val_df, how = split_table(crops, args)
         coverage = {"all": roi_crops.roi_coverage(pd.concat([train_df, val_df])),
                     "train": roi_crops.roi_coverage(train_df), "val": roi_crops.roi_coverage(val_df)}
@@ -254,12 +386,11 @@ def train_stage(stage: int, args: argparse.Namespace, ctx: distributed.DistConte
         return {"best_metric": float(resume_state["best_metric"]), "epoch": int(resume_state["epoch"]), "stopped": True}
 
     seed_everything(args.seed + ctx.rank, args.deterministic, device.type)
-    stage1_path = Path(args.stage1_checkpoint) if args.stage1_checkpoint else Path(args.stage1_checkpoint_dir) / "best_stage1.pth"
-    data = _stage_data(spec, args, ctx, device, stage1_path if stage == 2 else None)
+    data = _stage_data(spec, args, ctx, device)
 
     weights = args.encoder_weights
     if stage == 2 and args.stage2_init_from_stage1:
-        weights = str(stage1_path)
+        weights = str(_stage1_path(args))
     model_config = model_config_for(stage, args, weights)
     if resume_state is not None:
         _check_resumable(resume_state, spec, model_config, last_path)
@@ -269,7 +400,16 @@ def train_stage(stage: int, args: argparse.Namespace, ctx: distributed.DistConte
     try:
         model = build_model(build_config).to(device)
     except (RuntimeError, FileNotFoundError, ValueError) as error:  # offline ImageNet, bad --encoder-weights path
-        raise TrainingInputError(str(error)) from None
+        raise TrainingInputError(user_inputs.one_line(error)) from None
+    except KeyError:  # segmentation-models-pytorch: an encoder name it does not know
+        if args.model != "aca_atrous_resunet":
+            raise
+        raise TrainingInputError(f"--encoder {args.encoder} is not an encoder segmentation-models-pytorch knows; pass "
+                                 "one of its encoder names (resnet34, the default; resnet18, efficientnet-b0, ...) or "
+                                 "a timm encoder as tu-<name>") from None
+    except (pickle.UnpicklingError, EOFError) as error:  # --encoder-weights: a file torch.load cannot read
+        raise TrainingInputError(f"--encoder-weights {build_config.get('encoder_weights')} cannot be read as PyTorch "
+                                 f"weights ({type(error).__name__}); {_ENCODER_WEIGHTS_ADVICE}") from None
     if args.sync_bn and ctx.enabled:
         if device.type != "cuda":
             raise TrainingInputError("--sync-bn works with CUDA processes under torchrun only")
@@ -361,6 +501,15 @@ def train_stage(stage: int, args: argparse.Namespace, ctx: distributed.DistConte
         kept = f"{last_path} (epoch {epoch - 1})" if last_path.is_file() else "none (no epoch finished)"
         raise NonFiniteLossError(f"{error}: training stopped; the last good checkpoint is kept: {kept}. Lower "
                                  f"--lr-stage{stage} or --l1-lambda, or train without --amp") from None
+    except (imaging.ImageReadError, ValueError, OSError, RuntimeError) as error:
+        reason = _data_error(error)
+        if reason is None:
+            raise
+        kept = (f"the checkpoints of epoch {epoch - 1} are kept ({last_path}; --resume continues)"
+                if last_path.is_file() else "no epoch finished")
+        table = args.tissue_csv or args.tissue_data_dir if stage == 1 else args.cancer_csv
+        raise TrainingInputError(f"stage {stage} stopped in epoch {epoch}: {user_inputs.one_line(reason)}; fix or "
+                                 f"replace the file, or remove its row from {table}; {kept}") from None
     finally:
         if writer is not None:
             writer.close()

@@ -34,6 +34,7 @@ import datasets
 import imaging
 from fileio import atomic_write_bytes, atomic_writer
 from sources.common import PREPARER_VERSION, Report, Sample, SkipSample
+from tables import TableError, read_table
 
 #: Columns of ``tissue_dataset.csv`` (the first five are the suite's contract).
 TISSUE_COLUMNS = ["image_file_path", "label_file_path", "patient_id", "source", "split",
@@ -193,9 +194,9 @@ def table_conflict(df: pd.DataFrame, path: Path, overwrite: bool) -> str | None:
     if old == new:
         return None
     try:
-        previous = pd.read_csv(io.BytesIO(old), dtype=str, keep_default_na=False)
+        previous = read_table(path, kinds={"source": "label"}, allow_empty=True)
         before = f"{len(previous)} rows from {sorted(set(previous.get('source', [])))}"
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+    except (TableError, OSError):
         before = "content that is not a readable CSV"
     return (f"{path} holds {before}; this run would write {len(df)} rows from {sorted(set(df['source']))}. "
             "Pass every source in one run, use another --workspace, or add --overwrite to replace it")

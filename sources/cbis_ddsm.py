@@ -2,7 +2,8 @@
 
 Dataset quirks handled, and the assumptions made (checked on the four official description CSVs): column names
 with spaces (``image file path``) or underscores (``breast_density``) are normalised; path fields may hold
-newlines and surrounding whitespace (removed) and backslashes (made ``/``). Several rows (abnormalities) per image
+newlines and surrounding whitespace (removed) and backslashes (made ``/``); both by ``tables.read_table``, the
+suite's one table reader, which also finds ``A.dcm`` for a CSV path ``A.DCM``. Several rows (abnormalities) per image
 give one sample with the masks merged by union; with ``--abnormality both`` the mass and calcification folders of
 one mammogram (``Mass-Training_P_00001_LEFT_CC`` / ``Calc-Training_P_00001_LEFT_CC``) are one sample too. The
 ``ROI mask file path`` sometimes names the cropped patch and ``cropped image file path`` the mask, so files are
@@ -27,21 +28,17 @@ import numpy as np
 import pandas as pd
 
 import imaging
-from sources.common import (Built, Report, Sample, SkipSample, clean_path_field, fit_mask, is_binary,
-                            normalise_laterality, pick_pathology, safe_name)
+from sources.common import (Built, Report, Sample, SkipSample, fit_mask, is_binary, normalise_laterality,
+                            pick_pathology, safe_name)
+from tables import TableError, existing_path, normalise_header, read_table
 
 #: Top folder of a CBIS-DDSM path: ``Mass-Training_P_00001_LEFT_CC`` (``_1``: an abnormality's folder).
 _CBIS_FOLDER = re.compile(r"^(?P<abn>Mass|Calc)-(?P<set>Training|Test)_(?P<pid>P_\d+)_(?P<side>LEFT|RIGHT)_"
                           r"(?P<view>CC|MLO)(?:_(?P<n>\d+))?$", re.IGNORECASE)
 
-#: Columns (normalised by :func:`_norm_column`) every CBIS-DDSM description CSV must have.
+#: Columns (named as ``tables.normalise_header`` gives them) every CBIS-DDSM description CSV must have.
 _CBIS_REQUIRED = ("patient_id", "left_or_right_breast", "image_view", "abnormality_type", "pathology",
                   "image_file_path", "cropped_image_file_path", "roi_mask_file_path")
-
-
-def _norm_column(name: object) -> str:
-    """``"ROI mask file path "`` -> ``"roi_mask_file_path"``; ``"breast_density"`` stays."""
-    return re.sub(r"[\s_]+", "_", str(name).strip().lower())
 
 
 class _CbisResolver:
@@ -65,7 +62,7 @@ class _CbisResolver:
         """Existing files for CSV path ``rel``: the exact file, else every DICOM in its top folder."""
         if not rel:
             return []
-        exact = self.root / rel
+        exact = existing_path(self.root / rel)
         if exact.is_file():
             return [exact]
         folder = self._index().get(rel.split("/")[0])
@@ -74,13 +71,27 @@ class _CbisResolver:
         return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in (".dcm", ".dicom"))
 
 
-def _read_cbis_csv(path: Path) -> pd.DataFrame:
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    df.columns = [_norm_column(c) for c in df.columns]
+#: Cell kinds of the CBIS-DDSM description CSVs (``tables.normalise_cell``); the other columns are plain text.
+_CBIS_KINDS = {"image_file_path": "path", "cropped_image_file_path": "path", "roi_mask_file_path": "path",
+               "image_view": "view", "abnormality_type": "label", "pathology": "upper"}
+
+
+def read_cbis_csv(path: Path) -> pd.DataFrame:
+    """A CBIS-DDSM description CSV through ``tables.read_table``: column names normalised (``"image file path"`` ->
+    ``image_file_path``) and every cell normalised (paths: newlines and surrounding whitespace removed, ``\\`` ->
+    ``/``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        tables.TableError: not a readable CSV, or one of :data:`_CBIS_REQUIRED`'s columns is missing (the message
+            names the file and asks for the mass/calc description CSVs).
+    """
+    fix = "pass the mass/calc *_case_description_*.csv files of CBIS-DDSM"
+    df = read_table(path, kinds=_CBIS_KINDS, what="CBIS-DDSM CSV", fix=fix, allow_empty=True)
     missing = [c for c in _CBIS_REQUIRED if c not in df.columns]
     if missing:
-        raise ValueError(f"{path} is not a CBIS-DDSM description CSV: columns {missing} missing "
-                         f"(found {list(df.columns)}). Pass the mass/calc *_case_description_*.csv files.")
+        raise TableError(f"{path} is not a CBIS-DDSM description CSV: columns {missing} missing "
+                         f"(found {list(df.columns)}); {fix}")
     return df
 
 
@@ -93,7 +104,7 @@ def find_cbis_csvs(cbis_dir: Path) -> list[Path]:
                 header = fh.readline()
         except OSError:
             continue
-        if "image_file_path" in {_norm_column(c.strip('"')) for c in header.split(",")}:
+        if "image_file_path" in {normalise_header(c.strip('"')) for c in header.split(",")}:
             found.append(p)
     return found
 
@@ -106,8 +117,8 @@ def cbis_samples(cbis_dir: Path, csv_paths: list[Path], abnormality: str, tolera
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for csv_path in csv_paths:
         try:
-            df = _read_cbis_csv(csv_path)
-        except (OSError, ValueError, pd.errors.ParserError) as exc:
+            df = read_cbis_csv(csv_path)
+        except (OSError, ValueError) as exc:
             report.error(str(exc))
             continue
         for idx, r in df.iterrows():
@@ -115,7 +126,7 @@ def cbis_samples(cbis_dir: Path, csv_paths: list[Path], abnormality: str, tolera
             abn = str(r["abnormality_type"]).strip().lower()
             if abnormality == "mass" and abn != "mass" or abnormality == "calc" and abn != "calcification":
                 continue
-            image_rel = clean_path_field(r["image_file_path"])
+            image_rel = r["image_file_path"]
             if not image_rel:
                 report.skip(source, item, "empty 'image file path'")
                 continue
@@ -128,8 +139,8 @@ def cbis_samples(cbis_dir: Path, csv_paths: list[Path], abnormality: str, tolera
                 key = (subset, str(r["patient_id"]).strip(), str(r["left_or_right_breast"]).strip().upper(),
                        str(r["image_view"]).strip().upper(), image_rel)
             groups[key].append({
-                "item": item, "image": image_rel, "roi": clean_path_field(r["roi_mask_file_path"]),
-                "crop": clean_path_field(r["cropped_image_file_path"]), "abnormality": abn,
+                "item": item, "image": image_rel, "roi": r["roi_mask_file_path"],
+                "crop": r["cropped_image_file_path"], "abnormality": abn,
                 "pathology": str(r["pathology"]).strip().upper(), "patient_id": str(r["patient_id"]).strip(),
                 "side": str(r["left_or_right_breast"]).strip(), "view": str(r["image_view"]).strip().upper(),
                 "abnormality_id": str(r.get("abnormality_id", "")).strip()})

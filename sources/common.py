@@ -7,8 +7,9 @@
   import this module, which imports neither.
 - Constants shared by the sources: :data:`IMAGE_SUFFIXES`, :data:`TISSUE_LABEL_INTENSITIES`,
   :data:`DEFAULT_MASK_ASPECT_TOLERANCE`, the CDD-CESM name pattern :data:`CDD_NAME`.
-- Table cells and file names: :func:`clean_path_field`, :func:`normalise_laterality`, :func:`parse_image_name`
-  (patient, laterality, view from a file stem), :func:`safe_name` (output file stems).
+- Table cells and file names: :func:`clean_path_field`, :func:`normalise_laterality` (both through
+  ``tables.normalise_cell``, the suite's one cell normaliser), :func:`parse_image_name` (patient, laterality, view
+  from a file stem), :func:`safe_name` (output file stems).
 - Masks: :func:`is_binary`, :func:`fit_mask` (resize onto the image within an aspect-ratio tolerance),
   :func:`pick_pathology` (one pathology for several abnormalities).
 """
@@ -27,6 +28,7 @@ import cv2
 import numpy as np
 
 import datasets
+from tables import normalise_cell
 
 #: Bump when the outputs made from the same inputs change; part of every cache key in the manifest.
 PREPARER_VERSION = 1
@@ -58,24 +60,17 @@ class SkipSample(Exception):
 # Table cells, file names, masks
 # ----------------------------------------------------------------------------------------------------------------
 def clean_path_field(value: object) -> str:
-    """Clean a path cell of a dataset table: newlines/tabs removed, whitespace stripped, ``\\`` -> ``/``.
-
-    Returns ``""`` for an empty cell, NaN, or the Mini-DDSM "no contour" marker ``-``.
-    """
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return ""
-    text = re.sub(r"[\r\n\t]+", "", str(value)).strip().replace("\\", "/")
-    if text in ("-", "nan", "NaN", "None"):
-        return ""
-    while text.startswith("./"):
-        text = text[2:]
-    return text
+    """A path cell of a dataset table, normalised by the suite's one cell normaliser (``tables.normalise_cell`` with
+    kind ``path``): newlines/tabs removed, whitespace stripped, ``\\`` -> ``/``, leading ``./`` dropped; ``""`` for an
+    empty cell, NaN, or the Mini-DDSM "no contour" marker ``-``."""
+    return normalise_cell(value, "path")
 
 
 def normalise_laterality(value: object) -> str:
-    """``"LEFT"``/``"l"``/``"L"`` -> ``"L"``, right likewise; anything else -> ``""``."""
-    text = str(value or "").strip().upper()
-    return {"L": "L", "LEFT": "L", "R": "R", "RIGHT": "R"}.get(text, "")
+    """``"LEFT"``/``"l"``/``"L"`` -> ``"L"``, right likewise (``tables.normalise_cell`` kind ``laterality``);
+    anything else -> ``""``."""
+    text = normalise_cell(value, "laterality")
+    return text if text in ("L", "R") else ""
 
 
 def parse_image_name(stem: str) -> dict:

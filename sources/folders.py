@@ -29,14 +29,19 @@ def _find_by_stem(folder: Path) -> dict[str, Path]:
 # ----------------------------------------------------------------------------------------------------------------
 # Tissue-label set
 # ----------------------------------------------------------------------------------------------------------------
+def tissue_folders(root: Path) -> list[Path]:
+    """Every ``fgt_seg/`` folder at or below ``root`` that has a sibling ``fgt_seg_labels/``, sorted."""
+    return sorted(d for d in [root, *root.rglob("fgt_seg")] if d.name == "fgt_seg" and d.is_dir()
+                  and (d.parent / "fgt_seg_labels").is_dir())
+
+
 def tissue_samples(root: Path, source: str, report: Report) -> list[Sample]:
     """Samples of a tissue-label folder: every ``fgt_seg/<name>`` with ``fgt_seg_labels/<name>_LI`` below ``root``.
 
     Images under a folder named ``test`` (below ``root``) get split "test".
     """
     samples: list[Sample] = []
-    seg_dirs = sorted(d for d in [root, *root.rglob("fgt_seg")] if d.name == "fgt_seg" and d.is_dir()
-                      and (d.parent / "fgt_seg_labels").is_dir())
+    seg_dirs = tissue_folders(root)
     if not seg_dirs:
         report.error(f"tissue folder {root}: no fgt_seg/ with a sibling fgt_seg_labels/ found below it "
                      "(expected the layout of tiryakiv/Mammogram-segmentation segmentation_data/...)")
@@ -76,6 +81,12 @@ def tissue_samples(root: Path, source: str, report: Report) -> list[Sample]:
 # ----------------------------------------------------------------------------------------------------------------
 # images/ + masks/ pair folders (CDD-CESM and others)
 # ----------------------------------------------------------------------------------------------------------------
+def pair_folders(root: Path) -> list[Path]:
+    """Every folder at or below ``root`` that holds both ``images/`` and ``masks/``, sorted."""
+    return sorted(d for d in [root, *root.rglob("*")] if d.is_dir() and (d / "images").is_dir()
+                  and (d / "masks").is_dir())
+
+
 def lesion_dir_samples(root: Path, report: Report, tolerance: float) -> list[Sample]:
     """Samples of every ``images/`` + ``masks/`` pair folder at or below ``root``.
 
@@ -87,8 +98,7 @@ def lesion_dir_samples(root: Path, report: Report, tolerance: float) -> list[Sam
     "test".
     """
     samples: list[Sample] = []
-    pairs = sorted(d for d in [root, *root.rglob("*")] if d.is_dir() and (d / "images").is_dir()
-                   and (d / "masks").is_dir())
+    pairs = pair_folders(root)
     if not pairs:
         report.error(f"lesion folder {root}: no images/ + masks/ sub-folders found")
         return samples

@@ -4,7 +4,8 @@ Columns ``fullPath``, ``fileName``, ``View``, ``Side``, ``Status`` (Normal/Benig
 ``Tumour_Contour2`` [, ``Tumour_Contour3`` ... in Data-MoreThanTwoMasks], ``Age``, ``Density``: paths use
 backslashes (made ``/``) and are resolved relative to the spreadsheet's folder, then to the ``--mini-ddsm-dir``,
 then by file name anywhere below it; ``-`` or an empty cell means "no contour"; every ``Tumour_Contour*`` column
-is merged. Assumed (not verifiable offline): the first sheet holds the table, ``fileName`` looks like
+is merged. The spreadsheets are read by ``tables.read_table`` (every header and cell normalised; ``A.PNG`` in a
+cell finds ``A.png``). Assumed (not verifiable offline): the first sheet holds the table, ``fileName`` looks like
 ``A_0002_1.LEFT_CC.png`` (patient = ``A_0002``), and an image listed in both tables keeps the entry with more
 contours. Images without a contour (Normal cases and the unmarked side of a Benign/Cancer case: DDSM outlines
 every abnormality it records) are kept as lesion-free samples (pathology ``NORMAL``) only with
@@ -19,11 +20,15 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 import imaging
-from sources.common import (Built, Report, Sample, SkipSample, clean_path_field, fit_mask, normalise_laterality,
-                            parse_image_name, safe_name)
+from sources.common import (Built, Report, Sample, SkipSample, fit_mask, normalise_laterality, parse_image_name,
+                            safe_name)
+from tables import existing_path, normalise_cell, read_table
+
+#: Cell kinds of the Mini-DDSM spreadsheets' fixed columns (``tables.normalise_cell``; the ``Tumour_Contour*``
+#: columns are paths too); column names as ``tables.normalise_header`` gives them.
+_MINI_KINDS = {"fullpath": "path", "filename": "path", "view": "view"}
 
 
 def find_mini_tables(root: Path) -> list[Path]:
@@ -61,16 +66,15 @@ def mini_records(root: Path, report: Report, more_than_two_masks: bool = False) 
     """
     records = []
     index = _FileIndex(root)
-    tables = find_mini_tables(root)
-    if not tables:
+    spreadsheets = find_mini_tables(root)
+    if not spreadsheets:
         report.error(f"Mini-DDSM folder {root}: no .xlsx table (DataWMask.xlsx) found below it")
-    for table in tables:
+    for table in spreadsheets:
         try:
-            df = pd.read_excel(table, sheet_name=0, dtype=str)
-        except (OSError, ValueError, KeyError) as exc:
+            df = read_table(table, kinds=_MINI_KINDS, what="Mini-DDSM table", allow_empty=True)
+        except (OSError, ValueError) as exc:
             report.error(f"cannot read Mini-DDSM table {table}: {exc}")
             continue
-        df.columns = [str(c).strip() for c in df.columns]
         lower = {c.lower(): c for c in df.columns}
         if "fullpath" not in lower:
             report.error(f"{table} has no 'fullPath' column (found {list(df.columns)}); not a Mini-DDSM table")
@@ -85,21 +89,20 @@ def mini_records(root: Path, report: Report, more_than_two_masks: bool = False) 
             if not rel:
                 return None
             for base in (table.parent, root):
-                if (base / rel).is_file():
-                    return base / rel
+                if existing_path(base / rel).is_file():
+                    return existing_path(base / rel)
             return index.find(rel)
 
         for idx, r in df.iterrows():
             item = f"{table.name} row {idx + 1}"
-            full = clean_path_field(r[lower["fullpath"]])
-            file_name = clean_path_field(r.get(lower.get("filename", ""), "")) or full.rsplit("/", 1)[-1]
-            contours = [c for c in (clean_path_field(r[col]) for col in contour_cols) if c]
+            full = r[lower["fullpath"]]
+            file_name = r.get(lower.get("filename", ""), "") or full.rsplit("/", 1)[-1]
+            contours = [c for c in (normalise_cell(r[col], "path") for col in contour_cols) if c]
             records.append({
                 "item": item, "source": source, "full": full, "file_name": file_name,
                 "image": resolve(full), "contours": [(c, resolve(c)) for c in contours],
-                "status": str(r.get(lower.get("status", ""), "") or "").strip(),
-                "side": str(r.get(lower.get("side", ""), "") or "").strip(),
-                "view": str(r.get(lower.get("view", ""), "") or "").strip().upper()})
+                "status": r.get(lower.get("status", ""), ""), "side": r.get(lower.get("side", ""), ""),
+                "view": r.get(lower.get("view", ""), "")})
     return records
 
 

@@ -122,6 +122,21 @@ def test_stage1_writes_checkpoints_that_rebuild_the_model(stage1_run):
         assert model(torch.rand(1, 1, 64, 64)).shape == (1, 4, 64, 64)
 
 
+def test_only_the_last_checkpoint_keeps_the_training_state(stage1_run):
+    ck = stage1_run / "ck1"
+    last = torch.load(ck / "last_stage1.pth", map_location="cpu", weights_only=True)
+    assert set(checkpoints.TRAINING_STATE_KEYS) <= set(last) and last["optimizer"]["state"]
+    for name in ("best_stage1.pth", "stage1_epoch1.pth", "stage1_epoch2.pth"):
+        lean = torch.load(ck / name, map_location="cpu", weights_only=True)
+        assert not set(checkpoints.TRAINING_STATE_KEYS) & set(lean), name  # no optimizer, scheduler, scaler, RNG
+        assert lean["model"].keys() == last["model"].keys() and lean["model_config"] == last["model_config"]
+        # AdamW's two moments per weight make the full file about three times the weights
+        assert (ck / name).stat().st_size < 0.5 * (ck / "last_stage1.pth").stat().st_size, name
+    epoch2 = torch.load(ck / "stage1_epoch2.pth", map_location="cpu", weights_only=True)
+    assert all(torch.equal(v, last["model"][k]) for k, v in epoch2["model"].items())  # same weights as last
+    assert epoch2["epoch"] == last["epoch"] == 2 and epoch2["val_metrics"] == last["val_metrics"]
+
+
 def test_stage1_tensorboard_tags_args_json_and_summary(stage1_run):
     scalars, images = event_tags(stage1_run / "runs" / "stage1")
     for tag in ("train/loss", "val/loss", "val/dice_fgt", "val/dice_adipose", "val/dice_pectoral",
