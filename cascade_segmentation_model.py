@@ -159,7 +159,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     out.add_argument("--logdir", type=Path, default=Path("runs/cascade"),
                      help="TensorBoard folder; stage N logs to <logdir>/stageN (default: %(default)s)")
     out.add_argument("--keep-epoch-checkpoints", type=int, default=3,
-                     help="how many stageN_epoch{E}.pth files to keep (default: %(default)s)")
+                     help="how many stageN_epoch{E}.pth files to keep; 0 writes none (best and last are always "
+                          "written) (default: %(default)s)")
     out.add_argument("--image-every", type=int, default=5,
                      help="log validation image panels every this many epochs (and at epoch 1) "
                           "(default: %(default)s)")

@@ -382,7 +382,8 @@ def save_epoch(spec: StageSpec, args: argparse.Namespace, model: nn.Module, mode
     state["val_metrics"] = {f"val/dice_{name}": float(d) for name, d in zip(spec.class_names, val_stats["dice"])}
     state["val_metrics"]["val/loss"] = float(val_stats["loss"])
     lean = checkpoints.without_training_state(state)
-    checkpoints.save_checkpoint(lean, spec.path("epoch", epoch))
+    if args.keep_epoch_checkpoints > 0:
+        checkpoints.save_checkpoint(lean, spec.path("epoch", epoch))
     if improved:
         checkpoints.save_checkpoint(lean, spec.path("best"))
     checkpoints.save_checkpoint(state, spec.path("last"))  # last: a crash before this line resumes the epoch before
@@ -391,7 +392,7 @@ def save_epoch(spec: StageSpec, args: argparse.Namespace, model: nn.Module, mode
         suffix = path.stem.rsplit("epoch", 1)[-1]
         if suffix.isdigit():
             numbered.append((int(suffix), path))
-    for _, path in sorted(numbered)[: max(len(numbered) - max(args.keep_epoch_checkpoints, 1), 0)]:
+    for _, path in sorted(numbered)[: max(len(numbered) - args.keep_epoch_checkpoints, 0)]:
         path.unlink(missing_ok=True)
 
 

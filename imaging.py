@@ -173,7 +173,10 @@ def _decode_raster(data: bytes, path: Path, fmt: str, notes: list[str]) -> np.nd
     arr = None
     cv_error = ""
     try:
-        # IMREAD_UNCHANGED keeps 16-bit data and does not apply EXIF rotation.
+        # IMREAD_UNCHANGED keeps 16-bit data and does not apply EXIF rotation. OpenCV's own warnings on a broken
+        # file ("PNG input buffer is incomplete") would reach the terminal beside our one-line error: errors only.
+        if cv2.utils.logging.getLogLevel() > cv2.utils.logging.LOG_LEVEL_ERROR:
+            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
         arr = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:  # pragma: no cover - OpenCV raises rather than returning None only for odd inputs
         cv_error = str(exc).strip().splitlines()[-1]

@@ -63,7 +63,7 @@ echo [demo] synthetic workspace in %DEMO_DIR%\workspace (a smoke test: not data 
 "%PYTHON%" prepare_to_train.py --synthetic 16 --workspace "%DEMO_DIR%\workspace"
 if errorlevel 1 exit /b %ERRORLEVEL%
 echo [demo] training both stages briefly
-"%PYTHON%" cascade_segmentation_model.py --train-both --tissue-csv "%DEMO_DIR%\workspace\tissue_dataset.csv" --cancer-csv "%DEMO_DIR%\workspace\unified_segmentation_dataset.csv" --stage1-checkpoint-dir "%DEMO_DIR%\checkpoints\stage1" --stage2-checkpoint-dir "%DEMO_DIR%\checkpoints\stage2" --logdir "%DEMO_DIR%\runs" --epochs-stage1 2 --epochs-stage2 2 --img-size-stage1 128 64 --img-size-stage2 64 --batch-size-stage1 4 --batch-size-stage2 4 --max-batches-per-epoch 4 --num-workers 0 --keep-epoch-checkpoints 1 --encoder-weights none --overwrite %EXTRA%
+"%PYTHON%" cascade_segmentation_model.py --train-both --tissue-csv "%DEMO_DIR%\workspace\tissue_dataset.csv" --cancer-csv "%DEMO_DIR%\workspace\unified_segmentation_dataset.csv" --stage1-checkpoint-dir "%DEMO_DIR%\checkpoints\stage1" --stage2-checkpoint-dir "%DEMO_DIR%\checkpoints\stage2" --logdir "%DEMO_DIR%\runs" --epochs-stage1 2 --epochs-stage2 2 --img-size-stage1 128 64 --img-size-stage2 64 --batch-size-stage1 4 --batch-size-stage2 4 --max-batches-per-epoch 4 --num-workers 0 --keep-epoch-checkpoints 0 --encoder-weights none --overwrite %EXTRA%
 if errorlevel 1 exit /b %ERRORLEVEL%
 if not exist cascade_inference.py goto demodone
 echo [demo] inference on two synthetic images

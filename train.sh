@@ -53,7 +53,7 @@ if [ "$demo" = 1 ]; then
         --stage1-checkpoint-dir "$out/checkpoints/stage1" --stage2-checkpoint-dir "$out/checkpoints/stage2" \
         --logdir "$out/runs" \
         --epochs-stage1 2 --epochs-stage2 2 --img-size-stage1 128 64 --img-size-stage2 64 \
-        --batch-size-stage1 4 --batch-size-stage2 4 --max-batches-per-epoch 4 --num-workers 0 --keep-epoch-checkpoints 1 \
+        --batch-size-stage1 4 --batch-size-stage2 4 --max-batches-per-epoch 4 --num-workers 0 --keep-epoch-checkpoints 0 \
         --encoder-weights none --overwrite "$@"
     if [ -f cascade_inference.py ]; then
         echo "[demo] inference on two synthetic images"

@@ -179,6 +179,12 @@ def test_same_seed_same_losses_and_resume_is_bit_identical(tmp_path, tissue_csv,
     # resuming a finished stage trains nothing more
     assert run(base + small_args(killed, "--resume", epochs=4)) == 0
     assert len(history(killed)) == 4
+    # --keep-epoch-checkpoints 0 writes no epoch file (the demo's setting); best and last stay, and resume works
+    none_kept = tmp_path / "none_kept"
+    assert run(base + small_args(none_kept, "--keep-epoch-checkpoints", "0", epochs=2)) == 0
+    assert run(base + small_args(none_kept, "--resume", "--keep-epoch-checkpoints", "0", epochs=3)) == 0
+    assert sorted(p.name for p in (none_kept / "ck1").glob("*.pth")) == ["best_stage1.pth", "last_stage1.pth"]
+    assert checkpoints.load_checkpoint(none_kept / "ck1" / "last_stage1.pth")["epoch"] == 3
 
 
 def test_spawned_workers_give_the_same_epoch(tmp_path, tissue_csv, stage1_run):
