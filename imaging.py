@@ -237,8 +237,12 @@ _EXIF_TRANSFORMS = {
 def exif_orientation(data: bytes) -> int:
     """The EXIF Orientation (1..8) stored in a JPEG, TIFF (tag 274), PNG (eXIf) or WebP file's bytes; 1 when absent.
 
-    Read with Pillow's lazy header parser (no pixel decoding). An unreadable or out-of-range tag counts as 1.
+    Read with Pillow's lazy header parser (no pixel decoding). An unreadable or out-of-range tag counts as 1. A PNG
+    without an ``eXIf`` chunk is answered without Pillow, which would walk the whole file looking for one (27 ms on
+    a 2944x1920 16-bit PNG, measured; the byte search takes about 1 ms).
     """
+    if data.startswith(b"\x89PNG\r\n\x1a\n") and b"eXIf" not in data:
+        return 1
     try:
         from PIL import Image
 
