@@ -166,7 +166,11 @@ def _resolve_weights(args) -> tuple[Path, Path]:
         user_inputs.UserInputError / FileNotFoundError: a missing, empty or wrong kind of file, a file given as
             ``--checkpoint-dir``, or no way to find a stage.
     """
-    if args.checkpoint_dir and Path(args.checkpoint_dir).exists() and not Path(args.checkpoint_dir).is_dir():
+    if args.checkpoint_dir and not Path(args.checkpoint_dir).exists():
+        raise user_inputs.UserInputError(
+            f"--checkpoint-dir {args.checkpoint_dir} does not exist; pass the folder holding best_stage1.pth and "
+            "best_stage2.pth (the training's checkpoint folder), or the files with --stage1-weights / --stage2-weights")
+    if args.checkpoint_dir and not Path(args.checkpoint_dir).is_dir():
         raise user_inputs.UserInputError(
             f"--checkpoint-dir {args.checkpoint_dir} is {user_inputs.describe(args.checkpoint_dir)}, not a folder; "
             "pass the folder holding best_stage1.pth and best_stage2.pth, or the files with --stage1-weights / "

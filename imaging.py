@@ -492,6 +492,21 @@ def _read_dicom(data: bytes, path: Path, notes: list[str]) -> tuple[np.ndarray, 
     return out, spacing
 
 
+#: The last 8 bytes of every complete PNG: the IEND chunk's type and CRC (PNG specification 11.2.5).
+_PNG_END = b"IEND\xaeB`\x82"
+
+
+def _kind_of_bytes(data: bytes) -> str:
+    """What a file's first bytes look like, for messages: "text" when they decode as UTF-8 without control
+    characters other than whitespace, else "unknown binary data"."""
+    head = data[:512]
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "unknown binary data"
+    return "text" if all(c.isprintable() or c in "\r\n\t" for c in text) else "unknown binary data"
+
+
 def read_image(path: str | os.PathLike) -> MammogramImage:
     """Read a mammogram in any supported format into a grayscale uint8 / uint16 array.
 
@@ -528,6 +543,12 @@ def read_image(path: str | os.PathLike) -> MammogramImage:
     if not data:
         raise ImageReadError(p, "file is empty (0 bytes): an interrupted copy or download?")
     fmt = sniff_format(data[:132], p.suffix.lower())
+    if fmt in ("png", "jpeg", "tiff", "bmp", "pgm") and sniff_format(data[:132], "") == "unknown":
+        raise ImageReadError(p, f"not a {fmt.upper()} file: it starts with {_kind_of_bytes(data)}, not an image "
+                                "signature; is it another kind of file renamed? Pass the image itself")
+    if fmt == "png" and not data.rstrip(b"\x00").endswith(_PNG_END):
+        raise ImageReadError(p, "corrupt PNG, truncated (no IEND chunk at its end): an interrupted copy or download? "
+                                "Copy it again")
     notes: list[str] = []
     spacing = None
     if fmt == "dicom":

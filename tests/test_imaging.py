@@ -550,3 +550,18 @@ def test_pixel_spacing_from_every_place(tmp_path, nyu_small):
     img = imaging.read_image(make_dicom(small, tmp_path / "enhanced.dcm", SharedFunctionalGroupsSequence=[group]))
     assert img.pixel_spacing_mm == pytest.approx((0.085, 0.085))
     assert any("functional group" in n for n in img.notes)
+
+
+def test_renamed_text_and_truncated_png_are_named_for_what_they_are(tmp_path, tissue_dir, capfd):
+    """A text file named .png says so (no object repr); a PNG cut short is reported as truncated before OpenCV's
+    decoder is asked (whose own "libpng error" line would reach the terminal)."""
+    (tmp_path / "notes.png").write_text("remember the follow-up\n", encoding="utf-8")
+    with pytest.raises(ImageReadError) as info:
+        imaging.read_image(tmp_path / "notes.png")
+    assert "not a PNG file: it starts with text" in str(info.value) and "object at 0x" not in str(info.value)
+    good = sorted((tissue_dir / "fgt_seg").glob("*.png"))[0].read_bytes()
+    (tmp_path / "cut.png").write_bytes(good[:20000])
+    with pytest.raises(ImageReadError) as info:
+        imaging.read_image(tmp_path / "cut.png")
+    assert "truncated" in str(info.value)
+    assert "libpng" not in capfd.readouterr().err

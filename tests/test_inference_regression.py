@@ -14,7 +14,8 @@ History of deliberate changes (each regenerated after checking that nothing else
 Issue 13 (less CPU per image): the figure drawn with OpenCV instead of matplotlib (4 figure hashes), PNG encoder
 settings chosen by measurement (the FGT masks' and probability maps' bytes, not their values), and
 ``<stem>_tissue_seg_color.png`` written only with ``--color-map`` (8 files and 8 ``outputs`` entries gone); every
-other JSON value, the lesion components included, stayed the same.
+other JSON value, the lesion components included, stayed the same. Then the corrupt file's reason (4 cells and
+entries): a PNG without its IEND chunk is now reported as truncated before OpenCV is asked to decode it.
 
 The networks are untrained and seeded (ResNet18 encoder, stage 1 at 128x64, stage 2 at 64x64), so the values are
 arbitrary but fully determined; the run uses two threads, as CI does.

@@ -382,6 +382,8 @@ MISTAKES = [
      lambda f, o: ["--checkpoint-dir", f["folder"], "--image", f["image"]], "folder"),
     ("cascade_inference", "image is a text file",
      lambda f, o: [*_pair("stage1", "stage2")(f, o), "--image", f["notes"]], "notes"),
+    ("cascade_inference", "checkpoint-dir does not exist",
+     lambda f, o: ["--checkpoint-dir", f["missing"], "--image", f["image"]], "missing"),
     ("cascade_inference", "checkpoint-dir is a file",
      lambda f, o: ["--checkpoint-dir", f["notes"], "--image", f["image"]], "notes"),
     ("cascade_inference", "stage1-weights is a folder",
