@@ -45,6 +45,7 @@ __all__ = [
     "Preprocessed",
     "breast_on_right",
     "breast_threshold",
+    "image_format",
     "check_preprocess_config",
     "letterbox",
     "network_size",
@@ -131,6 +132,29 @@ def sniff_format(head: bytes, suffix: str) -> str:
         return "dicom"
     return {".jpg": "jpeg", ".jpeg": "jpeg", ".tif": "tiff", ".tiff": "tiff", ".png": "png", ".bmp": "bmp",
             ".pgm": "pgm", ".pnm": "pgm"}.get(suffix, suffix.lstrip(".") or "unknown")
+
+
+#: Formats whose files announce themselves in their first 132 bytes (see :func:`sniff_format`).
+IMAGE_FORMATS = ("dicom", "png", "jpeg", "tiff", "bmp", "pgm")
+
+
+def image_format(head: bytes) -> str | None:
+    """The image format a file's first 132 bytes announce by their magic numbers alone (one of
+    :data:`IMAGE_FORMATS`), or None: the name is not consulted, so a text file renamed ``.png`` gives None."""
+    found = sniff_format(head[:132], "")
+    return found if found in IMAGE_FORMATS else None
+
+
+def looks_like_text(head: bytes) -> bool:
+    """Whether a file's first bytes are text: UTF-8 without NUL bytes (for messages about files that are not what
+    their name says)."""
+    if b"\x00" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _to_grayscale(arr: np.ndarray, notes: list[str], channel_order: str) -> np.ndarray:
@@ -496,17 +520,6 @@ def _read_dicom(data: bytes, path: Path, notes: list[str]) -> tuple[np.ndarray, 
 _PNG_END = b"IEND\xaeB`\x82"
 
 
-def _kind_of_bytes(data: bytes) -> str:
-    """What a file's first bytes look like, for messages: "text" when they decode as UTF-8 without control
-    characters other than whitespace, else "unknown binary data"."""
-    head = data[:512]
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        return "unknown binary data"
-    return "text" if all(c.isprintable() or c in "\r\n\t" for c in text) else "unknown binary data"
-
-
 def read_image(path: str | os.PathLike) -> MammogramImage:
     """Read a mammogram in any supported format into a grayscale uint8 / uint16 array.
 
@@ -543,9 +556,10 @@ def read_image(path: str | os.PathLike) -> MammogramImage:
     if not data:
         raise ImageReadError(p, "file is empty (0 bytes): an interrupted copy or download?")
     fmt = sniff_format(data[:132], p.suffix.lower())
-    if fmt in ("png", "jpeg", "tiff", "bmp", "pgm") and sniff_format(data[:132], "") == "unknown":
-        raise ImageReadError(p, f"not a {fmt.upper()} file: it starts with {_kind_of_bytes(data)}, not an image "
-                                "signature; is it another kind of file renamed? Pass the image itself")
+    if fmt in IMAGE_FORMATS and fmt != "dicom" and image_format(data) is None:  # the name says image, the bytes not
+        kind = "text" if looks_like_text(data[:512]) else "unknown binary data"
+        raise ImageReadError(p, f"not a {fmt.upper()} file: it starts with {kind}, not an image signature; is it "
+                                "another kind of file renamed? Pass the image itself")
     if fmt == "png" and not data.rstrip(b"\x00").endswith(_PNG_END):
         raise ImageReadError(p, "corrupt PNG, truncated (no IEND chunk at its end): an interrupted copy or download? "
                                 "Copy it again")

@@ -151,7 +151,7 @@ def looks_like_image(path: Path) -> bool:
             head = stream.read(132)
     except OSError:
         return True  # let the reader report the error
-    return imaging.sniff_format(head, "") in ("dicom", "png", "jpeg", "tiff", "bmp", "pgm")
+    return imaging.image_format(head) is not None
 
 
 def list_inputs(image_dir: Path, recursive: bool, output_dir: Path) -> list[InputItem]:

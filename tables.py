@@ -235,18 +235,12 @@ def _looks_like(path: Path) -> str:
             head = stream.read(132)
     except OSError:
         return ""
-    found = _image_format(head)
+    found = imaging.image_format(head)
     if found:
         return f": a {found.upper()} image?"
     if head.startswith(b"PK"):
         return ": a zip archive, spreadsheet or PyTorch checkpoint?"
     return ""
-
-
-def _image_format(head: bytes) -> str | None:
-    """The image format a file's first 132 bytes announce (magic numbers only), or None."""
-    found = imaging.sniff_format(head, "")
-    return found if found in ("dicom", "png", "jpeg", "tiff", "bmp", "pgm") else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -317,7 +311,7 @@ def check_table_files(table: pd.DataFrame, columns: Iterable[str], source: str |
                     continue
                 if not head:
                     not_images.append(f"{path} (empty file)")
-                elif file.suffix.lower() in _MAGIC_SUFFIXES and _image_format(head) is None:
+                elif file.suffix.lower() in _MAGIC_SUFFIXES and imaging.image_format(head) is None:
                     not_images.append(f"{path} (no {_MAGIC_SUFFIXES[file.suffix.lower()].upper()} header)")
     if missing:
         raise TableError(f"{source} names {len(missing)} file(s) that do not exist: {_listed(missing)}; fix the paths "

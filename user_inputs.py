@@ -57,8 +57,8 @@ def describe(path: str | os.PathLike) -> str:
         return f"unreadable ({error.strerror or type(error).__name__})"
     if not head:
         return "an empty file"
-    found = imaging.sniff_format(head[:132], "")
-    if found in ("dicom", "png", "jpeg", "tiff", "bmp", "pgm"):
+    found = imaging.image_format(head)
+    if found:
         return f"a {found.upper()} image"
     if head.startswith(b"PK\x03\x04"):
         try:
@@ -73,13 +73,7 @@ def describe(path: str | os.PathLike) -> str:
         return "a zip archive"
     if path.suffix.lower() == ".onnx":
         return "an ONNX model"
-    if b"\x00" not in head:
-        try:
-            head.decode("utf-8")
-            return "a text file"
-        except UnicodeDecodeError:
-            pass
-    return "a binary file"
+    return "a text file" if imaging.looks_like_text(head) else "a binary file"
 
 
 # ----------------------------------------------------------------------------------------------------------------
