@@ -15,6 +15,7 @@ import hashlib
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -68,12 +69,34 @@ def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = True
     return atomic_write_bytes(path, text.encode("utf-8"), overwrite)
 
 
+#: Seconds after its last change from which a file's digest is remembered (see :func:`file_sha256`). Ours: far
+#: above any file-system time-stamp granularity.
+SHA256_SETTLED_S = 2.0
+
+#: Digests already computed in this process, by file identity (see :func:`file_sha256`).
+_SHA256_BY_IDENTITY: dict[tuple, str] = {}
+
+
 def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
-    """Full hex SHA-256 of a file's bytes, read in chunks of ``chunk_bytes`` (checkpoint identities, cache keys)."""
+    """Full hex SHA-256 of a file's bytes, read in chunks of ``chunk_bytes`` (checkpoint identities, cache keys).
+
+    Remembered per process by the file's identity (device, inode, size, modification time): loading a stage hashes
+    its checkpoint for the ONNX export cache and again for the run's report, and a 118 MB checkpoint need be read
+    once. A file replaced (the suite's writers replace atomically: a new inode) or rewritten is hashed anew; a file
+    changed less than :data:`SHA256_SETTLED_S` ago is always hashed, since file-system time stamps are coarse (a few
+    ms on Linux) and two same-size writes within one tick would otherwise look alike. (As for ``make``, a same-size
+    rewrite whose old time stamp is put back on purpose is not noticed.)
+    """
+    stat = os.stat(path)
+    identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if identity in _SHA256_BY_IDENTITY:
+        return _SHA256_BY_IDENTITY[identity]
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
         for block in iter(lambda: stream.read(chunk_bytes), b""):
             digest.update(block)
+    if time.time() - stat.st_mtime > SHA256_SETTLED_S:
+        _SHA256_BY_IDENTITY[identity] = digest.hexdigest()
     return digest.hexdigest()
 
 

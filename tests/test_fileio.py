@@ -42,6 +42,20 @@ def test_file_sha256_matches_hashlib_across_chunks(tmp_path):
     assert file_sha256(tmp_path / "f", chunk_bytes=1000) == hashlib.sha256(data).hexdigest()
 
 
+def test_file_sha256_is_remembered_only_while_the_file_is_unchanged(tmp_path, monkeypatch):
+    path = tmp_path / "f"
+    path.write_bytes(b"a" * 100)
+    old = 1_600_000_000
+    os.utime(path, (old, old))  # settled long ago: remembered
+    first = file_sha256(path)
+    reads = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda *a, **k: reads.append(a[0]) or real_open(*a, **k))
+    assert file_sha256(path) == first and reads == []  # not read again
+    path.write_bytes(b"b" * 100)  # same size, same inode, rewritten just now
+    assert file_sha256(path) == hashlib.sha256(b"b" * 100).hexdigest() and reads
+
+
 def test_json_safe_makes_strict_json():
     value = {1: (np.float32(0.5), float("nan"), float("inf"), np.int64(3), np.bool_(True)), "x": [np.array(2.0)]}
     safe = json_safe(value)
