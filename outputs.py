@@ -121,12 +121,13 @@ _BAR_PX = 26  # height of the title strip above each panel and of the figure's t
 
 
 def _blend(base: np.ndarray, mask: np.ndarray, colour_bgr, alpha) -> np.ndarray:
-    """``base`` (H, W, 3) uint8 with ``colour_bgr`` laid over the pixels of ``mask`` at opacity ``alpha`` (a number
-    or an (H, W) float array in [0, 1])."""
+    """``base`` (H, W, 3) uint8 with ``colour_bgr`` laid over the pixels of ``mask`` at opacity ``alpha``. The colour
+    is one BGR triple or an (H, W, 3) array (a colour per pixel); ``alpha`` a number or an (H, W) array in [0, 1]."""
+    colour = np.asarray(colour_bgr, np.float32)
+    colour = colour[mask] if colour.ndim == 3 else colour
+    weight = np.asarray(alpha, np.float32)[mask][:, None] if np.ndim(alpha) else float(alpha)
     out = base.copy()
-    weight = (alpha[mask] if isinstance(alpha, np.ndarray) else float(alpha))
-    weight = np.asarray(weight, np.float32)[..., None] if isinstance(weight, np.ndarray) else weight
-    out[mask] = np.rint(base[mask] * (1.0 - weight) + np.asarray(colour_bgr, np.float32) * weight).astype(np.uint8)
+    out[mask] = np.rint(base[mask] * (1.0 - weight) + colour * weight).astype(np.uint8)
     return out
 
 
@@ -160,9 +161,7 @@ def make_visualization(pixels: np.ndarray, result: cascade.CascadeResult, thresh
     base = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
     palette_bgr = np.array([colour[::-1] for colour in TISSUE_COLORS_RGB], np.uint8)
 
-    tissue = base.copy()
-    for class_id in range(1, len(palette_bgr)):
-        tissue = _blend(tissue, classes == class_id, palette_bgr[class_id], 0.45)
+    tissue = _blend(base, classes > 0, palette_bgr[np.minimum(classes, len(palette_bgr) - 1)], 0.45)
     counts = imaging.histogram_u8(result.tissue_classes)
     for row, class_id in enumerate(range(1, len(palette_bgr))):
         y = size[1] - 12 - 18 * (len(palette_bgr) - 2 - row)
