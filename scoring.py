@@ -188,6 +188,9 @@ def read_lesion_truth(case: Case, shape: tuple[int, int]) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ predictions
 @dataclass
 class LesionPrediction:
+    """One image's lesion prediction as scored: the probability map and the ROI box it was searched in (None when
+    the predictions folder does not say)."""
+
     prob: np.ndarray  # (H, W) float32 in [0, 1]
     roi_box: roi.RoiBox | None
 
