@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -148,6 +149,7 @@ def xvfb_display(monkeypatch):
             number = stream.readline().strip()
         if not number:
             pytest.skip("Xvfb did not start")
+        _wait_until_accepting(process, number)
         monkeypatch.setenv("DISPLAY", f":{number}")
         monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
         yield f":{number}"
@@ -156,14 +158,44 @@ def xvfb_display(monkeypatch):
         process.wait(timeout=10)
 
 
+def _wait_until_accepting(process: subprocess.Popen, number: str, timeout: float = 15.0) -> None:
+    """Block until Xvfb's Unix socket for display ``number`` accepts a connection.
+
+    The display number arrives on ``-displayfd`` as soon as Xvfb has chosen it; a CI run showed a Qt client started
+    right after that failing with "could not connect to display" once. Connecting to the socket (the path in
+    /tmp/.X11-unix, then the Linux abstract name of the same path) is what an X client does first.
+    """
+    path = f"/tmp/.X11-unix/X{number}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"Xvfb :{number} exited with code {process.returncode} right after starting")
+        for address in (path, "\0" + path):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(address)
+                    return
+                except OSError:
+                    pass
+        time.sleep(0.05)
+    pytest.fail(f"Xvfb :{number} did not accept connections on {path} within {timeout:.0f} s")
+
+
 def _run_child(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh Python with the project and this folder importable.
 
     Every window is opened in a child process: Qt binds a process to the first display it reaches and ends the
-    process when that display goes away, so windows must not be opened inside the pytest process.
+    process when that display goes away, so windows must not be opened inside the pytest process. A child that Qt
+    aborts before drawing anything because it "could not connect to display" is started once more: that is the
+    virtual display's start-up, not the viewer (the viewer's own no-display path is tested above).
     """
     prelude = f"import sys; sys.path[:0] = [{str(PROJECT_ROOT)!r}, {str(Path(__file__).parent)!r}]\n"
-    return subprocess.run([sys.executable, "-c", prelude + code, *args], capture_output=True, text=True, timeout=timeout)
+    command = [sys.executable, "-c", prelude + code, *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0 and "could not connect to display" in done.stderr:
+        time.sleep(1.0)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    return done
 
 
 def test_viewer_window_with_a_key_source_saves_the_expected_views(xvfb_display, tmp_path):
