@@ -127,6 +127,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     recipe.add_argument("--t0-stage2", type=int, default=15,
                         help="stage-2 cosine warm-restart period T_0 in epochs (default: %(default)s)")
     recipe.add_argument("--t-mult", type=int, default=2, help="factor of each next restart period (default: %(default)s)")
+    recipe.add_argument("--appearance-augmentation", choices=("on", "off"), default="on",
+                        help="stage 1: intensity curves, CLAHE and blur/sharpening that span screen-film and digital "
+                             "mammograms (datasets.appearance_augmentation) (default: %(default)s)")
+    recipe.add_argument("--source-repeat", action="append", default=None, metavar="SOURCE=N",
+                        help="repeat the training rows of a table source N times per epoch, e.g. csaw-s=3 "
+                             "(repeatable; default: each row once)")
     recipe.add_argument("--patience", type=int, default=0,
                         help="early stopping: stop after this many epochs without a better validation Dice "
                              "(0 = off) (default: %(default)s)")

@@ -55,6 +55,7 @@ __all__ = [
     "read_tissue_table",
     "split_by_patient",
     "tissue_augmentation",
+    "appearance_augmentation",
 ]
 
 
@@ -307,9 +308,10 @@ def kfold_by_patient(df: pd.DataFrame, k: int, fold: int, seed: int) -> tuple[pd
 # ----------------------------------------------------------------------------------------------------------------
 def tissue_augmentation(hflip_p: float = 0.5, vflip_p: float = 0.3, rotate_limit_deg: float = 15.0,
                         rotate_p: float = 0.5, brightness_contrast_p: float = 0.5, noise_p: float = 0.3,
-                        seed: int | None = None) -> A.Compose:
+                        appearance: bool = False, seed: int | None = None) -> A.Compose:
     """Stage-1 (tissue) augmentation: horizontal flip, vertical flip (p=0.3), rotation (+-15 deg),
-    brightness/contrast (+-0.2, albumentations default), Gaussian noise (std 1-4 % of the 8-bit range).
+    brightness/contrast (+-0.2, albumentations default), Gaussian noise (std 1-4 % of the 8-bit range), and with
+    ``appearance=True`` the film-to-digital appearance transforms of :func:`appearance_augmentation`.
 
     Geometric transforms move the image and the mask together; masks use nearest interpolation and zero fill
     (background is class 0), so label maps keep integer classes. Constants: the project issue's list; the
@@ -320,6 +322,7 @@ def tissue_augmentation(hflip_p: float = 0.5, vflip_p: float = 0.3, rotate_limit
     Args:
         hflip_p, vflip_p, rotate_p, brightness_contrast_p, noise_p: probabilities of each transform.
         rotate_limit_deg: rotation range in degrees (uniform in +-limit).
+        appearance: add :func:`appearance_augmentation` (before the noise).
         seed: seed of the pipeline's random generators (None: random; datasets reseed per worker anyway).
 
     Returns:
@@ -331,8 +334,40 @@ def tissue_augmentation(hflip_p: float = 0.5, vflip_p: float = 0.3, rotate_limit
         A.Rotate(limit=rotate_limit_deg, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
                  border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=rotate_p),
         A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=brightness_contrast_p),
+        *(appearance_augmentation().transforms if appearance else []),
         A.GaussNoise(std_range=(0.01, 0.04), p=noise_p),
     ], seed=seed)
+
+
+def appearance_augmentation(curve_p: float = 0.8, clahe_p: float = 0.3, texture_p: float = 0.4) -> A.Compose:
+    """Intensity and texture changes that span screen-film and processed digital (FFDM) mammograms.
+
+    Stage 1 learned on film calls nearly the whole digital breast FGT (``../shared/FINDINGS.md``): on film, fat is
+    dark and dense tissue bright, while the processing of digital mammograms (peripheral equalisation, strong
+    unsharp masking) lifts the fat and flattens the contrast. A global intensity map at test time does not fix it
+    (same file), so the network is shown other curves and textures while it learns, and must rely on the tissue's
+    texture and local contrast rather than on absolute grey levels:
+
+    - one intensity curve (p ``curve_p``): ``RandomGamma`` with gamma 0.4-2.5 (the range FINDINGS.md tried at test
+      time) or ``RandomToneCurve`` (scale 0.3);
+    - a second CLAHE pass with clip limit 1-4 (p ``clahe_p``; the suite's own preprocessing uses 1.5, its
+      adaptive mode 3.0);
+    - one texture change (p ``texture_p``): Gaussian blur (kernel 3-7 px), sharpening (alpha 0.2-0.5) or an unsharp
+      mask (kernel 3-9 px, alpha 0.2-0.6), as digital systems apply.
+
+    Ranges are ours, chosen to cover the test-time curves of FINDINGS.md and albumentations' defaults; only the image
+    changes (the mask is untouched).
+
+    Returns:
+        An ``albumentations.Compose`` of the transforms above (its ``.transforms`` are spliced into
+        :func:`tissue_augmentation`).
+    """
+    return A.Compose([
+        A.OneOf([A.RandomGamma(gamma_limit=(40, 250)), A.RandomToneCurve(scale=0.3)], p=curve_p),
+        A.CLAHE(clip_limit=(1.0, 4.0), tile_grid_size=(8, 8), p=clahe_p),
+        A.OneOf([A.GaussianBlur(blur_limit=(3, 7)), A.Sharpen(alpha=(0.2, 0.5), lightness=(0.8, 1.2)),
+                 A.UnsharpMask(blur_limit=(3, 9), alpha=(0.2, 0.6))], p=texture_p),
+    ])
 
 
 def lesion_augmentation(hflip_p: float = 0.5, brightness_contrast_p: float = 0.5, affine_p: float = 0.5,
@@ -433,10 +468,12 @@ class TissueDataset(_MammogramDataset):
         augment: albumentations pipeline (e.g. :func:`tissue_augmentation`) for training; None otherwise.
         split: keep only rows whose ``split`` equals this ("train", "val", "test"); None keeps all.
 
-    Items: ``image`` (1, H, W) float32 [0, 1]; ``mask`` (H, W) int64 in 0..3; ``path``; ``geometry``; ``flipped``.
+    Items: ``image`` (1, H, W) float32 [0, 1]; ``mask`` (H, W) int64 in 0..3, or a partial-label code
+    (``labels.ADIPOSE_OR_FGT`` 4, ``labels.IGNORE`` 255) where the label file holds 160 / 32; ``path``;
+    ``geometry``; ``flipped``.
 
     Raises (on reading an item): ImageReadError for unreadable files; ValueError for label values other than
-    64/128/192/255 (naming the file and the values) or an image / label size mismatch.
+    64/128/192/255 and the partial 160/32 (naming the file and the values) or an image / label size mismatch.
     """
 
     num_classes = len(TISSUE_CLASS_NAMES)
@@ -452,7 +489,7 @@ class TissueDataset(_MammogramDataset):
         row = self.table.iloc[index]
         path, label_path = str(row["image_file_path"]), str(row["label_file_path"])
         image, flipped = self._read_image(path)
-        labels = imaging.read_mask(label_path, kind="tissue")
+        labels = imaging.read_mask(label_path, kind="partial_tissue")
         if flipped:
             labels = np.ascontiguousarray(labels[:, ::-1])
         image, labels, geom = self._transform(image, labels, path, label_path)

@@ -300,7 +300,8 @@ def evaluate(model: nn.Module, criterion: nn.Module, loader: DataLoader, device:
             predicted, truth = (logits[:, 0] > 0).long(), (masks[:, 0] > 0.5).long()
         else:
             predicted, truth = logits.argmax(dim=1), masks.long()
-        confusion += torch.bincount((truth * classes + predicted).flatten(), minlength=classes * classes)
+        counted = truth < classes  # partial-label codes (labels.ADIPOSE_OR_FGT, labels.IGNORE) are not scored
+        confusion += torch.bincount((truth * classes + predicted)[counted], minlength=classes * classes)
         sums += torch.tensor([loss.item() * images.shape[0], images.shape[0]], dtype=torch.float64, device=device)
         for i in range(min(panels - len(shown), images.shape[0])):
             scale = 1.0 / max(num_classes - 1, 1)

@@ -36,6 +36,7 @@ import cv2
 import numpy as np
 
 from fileio import atomic_write_bytes
+from labels import PARTIAL_LABEL_VALUES
 
 __all__ = [
     "DEFAULT_PREPROCESS",
@@ -591,29 +592,34 @@ def read_mask(path: str | os.PathLike, kind: str = "binary") -> np.ndarray:
             levels, 0 and 1 or 0 and the maximum of their type (255 / 65535); anything else is an error.
             ``"tissue"``: a DDSM tissue label map whose intensities 64/128/192/255 are mapped to classes 0..3
             (:data:`TISSUE_LABEL_VALUES`); any other value is an error.
+            ``"partial_tissue"``: a tissue label map that may also hold the partial-label intensities 160 (adipose
+            or FGT, code 4) and 32 (unlabelled, code 255) of :data:`labels.PARTIAL_LABEL_VALUES`.
 
     Returns:
-        ``(H, W)`` uint8: values in {0, 1} for ``"binary"``, in {0, 1, 2, 3} for ``"tissue"``.
+        ``(H, W)`` uint8: values in {0, 1} for ``"binary"``, in {0, 1, 2, 3} for ``"tissue"`` (and 4, 255 for
+        ``"partial_tissue"``).
 
     Raises:
         ImageReadError: the file cannot be read (see :func:`read_image`).
         ValueError: unexpected values (the message names the file and the values found) or a bad ``kind``.
     """
-    if kind not in ("binary", "tissue"):
-        raise ValueError(f"kind must be 'binary' or 'tissue', got {kind!r}")
+    if kind not in ("binary", "tissue", "partial_tissue"):
+        raise ValueError(f"kind must be 'binary', 'tissue' or 'partial_tissue', got {kind!r}")
     img = read_image(path)
     arr = img.pixels
-    if kind == "tissue":
-        lut = np.full(65536 if arr.dtype == np.uint16 else 256, 255, dtype=np.uint8)
-        for value, cls in TISSUE_LABEL_VALUES.items():
-            lut[value] = cls
+    if kind in ("tissue", "partial_tissue"):
+        values = {**TISSUE_LABEL_VALUES, **(PARTIAL_LABEL_VALUES if kind == "partial_tissue" else {})}
+        lut = np.zeros(65536 if arr.dtype == np.uint16 else 256, dtype=np.uint8)
+        known = np.zeros(lut.shape, dtype=bool)
+        for value, cls in values.items():
+            lut[value], known[value] = cls, True
         out = lut[arr]
-        if (out == 255).any():
-            stray = np.unique(arr[out == 255])
+        if not known[arr].all():
+            stray = np.unique(arr[~known[arr]])
             shown = ", ".join(str(int(v)) for v in stray[:10]) + (" ..." if stray.size > 10 else "")
             raise ValueError(
                 f"tissue label file {img.path!r} holds unexpected values [{shown}] "
-                f"({int((out == 255).sum())} pixels); expected only {sorted(TISSUE_LABEL_VALUES)} "
+                f"({int((~known[arr]).sum())} pixels); expected only {sorted(values)} "
                 "(64 background, 128 adipose, 192 FGT, 255 pectoral). Was it saved as JPEG or resized with "
                 "interpolation? Re-export it as PNG with nearest-neighbour resizing.")
         return out

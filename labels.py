@@ -13,3 +13,14 @@ BACKGROUND, ADIPOSE, FGT, PECTORAL = 0, 1, 2, 3
 TISSUE_CLASS_NAMES: tuple[str, ...] = ("background", "adipose", "fgt", "pectoral")
 #: Stage-2 class names (stored in every stage-2 checkpoint's ``class_names``).
 LESION_CLASS_NAMES: tuple[str, ...] = ("lesion",)
+
+#: Partial-label codes in stage-1 class maps, for images labelled for some classes only (our extension; used for
+#: CSAW-S, whose masks give the pectoral muscle and the glandular *region* but not the dense-tissue pixels).
+#: ``ADIPOSE_OR_FGT``: breast tissue whose density is unknown (adipose or FGT, not background or pectoral): the loss
+#: asks only that ``p(adipose) + p(FGT)`` be high there (a marginal loss, Shi et al., "Marginal loss and exclusion
+#: loss for partially supervised multi-organ segmentation", Med Image Anal 2021). ``IGNORE``: unlabelled pixels
+#: (burned-in text, the nipple, a band along an estimated edge), which take no part in the loss or the metrics.
+ADIPOSE_OR_FGT = 4
+IGNORE = 255
+#: Label-file intensities of the partial codes (beside the DDSM intensities 64/128/192/255 of classes 0..3).
+PARTIAL_LABEL_VALUES: dict[int, int] = {160: ADIPOSE_OR_FGT, 32: IGNORE}

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from segmentation_models_pytorch.losses import DiceLoss
 from torch import nn
 
+from labels import ADIPOSE, ADIPOSE_OR_FGT, FGT, IGNORE
+
 
 class _DicePlusCrossEntropy(nn.Module):
     """``dice_weight * smp DiceLoss(mode) + ce_weight * cross_entropy``, in float32 whatever the autocast state."""
@@ -43,20 +45,45 @@ class _DicePlusCrossEntropy(nn.Module):
 
 
 class TissueLoss(_DicePlusCrossEntropy):
-    """Stage-1 loss: weighted multi-class soft Dice (smp ``DiceLoss(mode="multiclass")``) + cross-entropy.
+    """Stage-1 loss: weighted multi-class soft Dice (smp ``DiceLoss(mode="multiclass")``) + cross-entropy, with
+    partial labels.
+
+    Targets may hold, besides the classes ``0..C-1``, the partial-label codes of :mod:`labels`:
+    ``ADIPOSE_OR_FGT`` (4) and ``IGNORE`` (255). Where the target is ``ADIPOSE_OR_FGT`` the cross-entropy term is the
+    marginal one, ``-log(p_adipose + p_FGT)`` (Shi et al., Med Image Anal 2021), and the Dice term leaves the pixel
+    out; ``IGNORE`` pixels take no part in either term (smp's ``ignore_index``). The cross-entropy is the mean over
+    the pixels that take part. On a fully labelled batch this is exactly ``dice_weight * DiceLoss + ce_weight *
+    F.cross_entropy``.
 
     Args:
         dice_weight: weight of the Dice term (default 0.5, the cascade's recipe).
         ce_weight: weight of the cross-entropy term (default 0.5).
 
     Shape:
-        - logits: ``(N, C, H, W)`` float (any dtype; computed in float32).
-        - target: ``(N, H, W)`` int64 class indices in ``[0, C)``.
+        - logits: ``(N, C, H, W)`` float (any dtype; computed in float32), C = 4.
+        - target: ``(N, H, W)`` int64 codes in ``[0, C)`` or {4, 255}.
         - output: scalar float32 tensor.
     """
 
     def __init__(self, dice_weight: float = 0.5, ce_weight: float = 0.5):
         super().__init__("multiclass", F.cross_entropy, torch.long, dice_weight, ce_weight)
+        self.dice = DiceLoss(mode="multiclass", from_logits=True, ignore_index=IGNORE)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            logits, target = logits.float(), target.long()
+            partial = target >= logits.shape[1]
+            if not bool(partial.any()):
+                return self.dice_weight * self.dice(logits, target) + self.ce_weight * F.cross_entropy(logits, target)
+            dice = self.dice(logits, target.masked_fill(partial, IGNORE))
+            log_p = F.log_softmax(logits, dim=1)
+            known = ~partial
+            nll = -log_p.gather(1, target.masked_fill(partial, 0).unsqueeze(1)).squeeze(1)
+            marginal = target == ADIPOSE_OR_FGT
+            nll = torch.where(marginal, -torch.logsumexp(log_p[:, [ADIPOSE, FGT]], dim=1), nll)
+            counted = known | marginal
+            ce = (nll * counted).sum() / counted.sum().clamp(min=1)
+            return self.dice_weight * dice + self.ce_weight * ce
 
 
 class LesionLoss(_DicePlusCrossEntropy):

@@ -65,6 +65,7 @@ from fileio import atomic_write_bytes
 from sources.archives import DEFAULT_TISSUE_URL, classify_zip, download, extract_zip
 from sources.cbis_ddsm import cbis_samples, find_cbis_csvs, read_cbis_csv
 from sources.common import DEFAULT_MASK_ASPECT_TOLERANCE, Report, Sample
+from sources.csaw_s import csaw_samples
 from sources.folders import lesion_dir_samples, pair_folders, tissue_folders, tissue_samples
 from sources.mini_ddsm import find_mini_tables, mini_records, mini_samples
 from sources.synthetic_source import synthetic_samples
@@ -106,6 +107,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--lesion-dir", type=Path, action="append", default=None,
                         help="folder with images/ and masks/ of the same stems, e.g. CDD-CESM (repeatable; pairs under "
                              "a 'test' sub-folder get split test)")
+    parser.add_argument("--csaw-dir", type=Path, action="append", default=None,
+                        help="CSAW-S folder (images/ + masks/ <stem>_pectoral_muscle.png, ...): digital mammograms "
+                             "with partial tissue labels for stage 1 (sources/csaw_s.py); repeatable")
+    parser.add_argument("--csaw-holdout", default="002", metavar="IDS",
+                        help="comma-separated CSAW-S patient ids kept out of training (split 'test'), or 'none' "
+                             "(default: %(default)s)")
     parser.add_argument("--synthetic", type=int, default=0, metavar="N",
                         help="also write N procedural tissue + lesion samples (smoke tests; default: %(default)s)")
     # selection and quirks
@@ -143,6 +150,7 @@ _FOLDER_FIXES = {
     "--mini-ddsm-dir": "pass the Mini-DDSM folder holding DataWMask.xlsx, or its zip with --mini1-zip",
     "--tissue-dir": "pass the tissue-label folder holding fgt_seg/ and fgt_seg_labels/, or its zip with --tissue-zip",
     "--lesion-dir": "pass a folder holding images/ and masks/ with the same file stems",
+    "--csaw-dir": "pass the CSAW-S folder holding images/ and masks/ (<stem>_pectoral_muscle.png, ...)",
 }
 
 
@@ -178,14 +186,16 @@ def _check_inputs(args: argparse.Namespace) -> None:
         user_inputs.output_file(_archive_path(args), "--archive", "workspace.zip")
     folders = [("--zips-dir", args.zips_dir), ("--cbis-dir", args.cbis_dir)]
     repeatable = (("--mini-ddsm-dir", args.mini_ddsm_dir), ("--tissue-dir", args.tissue_dir),
-                  ("--lesion-dir", args.lesion_dir))
+                  ("--lesion-dir", args.lesion_dir), ("--csaw-dir", args.csaw_dir))
     folders += [(flag, d) for flag, values in repeatable for d in values or []]
     for flag, folder in folders:
         if folder is not None:
             user_inputs.input_folder(folder, flag, _FOLDER_FIXES[flag])
     layouts = (("--tissue-dir", args.tissue_dir, tissue_folders, "no fgt_seg/ folder with a sibling fgt_seg_labels/"),
                ("--lesion-dir", args.lesion_dir, pair_folders, "no folder holding both images/ and masks/"),
-               ("--mini-ddsm-dir", args.mini_ddsm_dir, find_mini_tables, "no .xlsx table (DataWMask.xlsx)"))
+               ("--mini-ddsm-dir", args.mini_ddsm_dir, find_mini_tables, "no .xlsx table (DataWMask.xlsx)"),
+               ("--csaw-dir", args.csaw_dir, lambda d: (d / "images").is_dir() and (d / "masks").is_dir(),
+                "no images/ + masks/ sub-folders"))
     for flag, values, find, lacking in layouts:
         for folder in values or []:
             if not find(folder):
@@ -221,7 +231,7 @@ def main(args: argparse.Namespace) -> int:
         return cli.usage_error(f"--cbis-csv {args.cbis_csv[0]} needs --cbis-dir (the folder the CSV's image paths are "
                                "relative to) or a CBIS-DDSM zip (--cbis-zip or --zips-dir)")
     if not any([args.zips_dir, args.cbis_zip, args.mini1_zip, args.mini2_zip, args.tissue_zip, args.tissue_url,
-                args.cbis_dir, mini_dirs, tissue_dirs, lesion_dirs, args.synthetic]):
+                args.cbis_dir, mini_dirs, tissue_dirs, lesion_dirs, args.csaw_dir, args.synthetic]):
         return cli.usage_error("no source given. Pass downloaded zips (--zips-dir), extracted folders (--cbis-dir, "
                                "--mini-ddsm-dir, --tissue-dir, --lesion-dir) or --synthetic N for a smoke-test set.")
     if not 0 <= args.val_fraction < 1:
@@ -230,8 +240,8 @@ def main(args: argparse.Namespace) -> int:
         _check_inputs(args)
     except (FileNotFoundError, ValueError) as error:
         return cli.usage_error(user_inputs.one_line(error))
-    inputs = [p for p in [args.zips_dir, args.cbis_dir, *(d for d, _ in mini_dirs), *tissue_dirs, *lesion_dirs]
-              if p is not None]
+    inputs = [p for p in [args.zips_dir, args.cbis_dir, *(d for d, _ in mini_dirs), *tissue_dirs, *lesion_dirs,
+                          *(args.csaw_dir or [])] if p is not None]
     for p in inputs:
         if inside(workspace, p):
             return cli.usage_error(f"the workspace {workspace} lies inside the input folder {p}; inputs are never "
@@ -290,6 +300,10 @@ def main(args: argparse.Namespace) -> int:
         tissue += tissue_samples(d, "ddsm_tissue", report)
     for d in lesion_dirs:
         lesion += lesion_dir_samples(d, report, tol)
+    holdout = set() if args.csaw_holdout.strip().lower() == "none" else {
+        p.strip() for p in args.csaw_holdout.split(",") if p.strip()}
+    for d in args.csaw_dir or []:
+        tissue += csaw_samples(d, holdout, report)
     for d, csvs in cbis_dirs:
         csvs = csvs or find_cbis_csvs(d)
         if not csvs:

@@ -100,7 +100,33 @@ def split_table(table: pd.DataFrame, args: argparse.Namespace) -> tuple[pd.DataF
     if len(train) == 0 or len(val) == 0:
         raise TrainingInputError(f"the split ({how}) leaves {len(train)} training and {len(val)} validation images; "
                                  "both need at least one (use --val-fraction or more data)")
-    return train, val, how
+    return repeat_sources(train, getattr(args, "source_repeat", None) or []), val, how
+
+
+def repeat_sources(train: pd.DataFrame, repeats: list[str]) -> pd.DataFrame:
+    """The training table with the rows of some sources repeated (``--source-repeat csaw-s=3``): a few images of a
+    new domain then weigh more in each epoch, each copy augmented differently.
+
+    Args:
+        train: the training rows (a ``source`` column).
+        repeats: ``"SOURCE=N"`` texts, N >= 1 (1: unchanged).
+
+    Raises:
+        TrainingInputError: a malformed text, N < 1, or a source that has no training row.
+    """
+    out = train
+    for text in repeats:
+        source, _, count = text.partition("=")
+        if not count.strip().isdigit() or int(count) < 1:
+            raise TrainingInputError(f"--source-repeat {text!r}: expected SOURCE=N with an integer N >= 1, "
+                                     "e.g. csaw-s=3")
+        rows = train[train["source"].astype(str) == source.strip()]
+        if rows.empty:
+            known = ", ".join(sorted(set(train["source"].astype(str)))) or "none"
+            raise TrainingInputError(f"--source-repeat {text!r}: no training row has source {source.strip()!r} "
+                                     f"(sources: {known})")
+        out = pd.concat([out] + [rows] * (int(count) - 1), ignore_index=True)
+    return out
 
 
 def tissue_table(args: argparse.Namespace) -> pd.DataFrame:
@@ -314,7 +340,7 @@ def _stage_data(spec: StageSpec, args: argparse.Namespace, ctx: distributed.Dist
         train_df, val_df, how = split_table(table, args)
         make = datasets.TissueDataset
         extra: dict = {}
-        augment = datasets.tissue_augmentation()
+        augment = datasets.tissue_augmentation(appearance=getattr(args, "appearance_augmentation", "off") == "on")
     else:
         table = lesion_table(args)
         table = table[table["split"].astype(str) != "test"].reset_index(drop=True)
