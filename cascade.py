@@ -12,7 +12,7 @@ every output is mirrored back, so outputs are at the input's own resolution and 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,7 +20,7 @@ import numpy as np
 import imaging
 import runners
 from labels import BACKGROUND, FGT
-from roi import ROI_MARGIN_FRACTION, RoiBox, fgt_roi_box, paste_into_box
+from roi import RoiBox, RoiRule, fgt_roi_box, paste_into_box
 from runners import LogitsFn
 
 if TYPE_CHECKING:  # annotations only: a cascade over ONNX Runtime runners never loads PyTorch (see runners.py)
@@ -207,8 +207,9 @@ class Cascade:
         tta: horizontal-flip test-time augmentation in both stages.
         adaptive_clahe: ``"off"``, ``"on"`` (always use the stronger CLAHE) or ``"auto"`` (re-run stage 1 with it
             when the confidence is below :data:`ADAPTIVE_CLAHE_CONFIDENCE`, keep the more confident result).
-        roi_margin: ROI margin fraction; default: the stage-2 checkpoint's ``roi["margin_fraction"]``, else
-            :data:`ROI_MARGIN_FRACTION`.
+        roi_rule: how the ROI box is grown (``roi.RoiRule``); default: the stage-2 checkpoint's ``roi`` settings
+            (``RoiRule.from_dict``), else the first rule (10 % of the FGT box).
+        roi_margin: overrides the rule's ``margin_fraction`` when given.
         stage1_name, stage2_name: what error messages call the two checkpoints (their paths); None: unnamed.
 
     Raises:
@@ -219,7 +220,8 @@ class Cascade:
     def __init__(self, stage1_checkpoint: dict, stage2_checkpoint: dict | None = None, *, stage1_runner: LogitsFn | None = None,
                  stage2_runner: LogitsFn | None = None, device: torch.device | str = "cpu", tta: bool = False,
                  adaptive_clahe: str = "off", amp: bool = False, channels_last: bool = False,
-                 roi_margin: float | None = None, stage1_name: str | None = None, stage2_name: str | None = None):
+                 roi_margin: float | None = None, roi_rule: RoiRule | None = None, stage1_name: str | None = None,
+                 stage2_name: str | None = None):
         if adaptive_clahe not in ("off", "on", "auto"):
             raise ValueError(f"adaptive_clahe must be 'off', 'on' or 'auto', not {adaptive_clahe!r}")
         mismatch = stage_mismatch(checkpoint_stage(stage1_checkpoint),
@@ -237,9 +239,12 @@ class Cascade:
             self.stage2_size = tuple(int(v) for v in stage2_checkpoint["input_size"])
             self.stage2 = stage2_runner or runners.make_runner(stage2_checkpoint, "torch", device, amp=amp,
                                                                channels_last=channels_last)
-        if roi_margin is None:
-            roi_margin = (stage2_checkpoint or {}).get("roi", {}).get("margin_fraction", ROI_MARGIN_FRACTION)
-        self.roi_margin = float(roi_margin)
+        if roi_rule is None:
+            roi_rule = RoiRule.from_dict((stage2_checkpoint or {}).get("roi"))
+        if roi_margin is not None:
+            roi_rule = replace(roi_rule, margin_fraction=float(roi_margin))
+        self.roi_rule = roi_rule
+        self.roi_margin = roi_rule.margin_fraction
         self.tta = tta
         self.adaptive_clahe = adaptive_clahe
 
@@ -268,7 +273,7 @@ class Cascade:
         stage1_s = time.perf_counter() - start
         found = []
         for pre, (classes, confidence), strong_used in zip(pres, tissues, used):
-            box, source = fgt_roi_box(classes, self.roi_margin)
+            box, source = fgt_roi_box(classes, rule=self.roi_rule)
             timings = {"preprocess": preprocess_s / len(pres), "stage1": stage1_s / len(pres)}
             found.append(TissueAndRoi(pre.image, pre.flipped, classes, confidence, box, source, strong_used, timings))
         return found

@@ -156,6 +156,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     model.add_argument("--roi-margin", type=float, default=roi.ROI_MARGIN_FRACTION,
                        help="margin around the FGT box on each side, as a fraction of its height / width; stored "
                             "in the stage-2 checkpoint for inference (default: %(default)s)")
+    model.add_argument("--roi-breast-margin", type=float, default=0.0,
+                       help="at least this margin around the FGT box on each side, as a fraction of the breast's "
+                            "bounding box (roi.RoiRule; stored in the stage-2 checkpoint) (default: %(default)s)")
+    model.add_argument("--roi-clip-to-breast", action="store_true",
+                       help="clip the ROI box to the breast's bounding box (roi.RoiRule)")
+    model.add_argument("--roi-min-fgt", type=float, default=0.0,
+                       help="leave FGT components smaller than this fraction of the breast's area out of the ROI box "
+                            "(roi.RoiRule) (default: %(default)s)")
 
     out = parser.add_argument_group("outputs")
     out.add_argument("--stage1-checkpoint-dir", type=Path, default=Path("checkpoints/stage1"),
@@ -191,8 +199,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise TrainingInputError("choose --val-fraction or --fold/--folds, not both")
     if args.num_workers < 0 or args.max_batches_per_epoch < 0 or args.patience < 0:
         raise TrainingInputError("--num-workers, --max-batches-per-epoch and --patience must be >= 0")
-    if not 0 <= args.roi_margin < 1:
-        raise TrainingInputError(f"--roi-margin must be in [0, 1), got {args.roi_margin}")
+    for flag, value in (("--roi-margin", args.roi_margin), ("--roi-breast-margin", args.roi_breast_margin),
+                        ("--roi-min-fgt", args.roi_min_fgt)):
+        if not 0 <= value < 1:
+            raise TrainingInputError(f"{flag} must be in [0, 1), got {value}")
     if (args.train_stage1 or args.train_both) and (args.tissue_csv is None) == (args.tissue_data_dir is None):
         raise TrainingInputError("stage 1 needs exactly one of --tissue-csv or --tissue-data-dir")
     if (args.train_stage2 or args.train_both) and args.cancer_csv is None:

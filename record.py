@@ -187,12 +187,20 @@ def lesion_components(prob: np.ndarray, threshold: float = 0.5, spacing_mm=None,
     }
 
 
-def roi_explanation(source: str, margin_fraction: float) -> str:
-    """A plain sentence saying how the ROI box was chosen (``source`` from ``roi.fgt_roi_box``)."""
-    grow = (f"grown by {margin_fraction * 100:g} % of its height and width on each side (each side at least "
-            f"{roi.ROI_MIN_SIDE} px), clipped to the image")
+def roi_explanation(source: str, rule: "roi.RoiRule | float") -> str:
+    """A plain sentence saying how the ROI box was chosen (``source`` from ``roi.fgt_roi_box``; ``rule`` the
+    ``roi.RoiRule``, or only its margin fraction)."""
+    if not isinstance(rule, roi.RoiRule):
+        rule = roi.RoiRule(margin_fraction=float(rule))
+    grow = f"grown by {rule.margin_fraction * 100:g} % of its height and width on each side"
+    if rule.breast_margin_fraction > 0 and source == "fgt":
+        grow += f" (at least {rule.breast_margin_fraction * 100:g} % of the breast's height and width)"
+    grow += f" (each side at least {rule.min_side} px), clipped to the " + (
+        "breast's bounding box" if rule.clip_to_breast and source == "fgt" else "image")
     if source == "fgt":
-        return f"Box around the predicted fibroglandular tissue (FGT), {grow}."
+        specks = (f" FGT specks under {rule.min_fgt_fraction * 100:g} % of the breast's area are left out."
+                  if rule.min_fgt_fraction > 0 else "")
+        return f"Box around the predicted fibroglandular tissue (FGT), {grow}.{specks}"
     if source == "breast":
         return f"No FGT was predicted: the ROI is the box around the whole breast (all tissue classes), {grow}."
     return "No breast tissue was predicted: the ROI is the whole image."
@@ -270,8 +278,8 @@ def build_prediction(loaded: LoadedCascade, path: Path, image: imaging.Mammogram
                                 + (" (the image was mirrored for the networks and the outputs mirrored back)"
                                    if result.flipped else "")},
         "roi": {"box": result.roi_box.to_dict(), "source": result.roi_source,
-                "margin_fraction": float(model.roi_margin), "min_side_px": int(roi.ROI_MIN_SIDE),
-                "explanation": roi_explanation(result.roi_source, model.roi_margin)},
+                "margin_fraction": float(model.roi_rule.margin_fraction), "min_side_px": int(model.roi_rule.min_side),
+                "explanation": roi_explanation(result.roi_source, model.roi_rule)},
         "tissue": {"class_names": list(labels.TISSUE_CLASS_NAMES), **tissue_summary(result.tissue_classes, spacing),
                    "confidence": round(float(result.tissue_confidence), 4)},
         "density": density_summary(result.tissue_classes),

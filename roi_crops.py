@@ -53,8 +53,11 @@ def _read_merged_mask(cell: str, shape: tuple[int, int]) -> np.ndarray:
     return mask
 
 
-def crop_cache_key(stage1_sha256: str, stage1_checkpoint: dict, margin: float, table: pd.DataFrame) -> str:
-    """16-hex-digit key of a ROI-crop cache: stage-1 file, preprocessing, input size, margin and lesion files."""
+def crop_cache_key(stage1_sha256: str, stage1_checkpoint: dict, rule: roi.RoiRule, table: pd.DataFrame) -> str:
+    """16-hex-digit key of a ROI-crop cache: stage-1 file, preprocessing, input size, ROI rule and lesion files.
+
+    A rule with only the first rule's settings (``RoiRule(margin_fraction=m)``) gives the key caches made before
+    :class:`roi.RoiRule` existed, so they are reused."""
     files = []
     for image, masks in zip(table["image_file_path"], table["roi_mask_file_path"]):
         for path in [image] + [p for p in str(masks).split(datasets.MASK_PATH_SEPARATOR) if p.strip()]:
@@ -65,20 +68,23 @@ def crop_cache_key(stage1_sha256: str, stage1_checkpoint: dict, margin: float, t
         "stage1_sha256": stage1_sha256,
         "preprocess_config": stage1_checkpoint["preprocess_config"],
         "input_size": list(stage1_checkpoint["input_size"]),
-        "margin_fraction": float(margin),
-        "min_side": roi.ROI_MIN_SIDE,
+        "margin_fraction": float(rule.margin_fraction),
+        "min_side": int(rule.min_side),
         "files": files,
     }
+    extra = {k: v for k, v in rule.to_dict().items() if k not in ("margin_fraction", "min_side")}
+    if extra != {k: v for k, v in roi.RoiRule().to_dict().items() if k in extra}:
+        material["rule"] = extra
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_roi_crops(stage1_path: Path, table: pd.DataFrame, cache_root: Path, margin: float,
+def build_roi_crops(stage1_path: Path, table: pd.DataFrame, cache_root: Path, rule: roi.RoiRule,
                     device: torch.device, ctx: distributed.DistContext) -> tuple[pd.DataFrame, dict]:
     """Make (or reuse) the stage-2 training crops: stage 1 -> FGT ROI -> crop of image and mask.
 
     For every row of ``table`` (a lesion table from ``datasets.read_lesion_table``): read the image and the union of
     its masks, run ``cascade.Cascade(stage-1 checkpoint).tissue_and_roi`` with the stage-1 network from
-    ``runners.load_runner`` (preprocessing + orientation normalisation + stage 1 + ``fgt_roi_box`` with ``margin``),
+    ``runners.load_runner`` (preprocessing + orientation normalisation + stage 1 + ``fgt_roi_box`` with ``rule``),
     mirror the mask like the image, cut both to the ROI box and write them as PNGs (image 8-bit preprocessed, mask
     0/255). Under torchrun each process crops its share of the rows; rank 0 merges. Rows that cannot be read are
     skipped and listed in ``crop_report.json``.
@@ -87,7 +93,7 @@ def build_roi_crops(stage1_path: Path, table: pd.DataFrame, cache_root: Path, ma
         stage1_path: stage-1 checkpoint file.
         table: lesion table (absolute paths), all rows to crop.
         cache_root: ``<stage2-checkpoint-dir>/roi_crops``; the crops go to ``<cache_root>/<key>/``.
-        margin: ROI margin fraction (see ``roi.fgt_roi_box``).
+        rule: the ROI rule (``roi.RoiRule``).
         device: where stage 1 runs.
         ctx: distributed context.
 
@@ -106,13 +112,13 @@ def build_roi_crops(stage1_path: Path, table: pd.DataFrame, cache_root: Path, ma
         raise RoiCropError(f"{stage1_path} is a stage-{checkpoint['stage']} checkpoint; stage-2 crops need a "
                            "stage-1 checkpoint (--stage1-checkpoint)")
     sha = file_sha256(stage1_path)
-    key = crop_cache_key(sha, checkpoint, margin, table)
+    key = crop_cache_key(sha, checkpoint, rule, table)
     folder = cache_root / key
     crops_csv = folder / "crops.csv"
     info = {"key": key, "folder": str(folder), "reused": crops_csv.is_file(), "skipped": [], "stage1_sha256": sha}
     if not info["reused"]:
         stage1_runner, _ = runners.load_runner(stage1_path, "torch", device)
-        runner = cascade.Cascade(checkpoint, None, stage1_runner=stage1_runner, roi_margin=margin)
+        runner = cascade.Cascade(checkpoint, None, stage1_runner=stage1_runner, roi_rule=rule)
         rows, skipped = [], []
         mine = range(ctx.rank, len(table), ctx.world_size)
         for i in tqdm(mine, desc="stage-2 ROI crops", disable=None if ctx.is_main else True, leave=False):
@@ -153,7 +159,7 @@ def build_roi_crops(stage1_path: Path, table: pd.DataFrame, cache_root: Path, ma
             rows.sort(key=lambda r: r["row"])
             skipped.sort(key=lambda r: r["row"])
             report = {"key": key, "stage1_checkpoint": str(stage1_path), "stage1_sha256": sha,
-                      "margin_fraction": float(margin), "rows": len(rows), "skipped": skipped}
+                      "roi_rule": rule.to_dict(), "rows": len(rows), "skipped": skipped}
             atomic_write_text(folder / "crop_report.json", json.dumps(report, indent=2))
             if rows:
                 frame = pd.DataFrame(rows).drop(columns=["row"])

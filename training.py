@@ -285,6 +285,15 @@ def _data_error(error: BaseException) -> str | None:
 # ----------------------------------------------------------------------------------------------------------------
 # One stage
 # ----------------------------------------------------------------------------------------------------------------
+def roi_rule(args: argparse.Namespace) -> roi.RoiRule:
+    """The ROI rule of the stage-2 flags (``--roi-margin``, ``--roi-breast-margin``, ``--roi-min-fgt``,
+    ``--roi-clip-to-breast``)."""
+    return roi.RoiRule(margin_fraction=float(args.roi_margin),
+                       breast_margin_fraction=float(getattr(args, "roi_breast_margin", 0.0)),
+                       min_fgt_fraction=float(getattr(args, "roi_min_fgt", 0.0)),
+                       clip_to_breast=bool(getattr(args, "roi_clip_to_breast", False)))
+
+
 def stage_spec(stage: int, args: argparse.Namespace) -> StageSpec:
     """The :class:`StageSpec` of ``stage`` from the arguments (sizes checked).
 
@@ -347,7 +356,7 @@ def _stage_data(spec: StageSpec, args: argparse.Namespace, ctx: distributed.Dist
         stage1_path, stage1_state = stage1_checkpoint(args)
         try:
             crops, info = roi_crops.build_roi_crops(stage1_path, table, spec.checkpoint_dir / "roi_crops",
-                                                    args.roi_margin, device, ctx)
+                                                    roi_rule(args), device, ctx)
         except roi_crops.RoiCropError as error:
             raise TrainingInputError(str(error)) from None
         preprocess_config = dict(stage1_state["preprocess_config"])
@@ -489,7 +498,7 @@ def train_stage(stage: int, args: argparse.Namespace, ctx: distributed.DistConte
 
     roi_settings = None  # what the stage-2 checkpoint records about its ROI
     if stage == 2:
-        roi_settings = {"margin_fraction": float(args.roi_margin), "min_side": roi.ROI_MIN_SIDE,
+        roi_settings = {**roi_rule(args).to_dict(),
                         "crops_key": data["crops"]["key"], "stage1_checkpoint_sha256": data["crops"]["stage1_sha256"],
                         "lesion_coverage": {k: float(v) for k, v in data["coverage"].items()}}
     stopped = False

@@ -140,3 +140,25 @@ def test_split_table_applies_the_repeats_to_training_rows_only():
     args = argparse.Namespace(folds=None, fold=None, val_fraction=None, seed=0, source_repeat=["csaw-s=2"])
     train, val, _ = training.split_table(table, args)
     assert train["image_file_path"].tolist() == ["a", "b", "b"] and val["image_file_path"].tolist() == ["c"]
+
+
+# ------------------------------------------------------------------------------------------------ the ROI rule
+def test_roi_rule_margins_specks_and_clipping():
+    from roi import RoiRule, fgt_roi_box
+    classes = np.zeros((200, 100), np.uint8)
+    classes[10:190, 0:80] = 1  # breast: rows 10..189, columns 0..79 (box 180 x 80)
+    classes[80:120, 20:40] = 2  # FGT block 40 x 20
+    classes[150, 70] = 2  # a one-pixel FGT speck
+    old = fgt_roi_box(classes, 0.1, min_side=1)[0]
+    # the speck stretches the FGT box to rows 80..150, columns 20..70 (71 x 51): margins round(7.1), round(5.1)
+    assert (old.y0, old.x0, old.y1, old.x1) == (73, 15, 158, 76)
+    rule = RoiRule(margin_fraction=0.1, breast_margin_fraction=0.1, min_fgt_fraction=0.001, min_side=1)
+    box, source = fgt_roi_box(classes, rule=rule)
+    # speck (1 px < 0.1 % of 14,400 breast px) dropped; margin max(10 % of 40 x 20, 10 % of 180 x 80) = 18 x 8
+    assert source == "fgt" and (box.y0, box.x0, box.y1, box.x1) == (62, 12, 138, 48)
+    clipped = fgt_roi_box(classes, rule=RoiRule(margin_fraction=0.5, clip_to_breast=True, min_side=1))[0]
+    # 50 % of the 71 x 51 box (36 x 26 px) reaches beyond the breast's columns 0..79: clipped to them
+    assert (clipped.y0, clipped.x0, clipped.y1, clipped.x1) == (44, 0, 187, 80)
+    assert RoiRule.from_dict({"margin_fraction": 0.2, "min_side": 64, "crops_key": "x"}) == RoiRule(0.2)
+    with pytest.raises(ValueError, match="breast_margin_fraction"):
+        RoiRule(breast_margin_fraction=1.5)
