@@ -15,8 +15,12 @@ share of the CPU cores and writes its own images' outputs, and rank 0 merges ``p
 where it stopped: an input whose ``<stem>.json`` exists is skipped, whatever the number of processes.
 
 The two checkpoints alone define the networks, their input sizes and the preprocessing (no training flag is
-repeated). Every format ``imaging.read_image`` reads is accepted: PNG / TIFF (8 and 16 bit), JPEG, BMP, PGM and
-DICOM (also extensionless DICOM files, recognised by their ``DICM`` magic).
+repeated). A stage given neither ``--stageN-weights`` nor ``--checkpoint-dir`` runs the shipped default model,
+``weights/stageN.safetensors`` (``model_files.py``; the folder ``$MAMMO_WEIGHTS_DIR`` replaces ``weights/``), and a
+line says so with the model's provenance. The lesion threshold and the smallest lesion component are the user's
+``--threshold`` / ``--min-lesion-area``, else the stage-2 model's ``lesion_threshold`` / ``min_lesion_area`` when it
+carries them, else 0.5 and 1 pixel. Every format ``imaging.read_image`` reads is accepted: PNG / TIFF (8 and 16
+bit), JPEG, BMP, PGM and DICOM (also extensionless DICOM files, recognised by their ``DICM`` magic).
 
 Pipeline for each image (``cascade.Cascade``; nothing of it is re-implemented here): read -> preprocess (config from
 the stage-1 checkpoint; mirrored so the chest wall is on the left) -> stage 1 at its network size -> tissue classes
@@ -68,9 +72,14 @@ from pathlib import Path
 import checkpoints
 import cli
 import inference
+import model_files
 import outputs
 import runners
 import user_inputs
+
+
+#: Lesion threshold and smallest reported component (pixels) when neither the user nor the stage-2 model gives one.
+DEFAULT_THRESHOLD, DEFAULT_MIN_LESION_AREA = 0.5, 1
 
 
 def _outputs_epilog(width: int = 78) -> str:
@@ -91,12 +100,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                      epilog=_outputs_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     # checkpoints
     parser.add_argument("--stage1-weights", type=str, default=None,
-                        help="stage-1 (tissue) checkpoint .pth, or .onnx (run by ONNX Runtime) (default: %(default)s)")
+                        help="stage-1 (tissue) checkpoint .pth, model file .safetensors, or .onnx (run by ONNX "
+                             "Runtime) (default: --checkpoint-dir's, else the shipped weights/stage1.safetensors)")
     parser.add_argument("--stage2-weights", type=str, default=None,
-                        help="stage-2 (lesion) checkpoint .pth, or .onnx (run by ONNX Runtime) (default: %(default)s)")
+                        help="stage-2 (lesion) checkpoint .pth, model file .safetensors, or .onnx (run by ONNX "
+                             "Runtime) (default: --checkpoint-dir's, else the shipped weights/stage2.safetensors)")
     parser.add_argument("--checkpoint-dir", type=str, default=None,
                         help="folder holding best_stage1.pth and best_stage2.pth (directly or in stage1/ and stage2/); "
-                             "used for a stage whose --stageN-weights is not given (default: %(default)s)")
+                             "used for a stage whose --stageN-weights is not given (default: none; a stage given "
+                             f"no weights runs the shipped default model in weights/, or ${model_files.WEIGHTS_DIR_ENV})")
     # inputs and outputs
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--image", type=str, default=None, help="one mammogram file (default: %(default)s)")
@@ -105,10 +117,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", type=str, default="predictions", help="where outputs go (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip those images)")
     # the model run
-    parser.add_argument("--threshold", type=cli.probability, default=0.5,
-                        help="lesion probability threshold in (0, 1] for the reported components (default: %(default)s)")
-    parser.add_argument("--min-lesion-area", type=cli.positive_int, default=1,
-                        help="smallest lesion component reported, in pixels (default: %(default)s)")
+    parser.add_argument("--threshold", type=cli.probability, default=None,
+                        help="lesion probability threshold in (0, 1] for the reported components (default: the stage-2 "
+                             f"model's lesion_threshold when it carries one, else {DEFAULT_THRESHOLD})")
+    parser.add_argument("--min-lesion-area", type=cli.positive_int, default=None,
+                        help="smallest lesion component reported, in pixels (default: the stage-2 model's "
+                             f"min_lesion_area when it carries one, else {DEFAULT_MIN_LESION_AREA})")
     parser.add_argument("--adaptive-clahe", action="store_true",
                         help="when stage 1 is unsure (mean confidence < cascade.ADAPTIVE_CLAHE_CONFIDENCE), re-run it "
                              "with the stronger CLAHE and keep the more confident result (reported per image)")
@@ -160,11 +174,13 @@ def _print_summary(summary: dict, csv_path: Path | None, summary_path: Path | No
 
 # --------------------------------------------------------------------------------------------------------- main
 def _resolve_weights(args) -> tuple[Path, Path]:
-    """The two stage files from ``--stageN-weights`` or ``--checkpoint-dir``, checked cheaply (nothing loaded).
+    """The two stage files from ``--stageN-weights`` or ``--checkpoint-dir``, else the shipped default model
+    (``model_files.default_weights``; its header is read to check it), checked cheaply (no weights loaded).
 
     Raises:
         user_inputs.UserInputError / FileNotFoundError: a missing, empty or wrong kind of file, a file given as
-            ``--checkpoint-dir``, or no way to find a stage.
+            ``--checkpoint-dir``, or no way to find a stage (the message names the missing shipped file).
+        model_files.WeightsFileError: a shipped file that is damaged or holds the other stage.
     """
     if args.checkpoint_dir and not Path(args.checkpoint_dir).exists():
         raise user_inputs.UserInputError(
@@ -182,9 +198,19 @@ def _resolve_weights(args) -> tuple[Path, Path]:
             paths.append(user_inputs.checkpoint_file(given, f"--stage{stage}-weights", stage, allow_onnx=True))
         elif args.checkpoint_dir:
             paths.append(checkpoints.find_checkpoint(args.checkpoint_dir, stage))
+        elif model_files.default_weights(stage).is_file():
+            paths.append(model_files.default_weights(stage))
+            model_files.read_settings(paths[-1], stage)
         else:
-            raise FileNotFoundError(f"no stage-{stage} checkpoint: pass --stage{stage}-weights FILE or --checkpoint-dir DIR")
+            raise FileNotFoundError(f"no stage-{stage} checkpoint: pass --stage{stage}-weights FILE or --checkpoint-dir "
+                                    f"DIR ({model_files.missing_default_note(stage)})")
     return paths[0], paths[1]
+
+
+def _shipped_weights_notes(args, paths: tuple[Path, Path]) -> list[str]:
+    """One line per stage that runs the shipped default model (``model_files.default_weights_note``)."""
+    return [model_files.default_weights_note(path, stage) for stage, path in enumerate(paths, 1)
+            if not getattr(args, f"stage{stage}_weights") and not args.checkpoint_dir]
 
 
 def _torchrun_context():
@@ -250,11 +276,22 @@ def main(args: argparse.Namespace) -> int:
     device, threads = _process_device(args.device, ctx)
     try:
         stage1_path, stage2_path = _resolve_weights(args)
+        shipped = _shipped_weights_notes(args, (stage1_path, stage2_path))
         loaded = inference.load_cascade(stage1_path, stage2_path, device=device, backend=args.backend,
                                         tta=args.tta, adaptive_clahe=args.adaptive_clahe, amp=args.amp,
                                         threads=threads)
+        args.threshold, args.min_lesion_area, from_model = model_files.lesion_settings(
+            loaded.cascade.stage2_checkpoint, args.threshold, args.min_lesion_area,
+            default_threshold=DEFAULT_THRESHOLD, default_min_area=DEFAULT_MIN_LESION_AREA)
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         return cli.usage_error(str(error))
+    if ctx is None or ctx.rank == 0:
+        for line in shipped:
+            print(line)
+        if from_model:
+            values = {"lesion_threshold": args.threshold, "min_lesion_area": args.min_lesion_area}
+            print("using the stage-2 model's " + " and ".join(f"{key} {values[key]:g}" for key in from_model)
+                  + " (--threshold / --min-lesion-area override it)")
     for note in loaded.notes:
         print(f"note: {note}", file=sys.stderr)
 

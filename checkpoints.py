@@ -30,6 +30,10 @@ training state (:func:`without_training_state`: weights and settings only, about
 whose two moment buffers per weight are twice the weights); ``last_stageN.pth`` alone keeps it for ``--resume``.
 Older checkpoints that hold the training state in every file load everywhere as before.
 
+Model files: the ``.safetensors`` files a release ships (the shipped default model in ``weights/``: float16 weights
+and the settings in the metadata, written by ``model_files.export_weights``) load through :func:`load_checkpoint`
+like a lean checkpoint; see ``model_files.py``.
+
 Imports: reading or writing a ``.pth`` file and rebuilding a model need PyTorch, which the functions here import when
 called, not when this module is imported; so :mod:`runners` can run an exported ``.onnx`` model (ONNX Runtime)
 without loading PyTorch at all (see ``runners.py``).
@@ -49,6 +53,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+import model_files
 from fileio import atomic_writer, file_sha256
 from labels import LESION_CLASS_NAMES, TISSUE_CLASS_NAMES
 from roi import ROI_MARGIN_FRACTION
@@ -150,17 +155,23 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint` with ``weights_only=True`` (lean or full, any version).
+    """Read a checkpoint written by :func:`save_checkpoint` with ``weights_only=True`` (lean or full, any version),
+    or a float16 ``.safetensors`` model file (``model_files.load_weights``: recognised by its suffix or header,
+    ``model_files.is_weights_file``; returned like a lean checkpoint, float32 weights, its provenance under
+    ``metadata``).
 
     Raises:
         FileNotFoundError: no file at ``path`` (the message says how to make one).
-        ValueError: the file is not a checkpoint of this suite (corrupt, truncated, or another format).
+        ValueError: the file is not a checkpoint of this suite (corrupt, truncated, or another format); for a model
+            file, ``model_files.WeightsFileError`` (a ``ValueError``).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"checkpoint {path} not found; train one with cascade_segmentation_model.py or pass the right path"
         )
+    if model_files.is_weights_file(path):
+        return model_files.load_weights(path, map_location=map_location)
     import torch
 
     try:

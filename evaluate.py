@@ -6,20 +6,35 @@ summaries, the metric conventions) and ``evaluation_plots.py`` (the figures).
 Predictions come either from a folder written by ``cascade_inference.py`` (``--predictions-dir``:
 ``<stem>_tissue_seg.png`` class indices 0..3, ``<stem>_cancer_prob.png`` lesion probability, ``<stem>.json`` with
 the ROI box) or from running the cascade here (``--stage1-weights`` / ``--stage2-weights``, ``--backend torch`` or
-``onnxruntime``) on the ground-truth images. Everything is compared at the image's original resolution.
+``onnxruntime``) on the ground-truth images. Everything is compared at the image's original resolution. Without
+``--predictions-dir``, a stage given no ``--stageN-weights`` runs the shipped default model
+``weights/stageN.safetensors`` (``model_files.py``; ``$MAMMO_WEIGHTS_DIR`` replaces the folder; stage 2 only when
+lesion or CSAW-S ground truth is given), and a line says so. The lesion threshold and the smallest component counted are the
+user's ``--threshold`` / ``--min-lesion-area``, else the stage-2 model's ``lesion_threshold`` / ``min_lesion_area``
+when it carries them, else ``scoring.LESION_THRESHOLD`` / ``scoring.MIN_LESION_AREA_PX``.
 
 Ground truth:
     tissue: ``--tissue-dir`` (DDSM tissue-label layout ``fgt_seg/`` + ``fgt_seg_labels/``) or ``--tissue-csv``
     (the workspace's ``tissue_dataset.csv``); lesion: ``--lesion-csv`` (``unified_segmentation_dataset.csv``) or
     ``--lesion-dir`` (``images/`` + ``masks/``; ``masks/<stem>.*`` or ``masks/<stem>_*.*``, merged by union; an image
     without a mask is lesion-free). ``--split`` keeps one split of a CSV.
+    digital mammograms: ``--density-dir`` (VinDr layout ``images/<n>.jpg`` + ``masks/<n>.jpg`` dense-tissue masks,
+    ``../shared/data/vindr_density_dev``) and ``--csaw-dir`` (CSAW-S layout ``images/<patient>_<view>.png`` +
+    ``masks/<stem>_{cancer,pectoral_muscle,...}.png``, ``../shared/data/csaw_s_dev``; ``--csaw-patients 002,001``
+    keeps those patients only). ``--exclude-patients`` leaves listed patients out of ``--lesion-dir`` and
+    ``--csaw-dir`` (e.g. a workspace table: its train patients).
 
-Outputs in ``--output-dir``: ``metrics.json`` (summary, conventions, skipped items), ``per_image.csv`` (one row
-per image and task) and ``plots/`` (per-class Dice distribution, worst cases with overlays).
+Outputs in ``--output-dir``: ``metrics.json`` (summary, conventions, skipped items; one section per task:
+``tissue``, ``lesion``, ``density``, ``csaw``), ``per_image.csv`` (one row per image and task, its ``task`` column
+says which) and ``plots/`` (per-class Dice distribution, worst cases with overlays, density scatter).
 
 Metrics (tissue per-class / macro / 4-channel Dice, IoU, pixel accuracy; lesion Dice / IoU, detection sensitivity
-and false positives per image, ROI lesion coverage; DM and CM apart): see ``scoring.py``'s docstring and
-``scoring.CONVENTIONS``, which ``metrics.json`` repeats.
+and false positives per image, ROI lesion coverage, ROI box fraction (ROI box area / bounding box of the predicted
+breast, adipose + FGT + pectoral) and ROI sources; DM and CM apart; density: FGT Dice, percent density against the
+mask's (mask pixels / predicted adipose + FGT pixels, as ``../shared/FINDINGS.md`` measured it), absolute error,
+Pearson r, and an Otsu baseline inside the predicted breast; CSAW-S: pectoral Dice on MLO views and the lesion
+figures against the cancer mask): see ``scoring.py``'s docstring and ``scoring.CONVENTIONS``, which
+``metrics.json`` repeats.
 
 Example::
 
@@ -42,6 +57,7 @@ import cli
 import evaluation_plots
 import fileio
 import metrics
+import model_files
 import scoring
 import tables
 import user_inputs
@@ -63,6 +79,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--lesion-dir", type=str, default=None,
                         help="lesion folder with images/ and masks/ (masks/<stem>.* or <stem>_*.*; no mask = "
                              "lesion-free) (default: %(default)s)")
+    parser.add_argument("--density-dir", type=str, default=None,
+                        help="dense-tissue folder: images/<n>.jpg + masks/<n>.jpg (VinDr layout, "
+                             "../shared/data/vindr_density_dev): FGT Dice and percent density (default: %(default)s)")
+    parser.add_argument("--csaw-dir", type=str, default=None,
+                        help="CSAW-S folder: images/<patient>_<view>.png + masks/<stem>_{cancer,pectoral_muscle}.png: "
+                             "pectoral Dice and lesion metrics (default: %(default)s)")
+    parser.add_argument("--csaw-patients", type=str, default=None, metavar="ID[,ID...]",
+                        help="keep only these CSAW-S patients, e.g. 002,001 (default: all)")
+    parser.add_argument("--exclude-patients", type=str, default=None, metavar="FILE_OR_LIST",
+                        help="leave these patients out of --lesion-dir and --csaw-dir: ids separated by commas, a text "
+                             "file (one id a line) or a table with a patient_id column (a workspace table: its train "
+                             "rows) (default: none)")
     parser.add_argument("--split", type=str, default=None,
                         help="keep only this split of a CSV: train, val or test, in any case (default: all rows)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate at most this many images per task")
@@ -70,21 +98,27 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--predictions-dir", type=str, default=None,
                         help="outputs of cascade_inference.py (<stem>_tissue_seg.png, <stem>_cancer_prob.png, <stem>.json)")
     parser.add_argument("--stage1-weights", type=str, default=None,
-                        help="stage-1 checkpoint (.pth, or .onnx with --backend onnxruntime): run the cascade here")
-    parser.add_argument("--stage2-weights", type=str, default=None, help="stage-2 checkpoint (.pth or .onnx)")
+                        help="stage-1 checkpoint (.pth, model file .safetensors, or .onnx with --backend onnxruntime): "
+                             "run the cascade here (default without --predictions-dir: the shipped "
+                             f"weights/stage1.safetensors, or the one in ${model_files.WEIGHTS_DIR_ENV})")
+    parser.add_argument("--stage2-weights", type=str, default=None,
+                        help="stage-2 checkpoint (.pth, .safetensors or .onnx) (default without --predictions-dir, "
+                             "for lesion or CSAW-S ground truth: the shipped weights/stage2.safetensors)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last memory format (torch backend)")
     parser.add_argument("--adaptive-clahe", choices=("off", "on", "auto"), default="off",
                         help="stronger CLAHE for low-contrast images (default: %(default)s)")
     parser.add_argument("--export-onnx", type=str, default=None, metavar="DIR",
                         help="also export the given checkpoints to DIR/stage1.onnx and DIR/stage2.onnx")
     # metric settings
-    parser.add_argument("--threshold", type=float, default=scoring.LESION_THRESHOLD,
-                        help="lesion probability threshold (default: %(default)s)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="lesion probability threshold (default: the stage-2 model's lesion_threshold when it "
+                             f"carries one, else {scoring.LESION_THRESHOLD})")
     parser.add_argument("--match-iou", type=float, default=metrics.LESION_MATCH_IOU,
                         help="IoU a predicted component needs with a lesion to detect it (default: %(default)s)")
-    parser.add_argument("--min-lesion-area", type=int, default=scoring.MIN_LESION_AREA_PX,
+    parser.add_argument("--min-lesion-area", type=int, default=None,
                         help="true and predicted components under this many pixels are ignored in detection counts "
-                             "(JPEG specks in thresholded masks); Dice and IoU use every pixel (default: %(default)s)")
+                             "(JPEG specks in thresholded masks); Dice and IoU use every pixel (default: the stage-2 "
+                             f"model's min_lesion_area when it carries one, else {scoring.MIN_LESION_AREA_PX})")
     # outputs
     parser.add_argument("--output-dir", type=str, default=None, help="folder for metrics.json, per_image.csv, plots/")
     parser.add_argument("--worst-n", type=int, default=6, help="worst cases shown per task (default: %(default)s)")
@@ -119,20 +153,27 @@ def main(args: argparse.Namespace) -> int:
             return cli.usage_error(user_inputs.one_line(error))
         for name, item in report.items():
             print(f"exported {name}: {item['path']} (max |logit diff| vs PyTorch {item['max_abs_logit_diff']:.2e})")
-        if not any((args.tissue_dir, args.tissue_csv, args.lesion_dir, args.lesion_csv)):
+        if not _ground_truth_given(args):
             return 0
 
     if args.tissue_dir and args.tissue_csv:
         return cli.usage_error("give --tissue-dir or --tissue-csv, not both")
     if args.lesion_dir and args.lesion_csv:
         return cli.usage_error("give --lesion-dir or --lesion-csv, not both")
-    if not any((args.tissue_dir, args.tissue_csv, args.lesion_dir, args.lesion_csv)):
-        return cli.usage_error("no ground truth: pass --tissue-dir/--tissue-csv and/or --lesion-dir/--lesion-csv")
-    if bool(args.predictions_dir) == bool(args.stage1_weights):
-        return cli.usage_error("pass either --predictions-dir or --stage1-weights (+ --stage2-weights), exactly one")
+    if not _ground_truth_given(args):
+        return cli.usage_error("no ground truth: pass --tissue-dir/--tissue-csv, --lesion-dir/--lesion-csv, "
+                               "--density-dir and/or --csaw-dir")
+    if args.predictions_dir and args.stage1_weights:
+        return cli.usage_error("pass either --predictions-dir or --stage1-weights (+ --stage2-weights), not both")
+    shipped = []
+    if not args.predictions_dir and not args.stage1_weights:
+        if not model_files.default_weights(1).is_file():
+            return cli.usage_error("pass --predictions-dir or --stage1-weights (+ --stage2-weights): "
+                                   f"{model_files.missing_default_note(1)}")
+        shipped.append(1)
     if args.output_dir is None:
         return cli.usage_error("--output-dir is required")
-    if not 0 < args.threshold < 1 or not 0 < args.match_iou <= 1:
+    if (args.threshold is not None and not 0 < args.threshold < 1) or not 0 < args.match_iou <= 1:
         return cli.usage_error("--threshold must be in (0, 1) and --match-iou in (0, 1]")
     out = Path(args.output_dir)
     existing = [p for p in (out / "metrics.json", out / "per_image.csv") if p.exists()]
@@ -145,20 +186,47 @@ def main(args: argparse.Namespace) -> int:
     try:
         tissue = scoring.tissue_cases(args.tissue_dir, args.tissue_csv, args.split)
         lesion = scoring.lesion_cases(args.lesion_dir, args.lesion_csv, args.split)
+        density = scoring.density_cases(args.density_dir)
+        csaw = scoring.csaw_cases(args.csaw_dir, args.csaw_patients)
+        excluded = _exclude_patients(args, lesion, csaw)
     except (FileNotFoundError, ValueError) as error:
         return cli.usage_error(user_inputs.one_line(error))
+    if excluded is not None:
+        lesion, csaw = excluded
     if args.limit is not None:
         tissue, lesion = tissue[: args.limit], lesion[: args.limit]
+        density, csaw = density[: args.limit], csaw[: args.limit]
     try:
         if args.predictions_dir:
             predictor = scoring.FolderPredictions(args.predictions_dir)
         else:
-            if lesion and not args.stage2_weights:
-                return cli.usage_error("lesion ground truth given: pass --stage2-weights too (or --predictions-dir)")
+            if (lesion or csaw) and not args.stage2_weights:
+                if not model_files.default_weights(2).is_file():
+                    flag = "lesion ground truth given" if lesion else "--csaw-dir scores lesions too"
+                    return cli.usage_error(f"{flag}: pass --stage2-weights too (or --predictions-dir); "
+                                           f"{model_files.missing_default_note(2)}")
+                shipped.append(2)
+            for stage in shipped:
+                path = model_files.default_weights(stage)
+                print(model_files.default_weights_note(path, stage))
+                setattr(args, f"stage{stage}_weights", str(path))
             predictor = scoring.CascadePredictions(args.stage1_weights, args.stage2_weights, args.backend, args.device,
                                            args.tta, args.adaptive_clahe, args.channels_last, args.threads)
+        stage2 = predictor.cascade.stage2_checkpoint if isinstance(predictor, scoring.CascadePredictions) else None
+        args.threshold, args.min_lesion_area, from_model = model_files.lesion_settings(
+            stage2, args.threshold, args.min_lesion_area, default_threshold=scoring.LESION_THRESHOLD,
+            default_min_area=scoring.MIN_LESION_AREA_PX)
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         return cli.usage_error(user_inputs.one_line(error))
+    if from_model:
+        if not 0 < args.threshold < 1:
+            return cli.usage_error(f"the stage-2 model's lesion_threshold {args.threshold:g} is not in (0, 1); pass "
+                                   "--threshold")
+        values = {"lesion_threshold": args.threshold, "min_lesion_area": args.min_lesion_area}
+        print("using the stage-2 model's " + " and ".join(f"{key} {values[key]:g}" for key in from_model)
+              + " (--threshold / --min-lesion-area override it)")
+    if csaw and isinstance(predictor, scoring.CascadePredictions) and predictor.cascade.stage2 is None:
+        return cli.usage_error("--csaw-dir scores lesions too: pass --stage2-weights (or --predictions-dir)")
     if args.threads:
         import torch
 
@@ -176,6 +244,9 @@ def main(args: argparse.Namespace) -> int:
                                                                     progress)
     lesion_rows, lesion_thumbs = scoring.evaluate_lesion(lesion, predictor, args.threshold, args.match_iou,
                                                          args.min_lesion_area, args.worst_n, 384, skipped, progress)
+    density_rows = scoring.evaluate_density(density, predictor, skipped, progress)
+    csaw_rows = scoring.evaluate_csaw(csaw, predictor, args.threshold, args.match_iou, args.min_lesion_area, skipped,
+                                      progress)
     for item in skipped:
         print(f"skipped {item['task']} {item['image']}: {item['reason']}", file=sys.stderr)
 
@@ -183,10 +254,13 @@ def main(args: argparse.Namespace) -> int:
         "evaluation": {
             "mode": "predictions_dir" if args.predictions_dir else "cascade",
             "predictions_dir": args.predictions_dir, "stage1_weights": args.stage1_weights,
-            "stage2_weights": args.stage2_weights, "backend": None if args.predictions_dir else args.backend,
+            "stage2_weights": args.stage2_weights, "shipped_default_weights": [f"stage{s}" for s in shipped],
+            "lesion_settings_from_model": from_model,
+            "backend": None if args.predictions_dir else args.backend,
             "tta": args.tta, "adaptive_clahe": args.adaptive_clahe,
             "ground_truth": {"tissue": args.tissue_dir or args.tissue_csv, "lesion": args.lesion_dir or args.lesion_csv,
-                             "split": args.split},
+                             "split": args.split, "density": args.density_dir, "csaw": args.csaw_dir,
+                             "csaw_patients": args.csaw_patients, "exclude_patients": args.exclude_patients},
             "lesion_threshold": args.threshold, "match_iou": args.match_iou, "min_lesion_area_px": args.min_lesion_area,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
@@ -200,13 +274,20 @@ def main(args: argparse.Namespace) -> int:
         summary["tissue"] = scoring.summarize_tissue(tissue_rows, confusion)
     if lesion:
         summary["lesion"] = scoring.summarize_lesion_by_group(lesion_rows)
+    if density:
+        summary["density"] = scoring.summarize_density(density_rows)
+    if csaw:
+        summary["csaw"] = scoring.summarize_csaw(csaw_rows)
 
-    rows = tissue_rows + lesion_rows
+    rows = tissue_rows + lesion_rows + density_rows + csaw_rows
     out.mkdir(parents=True, exist_ok=True)
     fileio.atomic_write_text(out / "per_image.csv", pd.DataFrame(rows).to_csv(index=False) if rows else "task,stem\n")
     if args.plots and rows:
         plots = out / "plots"
-        evaluation_plots.plot_dice_distribution(tissue_rows, lesion_rows, plots / "dice_distribution.png")
+        if tissue_rows or lesion_rows:
+            evaluation_plots.plot_dice_distribution(tissue_rows, lesion_rows, plots / "dice_distribution.png")
+        if density_rows:
+            evaluation_plots.plot_density_scatter(density_rows, plots / "density_scatter.png")
         if tissue_thumbs:
             evaluation_plots.plot_worst_cases(tissue_thumbs, args.worst_n, "tissue", plots / "worst_tissue.png")
         if lesion_thumbs:
@@ -235,13 +316,85 @@ def _print_summary(summary: dict) -> None:
               f"(pooled {pooled['dice_4channel']:.4f}), macro Dice {mean['macro_dice']:.4f}, "
               f"pixel accuracy {mean['pixel_accuracy']:.4f}")
         print("  per-class Dice: " + ", ".join(f"{n} {mean['dice_' + n]:.4f}" for n in scoring.TISSUE_CLASS_NAMES))
-    for group, item in summary.get("lesion", {}).items():
-        if item.get("n_images"):
-            print(f"lesion [{group}] ({item['n_images']} images, {item['lesions']} lesions): Dice {item['dice_mean']:.4f} "
-                  f"(pooled {item['dice_pooled']:.4f}), sensitivity {item['sensitivity']:.3f}, "
-                  f"FP/image {item['false_positives_per_image']:.2f}, ROI coverage {item['roi_coverage_pooled']:.3f}")
+    lesion = {group: item for group, item in summary.get("lesion", {}).items() if item.get("n_images")}
+    if lesion:
+        _print_table("lesion", *_lesion_table(lesion))
+    density = summary.get("density")
+    if density and density.get("n_images"):
+        header = ["", "FGT Dice mean", "sd", "pooled", "density %", "|error| pts", "Pearson r"]
+        body = [[name, *(_number(density[key][k], digits) for k, digits in (
+            ("fgt_dice_mean", 3), ("fgt_dice_std", 3), ("fgt_dice_pooled", 3), ("percent_density_mean", 1),
+            ("density_abs_error_mean", 1), ("density_pearson_r", 3)))] for name, key in (("model", "model"),
+                                                                           ("Otsu", "otsu_baseline"))]
+        body.append(["mask", "", "", "", _number(density["percent_density_mask_mean"], 1), "", ""])
+        _print_table(f"density ({density['n_images']} images, {density['density_images']} with a predicted breast)",
+                     header, body)
+    csaw = summary.get("csaw")
+    if csaw and csaw.get("n_images"):
+        pectoral = csaw["pectoral"]
+        print(f"csaw ({csaw['n_images']} images, patients {', '.join(csaw['patients'])}): pectoral Dice "
+              f"{_number(pectoral['dice_mean'], 3)} (sd {_number(pectoral['dice_std'], 3)}, pooled "
+              f"{_number(pectoral['dice_pooled'], 3)}, {pectoral['n_images']} MLO images)")
+        _print_table("csaw lesion", *_lesion_table({"all": csaw["lesion"]}))
     if summary["skipped"]:
         print(f"{len(summary['skipped'])} item(s) skipped (listed in metrics.json)")
+
+
+
+def _ground_truth_given(args: argparse.Namespace) -> bool:
+    """Whether any ground truth flag was given."""
+    return any((args.tissue_dir, args.tissue_csv, args.lesion_dir, args.lesion_csv, args.density_dir, args.csaw_dir))
+
+
+def _exclude_patients(args: argparse.Namespace, lesion: list, csaw: list) -> tuple[list, list] | None:
+    """``(lesion, csaw)`` cases without the ``--exclude-patients`` (folders only: a ``--lesion-csv`` is filtered by
+    ``--split``); None when the flag is not given. Prints how many images were left out."""
+    if not args.exclude_patients:
+        return None
+    patients = scoring.read_patient_list(args.exclude_patients)
+    if args.lesion_csv:
+        print("note: --exclude-patients applies to --lesion-dir and --csaw-dir; filter a --lesion-csv with --split",
+              file=sys.stderr)
+    else:
+        lesion, dropped = scoring.exclude_patients(lesion, patients)
+        if args.lesion_dir:
+            print(f"--exclude-patients: {dropped} lesion image(s) left out", file=sys.stderr)
+    csaw, dropped = scoring.exclude_patients(csaw, patients)
+    if args.csaw_dir:
+        print(f"--exclude-patients: {dropped} CSAW-S image(s) left out", file=sys.stderr)
+    return lesion, csaw
+
+
+def _number(value, digits: int) -> str:
+    """A figure for the console tables: ``digits`` decimals, "-" for a missing (None / NaN) value."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def _lesion_table(groups: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the lesion table: one row per group summary (``scoring.summarize_lesion``)."""
+    header = ["group", "images", "lesions", "Dice", "pooled", "sens", "FP/img", "ROI cov", "pooled", "ROI box",
+              "pooled", "src fgt/breast/image"]
+    body = []
+    for group, item in groups.items():
+        sources = item.get("roi_sources", {})
+        body.append([group, str(item["n_images"]), str(item["lesions"]), _number(item["dice_mean"], 3),
+                     _number(item["dice_pooled"], 3), _number(item["sensitivity"], 3),
+                     _number(item["false_positives_per_image"], 2), _number(item["roi_coverage_mean"], 3),
+                     _number(item["roi_coverage_pooled"], 3), _number(item.get("roi_box_fraction_mean"), 3),
+                     _number(item.get("roi_box_fraction_pooled"), 3),
+                     "/".join(str(sources.get(k, 0)) for k in ("fgt", "breast", "image"))])
+    return header, body
+
+
+def _print_table(title: str, header: list[str], body: list[list[str]]) -> None:
+    """Print ``title`` and a column-aligned table."""
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    print(f"{title}:")
+    for row in [header, *body]:
+        print("  " + "  ".join(cell.rjust(width) if i else cell.ljust(width)
+                               for i, (cell, width) in enumerate(zip(row, widths))))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 What lives here (the numbers are ``scoring.py``, the command line ``evaluate.py``): :class:`Thumb` and
 :func:`case_thumb` (small copies of one case, kept while scoring so no image is read twice), :func:`keep_worst`,
-:func:`plot_dice_distribution` (``plots/dice_distribution.png``) and :func:`plot_worst_cases`
+:func:`plot_dice_distribution` (``plots/dice_distribution.png``), :func:`plot_density_scatter`
+(``plots/density_scatter.png``) and :func:`plot_worst_cases`
 (``plots/worst_tissue.png``, ``plots/worst_lesion.png``). Figures are written atomically (``fileio``) with
 matplotlib's Agg backend, imported only when a figure is drawn.
 """
@@ -148,3 +149,31 @@ def _save_figure(fig, path: Path) -> Path:
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     return fileio.atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_density_scatter(density_rows: list[dict], path: Path) -> Path:
+    """Predicted vs mask percent density per image (``scoring.density_row`` rows), the model and the Otsu baseline,
+    with the identity line; axes in %."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    top = 100.0
+    for key, label, colour in (("percent_density_pred", "model", "tab:blue"),
+                               ("otsu_percent_density_pred", "Otsu baseline", "tab:orange")):
+        pairs = [(r["percent_density_mask"], r[key]) for r in density_rows
+                 if np.isfinite(r["percent_density_mask"]) and np.isfinite(r[key])]
+        if pairs:
+            x, y = np.array(pairs).T
+            ax.scatter(x, y, s=14, alpha=0.7, color=colour, label=label)
+            top = max(top, float(x.max()), float(y.max()))
+    ax.plot([0, top], [0, top], color="gray", linewidth=1, linestyle="--")
+    ax.set_xlabel("mask density (% of predicted breast)")
+    ax.set_ylabel("predicted density (%)")
+    ax.set_title("percent density per image")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save_figure(fig, path)

@@ -180,3 +180,88 @@ def lesion_detection(pred, truth, iou_threshold: float = LESION_MATCH_IOU, conne
     matched = iou >= iou_threshold
     return {"lesions": int(n_truth - 1), "found": int(matched.any(axis=1).sum()),
             "detections": int(n_pred - 1), "false_positives": int((~matched.any(axis=0)).sum())}
+
+
+# ------------------------------------------------------------------------------------------------ domain evaluation
+def bounding_box(mask) -> tuple[int, int, int, int] | None:
+    """Half-open bounding box ``(y0, x0, y1, x1)`` in pixels of the nonzero pixels of a 2-D mask; None when empty."""
+    mask = _as_numpy(mask).astype(bool)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
+
+
+def box_area(box) -> int:
+    """Area in pixels of a half-open box: a ``(y0, x0, y1, x1)`` sequence or an object with those attributes
+    (``roi.RoiBox``); 0 for an empty or inverted box."""
+    if hasattr(box, "y0"):
+        box = (box.y0, box.x0, box.y1, box.x1)
+    y0, x0, y1, x1 = (int(v) for v in box)
+    return max(0, y1 - y0) * max(0, x1 - x0)
+
+
+def roi_box_fraction(roi_box, breast_mask) -> float:
+    """Area of the stage-2 ROI box / area of the breast's bounding box (a ratio, not a percentage).
+
+    How much of the breast's extent stage 2 is shown: 1.0 = the whole breast box, small values = a tight crop. It can
+    exceed 1 where the ROI's margin or minimum side reaches beyond the breast box, or where the ROI fell back to the
+    whole image. Defined by this suite (the ROI rule is ``roi.fgt_roi_box``).
+
+    Args:
+        roi_box: ``(y0, x0, y1, x1)`` half-open, in pixels, or a ``roi.RoiBox``.
+        breast_mask: ``(H, W)`` bool (or 0/1) mask of the breast; in evaluation the predicted non-background pixels
+            of stage 1 (adipose + FGT + pectoral).
+
+    Returns:
+        The ratio (float); NaN when the breast mask is empty (no breast box).
+    """
+    breast_box = bounding_box(breast_mask)
+    if breast_box is None:
+        return float("nan")
+    return box_area(roi_box) / box_area(breast_box)
+
+
+def mask_percent_density(dense_mask, tissue_classes, adipose_class: int = 1, fgt_class: int = 2) -> float:
+    """Percent density of a dense-tissue mask, in %: all mask pixels / predicted breast pixels x 100.
+
+    Breast pixels are the adipose + FGT pixels of the predicted 4-class map (``tissue_classes``), the same denominator
+    as :func:`percent_density` of the prediction, so the two differ only in their numerators. This is how
+    ``../shared/FINDINGS.md`` (2026-11-30) measured the density error on VinDr density masks, whose breast outline is
+    not given; kept so that numbers stay comparable. Mask pixels outside the predicted breast still count, so the
+    value can exceed 100 when stage 1 misses breast.
+
+    Args:
+        dense_mask: ``(H, W)`` bool / 0-1 dense-tissue mask.
+        tissue_classes: ``(H, W)`` integer class map of the prediction (0 background, 1 adipose, 2 FGT, 3 pectoral).
+
+    Returns:
+        Percent (float); NaN when the prediction holds no breast pixel (undefined).
+
+    Raises:
+        ValueError: shapes differ.
+    """
+    dense, classes = _as_numpy(dense_mask).astype(bool), _as_numpy(tissue_classes)
+    if dense.shape != classes.shape:
+        raise ValueError(f"dense-tissue mask shape {dense.shape} differs from the tissue map shape {classes.shape}")
+    breast = int(((classes == adipose_class) | (classes == fgt_class)).sum())
+    return 100.0 * int(dense.sum()) / breast if breast else float("nan")
+
+
+def pearson_r(x, y) -> float:
+    """Pearson correlation coefficient of two equally long 1-D sequences, over the pairs where both are finite.
+
+    Returns a value in [-1, 1]; NaN when fewer than 2 finite pairs remain or either sequence is constant
+    (undefined).
+    """
+    x, y = np.asarray(x, float).ravel(), np.asarray(y, float).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"pearson_r needs sequences of one length, got {x.size} and {y.size}")
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if x.size < 2:
+        return float("nan")
+    dx, dy = x - x.mean(), y - y.mean()
+    denominator = float(np.sqrt((dx * dx).sum() * (dy * dy).sum()))
+    # clipped: rounding can put a perfect correlation a hair beyond +-1
+    return float(np.clip((dx * dy).sum() / denominator, -1.0, 1.0)) if denominator > 0 else float("nan")

@@ -43,7 +43,8 @@ INPUT_NAME, OUTPUT_NAME = "image", "logits"
 #: optimizer / scheduler / scaler / RNG states), plus the export's ``opset`` and, when given, its ``source``.
 METADATA_KEY = "mammo_cascade.checkpoint"
 _METADATA_FIELDS = ("format_version", "stage", "model_config", "preprocess_config", "class_names", "input_size",
-                    "epoch", "best_metric", "metric_name", "roi", "versions")
+                    "epoch", "best_metric", "metric_name", "roi", "versions", "lesion_threshold", "min_lesion_area",
+                    "metadata")
 
 
 def _as_checkpoint(checkpoint: dict | str | os.PathLike) -> dict:

@@ -17,6 +17,9 @@ default ``~/.cache/mammo_cascade/onnx``). Later runs load it directly. A cache f
 opens it and its metadata names the same checkpoint SHA-256 and export opset; otherwise it is made again. Files are
 written atomically (``fileio``), so processes exporting at the same time (torchrun ranks) each leave a whole file.
 A new export beside the checkpoint removes the exports of earlier versions of that checkpoint file.
+A ``.safetensors`` model file (``model_files.py``; the shipped default model in ``weights/``, often read-only) is
+exported and cached the same way; the settings an export does not carry (``lesion_threshold``, ``min_lesion_area``,
+the provenance ``metadata``) are read from the file's header (no PyTorch) and added to the returned settings.
 
 Imports: PyTorch is imported only where it is needed (a ``TorchRunner``, reading a ``.pth`` file, exporting), not by
 this module, ``checkpoints``, ``onnx_export`` or ``cascade``: running an ``.onnx`` file, or a ``.pth`` whose cached
@@ -40,6 +43,7 @@ import numpy as np
 
 import checkpoints
 import fileio
+import model_files
 
 if TYPE_CHECKING:  # annotations only; torch is imported where it is used (see the module docstring)
     import torch
@@ -272,9 +276,11 @@ def _check_cpu(device) -> None:
 def load_runner(path: str | os.PathLike, backend: str = "torch", device: str | torch.device = "cpu", *,
                 amp: bool = False, channels_last: bool = False, threads: int | None = None,
                 onnx_cache: bool = True) -> tuple[LogitsFn, dict]:
-    """Load a stage from a ``.pth`` checkpoint or an exported ``.onnx`` file: ``(logits function, checkpoint dict)``.
+    """Load a stage from a ``.pth`` checkpoint, a ``.safetensors`` model file (``model_files.py``) or an exported
+    ``.onnx`` file: ``(logits function, checkpoint dict)``.
 
-    An ``.onnx`` file always runs under ONNX Runtime ("auto" or "onnxruntime"). A ``.pth`` file runs under
+    An ``.onnx`` file always runs under ONNX Runtime ("auto" or "onnxruntime"). A ``.pth`` or ``.safetensors`` file
+    runs under
     ``backend`` (see :func:`make_runner`); under ONNX Runtime through its cached export (:func:`cached_onnx`, see the
     module docstring; ``onnx_cache=False`` exports in memory instead), and ``runner.path`` is the export used. Under
     ONNX Runtime the returned dict holds the checkpoint's settings without the weights (from the ONNX metadata);
@@ -345,8 +351,10 @@ def _open_cached(candidate: Path, sha256: str, threads: int | None) -> tuple[Onn
 
 
 def cached_onnx(checkpoint_path: str | os.PathLike, threads: int | None = None) -> tuple[OnnxRunner, dict]:
-    """An ONNX Runtime runner over the export of a ``.pth`` checkpoint, made on first use and reused after (see the
-    module docstring): ``(runner, checkpoint settings without weights)``; ``runner.path`` is the export.
+    """An ONNX Runtime runner over the export of a ``.pth`` checkpoint or ``.safetensors`` model file, made on first
+    use and reused after (see the module docstring): ``(runner, checkpoint settings without weights)``;
+    ``runner.path`` is the export. For a model file the settings are completed from its header
+    (:func:`_with_file_settings`).
 
     Looks for :func:`onnx_cache_name` beside the checkpoint, then in :func:`onnx_cache_dir`, and uses the first that
     ONNX Runtime opens and whose metadata names this checkpoint's SHA-256 and the current opset. Otherwise the
@@ -367,7 +375,7 @@ def cached_onnx(checkpoint_path: str | os.PathLike, threads: int | None = None) 
         if candidate.is_file():
             runner, settings, problem = _open_cached(candidate, sha256, threads)
             if runner is not None:
-                return runner, settings
+                return runner, _with_file_settings(checkpoint_path, settings)
             print(f"runners: ignoring the cached ONNX export {candidate}: {problem}; exporting again", file=sys.stderr)
     import onnx_export  # see make_runner
 
@@ -385,13 +393,25 @@ def cached_onnx(checkpoint_path: str | os.PathLike, threads: int | None = None) 
               f"({failure}); running it from memory, it will be exported again next time (set XDG_CACHE_HOME to a "
               "writable folder to keep it)", file=sys.stderr)
         runner = OnnxRunner(data, threads=threads)
-        return runner, onnx_export.settings_from_metadata(runner.metadata, checkpoint_path)
+        return runner, _with_file_settings(checkpoint_path,
+                                           onnx_export.settings_from_metadata(runner.metadata, checkpoint_path))
     del data
     if target == candidates[0]:
         _remove_older_exports(checkpoint_path, sha256)
     print(f"runners: exported {checkpoint_path} to {target} (made once, reused while the checkpoint is unchanged)",
           file=sys.stderr)
-    return _onnx_runner(target, threads)
+    runner, settings = _onnx_runner(target, threads)
+    return runner, _with_file_settings(checkpoint_path, settings)
+
+
+def _with_file_settings(checkpoint_path: Path, settings: dict) -> dict:
+    """``settings`` (from an export's ONNX metadata) completed, for a ``.safetensors`` model file, by the file's own
+    settings (``model_files.read_settings``: its header only): ``lesion_threshold``, ``min_lesion_area``,
+    ``val_metrics`` and ``metadata``, which an export does not carry. A ``.pth`` checkpoint's settings are returned
+    unchanged."""
+    if not model_files.is_weights_file(checkpoint_path):
+        return settings
+    return {**settings, **model_files.read_settings(checkpoint_path)}
 
 
 def _remove_older_exports(checkpoint_path: Path, sha256: str) -> None:

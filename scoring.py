@@ -4,12 +4,16 @@ What lives here (the command line is ``evaluate.py``; its figures are ``evaluati
 
 - ground truth: :class:`Case`, :func:`tissue_cases` (DDSM tissue-label folder or workspace CSV),
   :func:`lesion_cases` (workspace CSV or ``images/`` + ``masks/`` folder), :func:`read_lesion_truth`,
-  :func:`acquisition_group` (DM / CM of CDD-CESM);
+  :func:`acquisition_group` (DM / CM of CDD-CESM); the digital-mammogram sets: :func:`density_cases` (VinDr
+  dense-tissue masks), :func:`csaw_cases` (CSAW-S pectoral and cancer masks), :func:`read_patient_list` and
+  :func:`exclude_patients` (leave a model's training patients out);
 - predictors, each with ``tissue(case, pixels)`` and ``lesion(case, pixels)``: :class:`FolderPredictions` (the
   files ``cascade_inference.py`` wrote) and :class:`CascadePredictions` (the cascade run here, either backend);
 - metrics: :func:`tissue_row` / :func:`lesion_row` (one image), :func:`summarize_tissue` /
   :func:`summarize_lesion` / :func:`summarize_lesion_by_group` (the data set), :func:`evaluate_tissue` /
-  :func:`evaluate_lesion` (the loops over the cases, bad items skipped and reported);
+  :func:`evaluate_lesion` (the loops over the cases, bad items skipped and reported); :func:`density_row` /
+  :func:`summarize_density` / :func:`evaluate_density` with the :func:`otsu_fgt` baseline, :func:`csaw_row` /
+  :func:`summarize_csaw` / :func:`evaluate_csaw`;
 - the conventions written into ``metrics.json`` (:data:`CONVENTIONS`) and the metric constants.
 
 Metrics (all computed with :mod:`metrics`):
@@ -20,7 +24,14 @@ Metrics (all computed with :mod:`metrics`):
     lesion: binary Dice / IoU of the thresholded probability per image and pooled; lesion-level detection (a true
     lesion, i.e. a connected component of the mask, is found when a predicted component overlaps it with IoU >=
     0.1): sensitivity and false positives per image; ROI lesion coverage (true lesion pixels inside the predicted
-    ROI box / all true lesion pixels). DM and CM (CDD-CESM low-energy vs contrast-enhanced) are reported apart.
+    ROI box / all true lesion pixels) and ROI box fraction (ROI box area / area of the bounding box of the predicted
+    breast, adipose + FGT + pectoral), with the count of ROI sources (fgt / breast / image). DM and CM (CDD-CESM
+    low-energy vs contrast-enhanced) are reported apart.
+    density (``--density-dir``, VinDr dense-tissue masks): FGT Dice per image and pooled, predicted percent density
+    against the mask's (:func:`metrics.mask_percent_density`), absolute error in percentage points, Pearson r; the
+    same for an Otsu-threshold baseline inside the predicted breast (:func:`otsu_fgt`).
+    csaw (``--csaw-dir``, CSAW-S): pectoral Dice on images with a pectoral mask (MLO views), and the lesion metrics
+    above against the ``cancer`` mask.
 Everything is compared at the image's original resolution.
 """
 
@@ -77,6 +88,20 @@ CONVENTIONS = {
                          "false_positives_per_image = false positives / images"),
     "roi_coverage": "true lesion pixels inside the predicted ROI box / all true lesion pixels (images with lesions)",
     "resolution": "predictions and truth are compared at the image's original resolution",
+    "roi_box_fraction": ("area of the ROI box / area of the bounding box of the predicted breast (stage 1's "
+                         "non-background pixels: adipose + FGT + pectoral), per image (all images, with or without a "
+                         "lesion); 'pooled' = sum of ROI box areas / sum of breast box areas; can exceed 1 (margin, "
+                         "minimum side, or the whole-image fallback); roi_sources counts how each ROI was chosen "
+                         "(fgt, breast: no FGT predicted, image: no tissue predicted)"),
+    "density_dev": ("FGT Dice = binary Dice of the predicted FGT class against the dense-tissue mask (> 127 of the "
+                    "JPEG); predicted percent density = FGT / (adipose + FGT) of the prediction; mask percent "
+                    "density = mask pixels / predicted adipose + FGT pixels (the breast outline is not annotated; as "
+                    "in ../shared/FINDINGS.md); error = |predicted - mask| in percentage points; Pearson r over "
+                    "images; 'pooled' Dice from summed counts"),
+    "otsu_baseline": ("FGT = predicted breast pixels (adipose + FGT) whose 8-bit intensity is above Otsu's level "
+                      "(imaging.otsu_level) computed on the predicted breast pixels only; scored like the model"),
+    "pectoral_dice": ("binary Dice of the predicted pectoral class against the CSAW-S pectoral_muscle mask, only on "
+                      "images whose mask is not empty (MLO views); 'pooled' from summed counts"),
 }
 
 
@@ -89,6 +114,8 @@ class Case:
     image_path: str
     truth_path: str  # tissue label map, or lesion masks joined by ";" ("" = lesion-free)
     group: str = ""
+    patient: str = ""  # CSAW-S patient id (the stem before "_"); "" elsewhere
+    pectoral_path: str = ""  # CSAW-S pectoral_muscle mask ("" = none)
 
 
 _ACQUISITION = re.compile(r"_(DM|CM)_", re.IGNORECASE)
@@ -193,6 +220,8 @@ class LesionPrediction:
 
     prob: np.ndarray  # (H, W) float32 in [0, 1]
     roi_box: roi.RoiBox | None
+    tissue_classes: np.ndarray | None = None  # (H, W) uint8 stage-1 classes 0..3 (None: not available)
+    roi_source: str | None = None  # "fgt", "breast" or "image" (roi.fgt_roi_box); None: not known
 
 
 class FolderPredictions:
@@ -245,11 +274,14 @@ class FolderPredictions:
     def lesion(self, case: Case, pixels: np.ndarray) -> LesionPrediction:
         raw = imaging.read_image(self._file(case, "_cancer_prob.png")).pixels
         prob = raw.astype(np.float32) / float(np.iinfo(raw.dtype).max)  # 8-bit: /255, 16-bit: /65535
-        box = None
+        box, source = None, None
         report = self._find(f"{case.stem}.json")
         if report is not None:
-            box = _roi_from_report(json.loads(report.read_text(encoding="utf-8")))
-        return LesionPrediction(prob, box)
+            loaded = json.loads(report.read_text(encoding="utf-8"))
+            box = _roi_from_report(loaded)
+            source = loaded.get("roi", {}).get("source") if isinstance(loaded.get("roi"), dict) else None
+        tissue = self.tissue(case, pixels) if self._find(f"{case.stem}_tissue_seg.png") is not None else None
+        return LesionPrediction(prob, box, tissue, source)
 
 
 def _roi_from_report(report: dict) -> roi.RoiBox | None:
@@ -302,7 +334,7 @@ class CascadePredictions:
         start = time.perf_counter()
         result = self.cascade(pixels)
         self.seconds.append(time.perf_counter() - start)
-        return LesionPrediction(result.lesion_prob, result.roi_box)
+        return LesionPrediction(result.lesion_prob, result.roi_box, result.tissue_classes, result.roi_source)
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -353,8 +385,14 @@ def summarize_tissue(rows: list[dict], confusion: np.ndarray) -> dict:
 
 
 def lesion_row(prob: np.ndarray, truth: np.ndarray, roi_box: roi.RoiBox | None, threshold: float,
-               match_iou: float, min_area_px: int = 1) -> dict:
-    """Per-image lesion metrics: Dice / IoU of ``prob >= threshold``, counts, detection, ROI coverage.
+               match_iou: float, min_area_px: int = 1, tissue_classes: np.ndarray | None = None,
+               roi_source: str | None = None) -> dict:
+    """Per-image lesion metrics: Dice / IoU of ``prob >= threshold``, counts, detection, ROI coverage, ROI box
+    fraction.
+
+    ``tissue_classes`` (``(H, W)`` stage-1 classes 0..3) gives the breast (non-background pixels) for
+    ``roi_box_fraction`` (:func:`metrics.roi_box_fraction`, NaN without it or without a box) with the two areas in
+    pixels (``roi_box_area_pixels``, ``breast_box_area_pixels``); ``roi_source`` is copied ("" when unknown).
 
     Raises:
         ValueError: ``prob`` and ``truth`` shapes differ.
@@ -373,7 +411,23 @@ def lesion_row(prob: np.ndarray, truth: np.ndarray, roi_box: roi.RoiBox | None, 
         inside = int(truth[roi_box.slices()].sum())
         row["roi_truth_pixels_inside"] = float(inside)
         row["roi_coverage"] = inside / row["truth_pixels"] if row["truth_pixels"] else float("nan")
+    row.update(roi_box_fields(roi_box, tissue_classes))
+    row["roi_source"] = roi_source or ""
     return row
+
+
+def roi_box_fields(roi_box: roi.RoiBox | None, tissue_classes: np.ndarray | None) -> dict:
+    """``roi_box_fraction`` (:func:`metrics.roi_box_fraction` with the breast = ``tissue_classes != 0``, i.e.
+    adipose + FGT + pectoral of stage 1), ``roi_box_area_pixels`` and ``breast_box_area_pixels``; NaN where the box
+    or the map is missing or no breast pixel is predicted."""
+    nan = float("nan")
+    if roi_box is None or tissue_classes is None:
+        return {"roi_box_fraction": nan, "roi_box_area_pixels": nan, "breast_box_area_pixels": nan}
+    breast = np.asarray(tissue_classes) != labels.BACKGROUND
+    breast_box = metrics.bounding_box(breast)
+    return {"roi_box_fraction": metrics.roi_box_fraction(roi_box, breast),
+            "roi_box_area_pixels": float(metrics.box_area(roi_box)),
+            "breast_box_area_pixels": float(metrics.box_area(breast_box)) if breast_box else nan}
 
 
 def summarize_lesion(rows: list[dict]) -> dict:
@@ -406,6 +460,22 @@ def summarize_lesion(rows: list[dict]) -> dict:
         "roi_coverage_pooled": (sum(r["roi_truth_pixels_inside"] for r in covered) / sum(r["truth_pixels"] for r in covered)
                                 if covered else float("nan")),
         "roi_coverage_images": len(covered),
+        **summarize_roi_box(rows),
+    }
+
+
+def summarize_roi_box(rows: list[dict]) -> dict:
+    """ROI box fraction over ``rows`` (all images where it is known): ``roi_box_fraction_mean`` (per image),
+    ``roi_box_fraction_pooled`` (summed areas), ``roi_box_fraction_images`` and ``roi_sources`` (images per ROI
+    source: fgt / breast / image; see :data:`CONVENTIONS`)."""
+    known = [r for r in rows if not math.isnan(r.get("roi_box_fraction", float("nan")))]
+    sources = {name: sum(1 for r in rows if r.get("roi_source") == name) for name in ("fgt", "breast", "image")}
+    return {
+        "roi_box_fraction_mean": float(np.mean([r["roi_box_fraction"] for r in known])) if known else float("nan"),
+        "roi_box_fraction_pooled": (sum(r["roi_box_area_pixels"] for r in known)
+                                    / sum(r["breast_box_area_pixels"] for r in known)) if known else float("nan"),
+        "roi_box_fraction_images": len(known),
+        "roi_sources": sources,
     }
 
 
@@ -452,7 +522,8 @@ def evaluate_lesion(cases: list[Case], predictor, threshold: float, match_iou: f
             pixels = imaging.read_image(case.image_path).pixels
             truth = read_lesion_truth(case, pixels.shape)
             predicted = predictor.lesion(case, pixels)
-            row = lesion_row(predicted.prob, truth, predicted.roi_box, threshold, match_iou, min_area_px)
+            row = lesion_row(predicted.prob, truth, predicted.roi_box, threshold, match_iou, min_area_px,
+                             predicted.tissue_classes, predicted.roi_source)
         except (OSError, ValueError, RuntimeError, imaging.ImageReadError) as error:
             skipped.append({"task": "lesion", "image": case.image_path, "reason": f"{type(error).__name__}: {error}"})
             continue
@@ -463,3 +534,293 @@ def evaluate_lesion(cases: list[Case], predictor, threshold: float, match_iou: f
                                                       predicted.roi_box))
             evaluation_plots.keep_worst(thumbs, worst_n)
     return rows, thumbs
+
+
+# ------------------------------------------------------------------------------------------------ patients
+def _canonical_patient(value: str) -> str:
+    """A patient id as compared by the filters: stripped, and digits without leading zeros ("002" == "2")."""
+    value = str(value).strip()
+    return str(int(value)) if value.isdigit() else value
+
+
+def read_patient_list(value: str) -> set[str]:
+    """Patient ids from ``--exclude-patients``: a comma-separated list, a text file (one id per line, ``#``
+    comments) or a CSV / XLSX table with a ``patient_id`` column (a workspace table: when it has a ``split`` column,
+    the ids of its ``train`` rows only, i.e. the patients a model was trained on).
+
+    Returns:
+        Canonical ids (see :func:`_canonical_patient`).
+
+    Raises:
+        ValueError: a table without a ``patient_id`` column (``tables.TableError``), or no id at all.
+    """
+    path = Path(value)
+    if path.is_file() and path.suffix.lower() in (".csv", ".xlsx", ".xls"):
+        table = tables.read_table(path, ("patient_id",), what="patient table",
+                                  fix="pass a table with a patient_id column, a text file or a comma-separated list")
+        if "split" in table.columns:
+            table = table[table["split"] == "train"]
+        ids = set(table["patient_id"])
+    elif path.is_file():
+        lines = (line.split("#", 1)[0] for line in path.read_text(encoding="utf-8").splitlines())
+        ids = {part for line in lines for part in line.replace(",", " ").split()}
+    else:
+        ids = set(value.split(","))
+    ids = {_canonical_patient(i) for i in ids if str(i).strip()}
+    if not ids:
+        raise ValueError(f"--exclude-patients {value}: no patient id found (give ids separated by commas, a text file "
+                         "with one id per line, or a table with a patient_id column)")
+    return ids
+
+
+def _case_patients(case: Case) -> set[str]:
+    """The ids a case may be listed under: ``datasets.patient_id_from_name`` of its file, and for CSAW-S names the
+    patient part with and without the ``CSAW_`` prefix of ``sources/csaw_s.py``."""
+    import datasets
+
+    ids = {datasets.patient_id_from_name(case.image_path)}
+    if case.patient:
+        ids |= {case.patient, f"CSAW_{case.patient}"}
+    return {_canonical_patient(i) for i in ids}
+
+
+def exclude_patients(cases: list["Case"], patients: set[str]) -> tuple[list["Case"], int]:
+    """``cases`` without those of the listed patients (canonical ids, :func:`read_patient_list`); returns the kept
+    cases and how many were left out."""
+    kept = [c for c in cases if not (_case_patients(c) & patients)]
+    return kept, len(cases) - len(kept)
+
+
+# ------------------------------------------------------------------------------------------------ digital sets
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and p.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".pgm"))
+
+
+def _layout_folder(folder: str, flag: str, advice: str) -> Path:
+    root = user_inputs.input_folder(folder, flag, advice)
+    if not (root / "images").is_dir() or not (root / "masks").is_dir():
+        raise FileNotFoundError(f"{flag} {root}: expected images/ and masks/ inside it; {advice}")
+    return root
+
+
+def density_cases(density_dir: str | None) -> list["Case"]:
+    """Dense-tissue ground truth of the VinDr layout (``../shared/data/vindr_density_dev``): ``images/<n>.jpg`` with
+    ``masks/<n>.<ext>`` (the same stem; JPEG masks are thresholded at > 127 by ``imaging.read_mask``).
+
+    Raises:
+        FileNotFoundError, ValueError: not a folder of that layout, no images, or an image without its mask.
+    """
+    if not density_dir:
+        return []
+    root = _layout_folder(density_dir, "--density-dir", "pass a folder of images/<n>.jpg and masks/<n>.jpg "
+                          "dense-tissue masks (../shared/data/vindr_density_dev)")
+    masks = {p.stem: p for p in _image_files(root / "masks")}
+    images = _image_files(root / "images")
+    if not images:
+        raise FileNotFoundError(f"--density-dir {root}: no images in {root / 'images'}")
+    missing = [p.name for p in images if p.stem not in masks]
+    if missing:
+        raise FileNotFoundError(f"--density-dir {root}: no mask masks/<stem>.* for {missing[:5]}; every image needs "
+                                "its dense-tissue mask")
+    return [Case(p.stem, str(p), str(masks[p.stem])) for p in images]
+
+
+def csaw_cases(csaw_dir: str | None, patients: str | None = None) -> list["Case"]:
+    """CSAW-S ground truth (``../shared/data/csaw_s_dev``): ``images/<patient>_<view>.png`` and
+    ``masks/<stem>_{cancer,pectoral_muscle,...}.png`` (0/255). ``truth_path`` holds the cancer mask ("" when absent:
+    lesion-free), ``pectoral_path`` the pectoral mask ("" when absent: not scored).
+
+    Args:
+        patients: comma-separated patient ids to keep (``"002,001"``; leading zeros do not matter); None: all.
+
+    Raises:
+        FileNotFoundError, ValueError: not a folder of that layout, no images, or a listed patient not found.
+    """
+    if not csaw_dir:
+        return []
+    root = _layout_folder(csaw_dir, "--csaw-dir", "pass a CSAW-S folder of images/<patient>_<view>.png and "
+                          "masks/<stem>_<label>.png (../shared/data/csaw_s_dev)")
+    cases = []
+    for image in _image_files(root / "images"):
+        found = {label: root / "masks" / f"{image.stem}_{label}.png" for label in ("cancer", "pectoral_muscle")}
+        cases.append(Case(image.stem, str(image), str(found["cancer"]) if found["cancer"].is_file() else "",
+                          patient=image.stem.split("_")[0],
+                          pectoral_path=str(found["pectoral_muscle"]) if found["pectoral_muscle"].is_file() else ""))
+    if not cases:
+        raise FileNotFoundError(f"--csaw-dir {root}: no images in {root / 'images'}")
+    if patients:
+        wanted = {_canonical_patient(p) for p in patients.split(",") if p.strip()}
+        present = {_canonical_patient(c.patient) for c in cases}
+        unknown = sorted(wanted - present)
+        if unknown:
+            raise ValueError(f"--csaw-patients: no images of patient(s) {unknown} in {root / 'images'}; patients "
+                             f"found: {sorted({c.patient for c in cases})}")
+        cases = [c for c in cases if _canonical_patient(c.patient) in wanted]
+    return cases
+
+
+def otsu_fgt(pixels: np.ndarray, tissue_classes: np.ndarray) -> tuple[np.ndarray, int]:
+    """The Otsu-threshold FGT baseline: predicted breast pixels brighter than Otsu's level of the breast pixels.
+
+    Breast = adipose + FGT of ``tissue_classes`` (pectoral and background left out, as in percent density). The
+    level is :func:`imaging.otsu_level` (Otsu 1979, as ``cv2.THRESH_OTSU``) of the 256-bin histogram of the breast
+    pixels of ``imaging.scale_to_uint8(pixels)`` (8-bit images unchanged); a pixel is FGT when its value is > level.
+
+    Args:
+        pixels: ``(H, W)`` uint8 or uint16 image as read.
+        tissue_classes: ``(H, W)`` integer class map 0..3 of the prediction.
+
+    Returns:
+        ``(fgt, level)``: ``(H, W)`` bool mask and the 8-bit level (0 and an empty mask when no breast is predicted).
+    """
+    if pixels.shape != tissue_classes.shape:
+        raise ValueError(f"image shape {pixels.shape} differs from the tissue map shape {tissue_classes.shape}")
+    breast = (tissue_classes == labels.ADIPOSE) | (tissue_classes == labels.FGT)
+    if not breast.any():
+        return np.zeros(pixels.shape, bool), 0
+    image8 = imaging.scale_to_uint8(pixels)
+    level = imaging.otsu_level(np.bincount(image8[breast], minlength=256))
+    return breast & (image8 > level), level
+
+
+def density_row(pixels: np.ndarray, pred: np.ndarray, dense: np.ndarray) -> dict:
+    """Per-image density metrics of the model's tissue map ``pred`` and of the :func:`otsu_fgt` baseline.
+
+    Args:
+        pixels: ``(H, W)`` image as read; pred: ``(H, W)`` class map 0..3; dense: ``(H, W)`` bool dense-tissue mask.
+
+    Returns:
+        dict: ``fgt_dice`` and its counts (``fgt_intersection_pixels``, ``fgt_pred_pixels``, ``fgt_truth_pixels``),
+        ``breast_pixels`` (adipose + FGT predicted), ``percent_density_pred`` / ``percent_density_mask`` (%),
+        ``density_abs_error`` (percentage points); the same prefixed ``otsu_`` for the baseline, and ``otsu_level``.
+        See :data:`CONVENTIONS` ``density_dev``.
+
+    Raises:
+        ValueError: shapes differ.
+    """
+    if not (pixels.shape == pred.shape == dense.shape):
+        raise ValueError(f"image {pixels.shape}, prediction {pred.shape} and dense-tissue mask {dense.shape} must have "
+                         "one size; predictions must be at the image's original size")
+    dense = dense.astype(bool)
+    mask_density = metrics.mask_percent_density(dense, pred)
+    otsu, level = otsu_fgt(pixels, pred)
+    row = {"breast_pixels": int(((pred == labels.ADIPOSE) | (pred == labels.FGT)).sum()),
+           "percent_density_mask": mask_density}
+    breast = row["breast_pixels"]
+    for prefix, fgt in (("", pred == labels.FGT), ("otsu_", otsu)):
+        density = 100.0 * int(fgt.sum()) / breast if breast else float("nan")
+        row.update({f"{prefix}fgt_dice": metrics.binary_dice(fgt, dense),
+                    f"{prefix}fgt_intersection_pixels": int((fgt & dense).sum()),
+                    f"{prefix}fgt_pred_pixels": int(fgt.sum()), f"{prefix}fgt_truth_pixels": int(dense.sum()),
+                    f"{prefix}percent_density_pred": density,
+                    f"{prefix}density_abs_error": abs(density - mask_density)})
+    row["otsu_level"] = int(level)
+    return row
+
+
+def _spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; 0.0 for one value) over the finite values; NaN when none."""
+    array = np.array([v for v in values if math.isfinite(v)], float)
+    if array.size == 0:
+        return float("nan"), float("nan")
+    return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0
+
+
+def summarize_density(rows: list[dict]) -> dict:
+    """Set-level density figures of :func:`density_row` rows, for the model (``model``) and the Otsu baseline
+    (``otsu_baseline``): FGT Dice mean / sd over images and pooled, mean predicted density, mean absolute density
+    error (percentage points) and its sd, Pearson r of predicted vs mask density. Images without a predicted breast
+    (mask density undefined) are left out of the density figures (``density_images`` counts the rest)."""
+    if not rows:
+        return {"n_images": 0}
+    known = [r for r in rows if math.isfinite(r["percent_density_mask"])]
+    mask_density = [r["percent_density_mask"] for r in known]
+    out = {"n_images": len(rows), "density_images": len(known),
+           "percent_density_mask_mean": _spread(mask_density)[0]}
+    for name, prefix in (("model", ""), ("otsu_baseline", "otsu_")):
+        dice_mean, dice_std = _spread([r[f"{prefix}fgt_dice"] for r in rows])
+        error_mean, error_std = _spread([r[f"{prefix}density_abs_error"] for r in known])
+        sums = [sum(r[f"{prefix}fgt_{k}_pixels"] for r in rows) for k in ("intersection", "pred", "truth")]
+        out[name] = {"fgt_dice_mean": dice_mean, "fgt_dice_std": dice_std,
+                     "fgt_dice_pooled": float(metrics.dice_from_counts(*sums)),
+                     "percent_density_mean": _spread([r[f"{prefix}percent_density_pred"] for r in known])[0],
+                     "density_abs_error_mean": error_mean, "density_abs_error_std": error_std,
+                     "density_pearson_r": metrics.pearson_r([r[f"{prefix}percent_density_pred"] for r in known],
+                                                            mask_density)}
+    return out
+
+
+def evaluate_density(cases: list["Case"], predictor, skipped: list, progress=None) -> list[dict]:
+    """Density rows (``task`` "density") over ``cases`` (:func:`density_cases`); bad items go to ``skipped``."""
+    rows = []
+    for case in progress(cases) if progress else cases:
+        try:
+            pixels = imaging.read_image(case.image_path).pixels
+            dense = imaging.read_mask(case.truth_path, kind="binary").astype(bool)
+            if dense.shape != pixels.shape:
+                raise ValueError(f"mask {case.truth_path} is {dense.shape} but the image is {pixels.shape}")
+            row = density_row(pixels, predictor.tissue(case, pixels), dense)
+        except (OSError, ValueError, RuntimeError, imaging.ImageReadError) as error:
+            skipped.append({"task": "density", "image": case.image_path, "reason": f"{type(error).__name__}: {error}"})
+            continue
+        rows.append({"task": "density", "stem": case.stem, "group": case.group, "image_file_path": case.image_path,
+                     **row})
+    return rows
+
+
+def csaw_row(predicted: LesionPrediction, truth: np.ndarray, pectoral: np.ndarray | None, threshold: float,
+             match_iou: float, min_area_px: int) -> dict:
+    """Per-image CSAW-S metrics: :func:`lesion_row` against the cancer mask (with the ROI box fraction), and the
+    pectoral Dice (predicted class 3 vs the pectoral mask; NaN when ``pectoral`` is None or empty, i.e. a CC view)
+    with its counts. ``predicted.tissue_classes`` must be set."""
+    if predicted.tissue_classes is None:
+        raise ValueError("the prediction has no stage-1 tissue map (a predictions folder needs <stem>_tissue_seg.png)")
+    row = lesion_row(predicted.prob, truth, predicted.roi_box, threshold, match_iou, min_area_px,
+                     predicted.tissue_classes, predicted.roi_source)
+    pred = predicted.tissue_classes == labels.PECTORAL
+    scored = pectoral is not None and bool(pectoral.any())
+    row.update({"has_pectoral": scored,
+                "pectoral_dice": metrics.binary_dice(pred, pectoral) if scored else float("nan"),
+                "pectoral_intersection_pixels": int((pred & pectoral).sum()) if scored else 0,
+                "pectoral_pred_pixels": int(pred.sum()) if scored else 0,
+                "pectoral_truth_pixels": int(pectoral.sum()) if scored else 0})
+    return row
+
+
+def summarize_csaw(rows: list[dict]) -> dict:
+    """CSAW-S summary: patients, ``pectoral`` (Dice mean / sd over MLO images, pooled, and per image) and
+    ``lesion`` (:func:`summarize_lesion`, with ROI coverage and ROI box fraction)."""
+    if not rows:
+        return {"n_images": 0}
+    mlo = [r for r in rows if r["has_pectoral"]]
+    mean, std = _spread([r["pectoral_dice"] for r in mlo])
+    sums = [sum(r[f"pectoral_{k}_pixels"] for r in mlo) for k in ("intersection", "pred", "truth")]
+    return {"n_images": len(rows), "patients": sorted({r["patient"] for r in rows}),
+            "pectoral": {"n_images": len(mlo), "dice_mean": mean, "dice_std": std,
+                         "dice_pooled": float(metrics.dice_from_counts(*sums)) if mlo else float("nan"),
+                         "per_image": {r["stem"]: r["pectoral_dice"] for r in mlo}},
+            "lesion": summarize_lesion(rows)}
+
+
+def evaluate_csaw(cases: list["Case"], predictor, threshold: float, match_iou: float, min_area_px: int,
+                  skipped: list, progress=None) -> list[dict]:
+    """CSAW-S rows (``task`` "csaw") over ``cases`` (:func:`csaw_cases`); bad items go to ``skipped``."""
+    rows = []
+    for case in progress(cases) if progress else cases:
+        try:
+            pixels = imaging.read_image(case.image_path).pixels
+            truth = read_lesion_truth(case, pixels.shape)
+            pectoral = None
+            if case.pectoral_path:
+                pectoral = imaging.read_mask(case.pectoral_path, kind="binary").astype(bool)
+                if pectoral.shape != pixels.shape:
+                    raise ValueError(f"mask {case.pectoral_path} is {pectoral.shape} but the image is {pixels.shape}")
+            predicted = predictor.lesion(case, pixels)
+            row = csaw_row(predicted, truth, pectoral, threshold, match_iou, min_area_px)
+        except (OSError, ValueError, RuntimeError, imaging.ImageReadError) as error:
+            skipped.append({"task": "csaw", "image": case.image_path, "reason": f"{type(error).__name__}: {error}"})
+            continue
+        rows.append({"task": "csaw", "stem": case.stem, "group": case.group, "patient": case.patient,
+                     "image_file_path": case.image_path, **row})
+    return rows

@@ -30,6 +30,7 @@ import imaging  # noqa: E402
 from cascade import Cascade  # noqa: E402
 from checkpoints import load_checkpoint  # noqa: E402
 from labels import BACKGROUND  # noqa: E402
+from metrics import roi_box_fraction  # noqa: E402
 from roi import RoiRule, fgt_roi_box  # noqa: E402
 from sources.common import CDD_NAME  # noqa: E402
 
@@ -56,15 +57,6 @@ def _items(args: argparse.Namespace) -> list[tuple[str, Path, list[Path]]]:
             if mask.is_file():
                 items.append((name, image, [mask]))
     return items
-
-
-def box_fraction(box, classes: np.ndarray) -> float:
-    """ROI box area / area of the bounding box of the non-background pixels of ``classes`` (1.0 without breast)."""
-    rows, cols = np.flatnonzero((classes != BACKGROUND).any(1)), np.flatnonzero((classes != BACKGROUND).any(0))
-    if rows.size == 0:
-        return 1.0
-    breast_area = (rows[-1] + 1 - rows[0]) * (cols[-1] + 1 - cols[0])
-    return box.height * box.width / float(breast_area)
 
 
 def main() -> int:
@@ -98,7 +90,7 @@ def main() -> int:
         for name, _, classes, lesion in maps:
             box, source = fgt_roi_box(classes, rule=rule)
             inside, total = int(lesion[box.slices()].sum()), int(lesion.sum())
-            per_set.setdefault(name, []).append((inside, total, box_fraction(box, classes), source))
+            per_set.setdefault(name, []).append((inside, total, roi_box_fraction(box, classes != BACKGROUND), source))
         for name, got in per_set.items():
             inside, total, fraction, source = zip(*got)
             cover = np.array(inside) / np.array(total)
