@@ -162,3 +162,22 @@ def test_roi_rule_margins_specks_and_clipping():
     assert RoiRule.from_dict({"margin_fraction": 0.2, "min_side": 64, "crops_key": "x"}) == RoiRule(0.2)
     with pytest.raises(ValueError, match="breast_margin_fraction"):
         RoiRule(breast_margin_fraction=1.5)
+
+
+def test_validation_scores_only_labelled_pixels():
+    import distributed
+    import engine
+
+    class Fixed(torch.nn.Module):  # predicts class 2 (FGT) everywhere
+        def forward(self, images):
+            logits = torch.zeros(images.shape[0], 4, *images.shape[2:])
+            logits[:, 2] = 5.0
+            return logits
+
+    mask = torch.tensor([[[2, 2, 1, ADIPOSE_OR_FGT], [IGNORE, IGNORE, 2, 1]]])
+    loader = [{"image": torch.zeros(1, 1, 2, 4), "mask": mask}]
+    args = argparse.Namespace(amp=False, max_batches_per_epoch=0)
+    stats = engine.evaluate(Fixed(), TissueLoss(), loader, torch.device("cpu"), 4, args, distributed.DistContext())
+    # 5 labelled pixels: 3 FGT (all right), 2 adipose (called FGT): FGT Dice 2*3/(5+3), accuracy 3/5
+    assert stats["dice"][2] == pytest.approx(6 / 8) and stats["pixel_accuracy"] == pytest.approx(3 / 5)
+    assert stats["dice"][1] == pytest.approx(0.0)
