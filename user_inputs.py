@@ -44,7 +44,8 @@ def one_line(text: object) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 def describe(path: str | os.PathLike) -> str:
     """What is at ``path``, for messages: "missing", "a folder", "an empty file", "a PNG image", "a text file",
-    "a PyTorch checkpoint", "a zip archive", "a spreadsheet", "an ONNX model" or "a binary file"."""
+    "a PyTorch checkpoint", "a zip archive", "a spreadsheet", "an ONNX model", "a safetensors model file" or "a binary
+    file"."""
     path = Path(path)
     if not path.exists():
         return "missing"
@@ -73,6 +74,8 @@ def describe(path: str | os.PathLike) -> str:
         return "a zip archive"
     if path.suffix.lower() == ".onnx":
         return "an ONNX model"
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+        return "a safetensors model file"  # 8-byte little-endian header length, then the JSON header
     return "a text file" if imaging.looks_like_text(head) else "a binary file"
 
 
@@ -160,7 +163,7 @@ def checkpoint_file(path: str | os.PathLike, flag: str, stage: int, *, allow_onn
     """
     path = Path(path)
     wanted = advice or (f"pass the stage-{stage} checkpoint (best_stage{stage}.pth, written by "
-                        "cascade_segmentation_model.py)")
+                        f"cascade_segmentation_model.py, or weights/stage{stage}.safetensors)")
     if not path.exists():
         raise UserInputError(f"{flag} {path} does not exist; {wanted}")
     if path.is_dir():
