@@ -324,8 +324,9 @@ def _print_summary(summary: dict) -> None:
         header = ["", "FGT Dice mean", "sd", "pooled", "density %", "|error| pts", "Pearson r"]
         body = [[name, *(_number(density[key][k], digits) for k, digits in (
             ("fgt_dice_mean", 3), ("fgt_dice_std", 3), ("fgt_dice_pooled", 3), ("percent_density_mean", 1),
-            ("density_abs_error_mean", 1), ("density_pearson_r", 3)))] for name, key in (("model", "model"),
-                                                                           ("Otsu", "otsu_baseline"))]
+            ("density_abs_error_mean", 1), ("density_pearson_r", 3)))] for name, key in (
+                ("model FGT", "model"), ("model dense", "model_dense_pixels"), ("Otsu", "otsu_baseline"))
+                if key in density]
         body.append(["mask", "", "", "", _number(density["percent_density_mask_mean"], 1), "", ""])
         _print_table(f"density ({density['n_images']} images, {density['density_images']} with a predicted breast)",
                      header, body)

@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 
 from fileio import atomic_write_bytes
-from labels import PARTIAL_LABEL_VALUES
+from labels import FGT, PARTIAL_LABEL_VALUES
 
 __all__ = [
     "DEFAULT_PREPROCESS",
@@ -849,6 +849,33 @@ def otsu_level(histogram: np.ndarray) -> int:
         between = (mu_total * omega - mu) ** 2 / (omega * (1.0 - omega))
     between[~np.isfinite(between)] = -1.0
     return int(np.argmax(between))
+
+
+def dense_tissue(image8: np.ndarray, tissue_classes: np.ndarray) -> np.ndarray:
+    """Dense (fibroglandular) pixels: the FGT-region pixels brighter than Otsu's level of the FGT region.
+
+    Stage 1's FGT class is a *region*, as the DDSM tissue labels it learned from draw it (Tiryaki & Kaplanoglu 2022:
+    outlines around the glandular tissue, fat strands included). Percent density as radiologists' dense-tissue masks
+    and area-based tools measure it counts dense *pixels* (VinDr-Mammo's expert masks; LIBRA, Keller et al., Med Phys
+    2012, clusters breast pixels by intensity). This splits the region into its two intensity classes with Otsu's
+    method (:func:`otsu_level`, no parameter to tune) and keeps the brighter one. It assumes fat inside the region;
+    an extremely dense region is split too, so its density is underestimated.
+
+    Args:
+        image8: ``(H, W)`` uint8, the network's view of the image (:func:`preprocess`'s ``image``, in the same
+            orientation as ``tissue_classes``).
+        tissue_classes: ``(H, W)`` integer class map (2 = FGT).
+
+    Returns:
+        ``(H, W)`` bool; all False when no FGT is predicted.
+    """
+    if image8.shape != tissue_classes.shape:
+        raise ValueError(f"image {image8.shape} and tissue map {tissue_classes.shape} differ in size")
+    region = tissue_classes == FGT
+    if not region.any():
+        return region
+    level = otsu_level(np.bincount(image8[region], minlength=256))
+    return region & (image8 > level)
 
 
 def breast_threshold(image8: np.ndarray) -> int:

@@ -98,6 +98,8 @@ CONVENTIONS = {
                     "density = mask pixels / predicted adipose + FGT pixels (the breast outline is not annotated; as "
                     "in ../shared/FINDINGS.md); error = |predicted - mask| in percentage points; Pearson r over "
                     "images; 'pooled' Dice from summed counts"),
+    "dense_pixels": ("model dense = the dense pixels of the predicted FGT region (imaging.dense_tissue: FGT-region "
+                     "pixels of the preprocessed image above Otsu's level of the region), scored like the FGT class"),
     "otsu_baseline": ("FGT = predicted breast pixels (adipose + FGT) whose 8-bit intensity is above Otsu's level "
                       "(imaging.otsu_level) computed on the predicted breast pixels only; scored like the model"),
     "pectoral_dice": ("binary Dice of the predicted pectoral class against the CSAW-S pectoral_muscle mask, only on "
@@ -321,6 +323,7 @@ class CascadePredictions:
                                        tta=tta, adaptive_clahe=adaptive_clahe, stage1_name=str(stage1_weights),
                                        stage2_name=str(stage2_weights) if stage2_weights else None)
         self.seconds: list[float] = []
+        self.preprocess_config = self.cascade.preprocess_config  # the image the network sees (dense-tissue split)
 
     def tissue(self, case: Case, pixels: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
@@ -684,11 +687,13 @@ def otsu_fgt(pixels: np.ndarray, tissue_classes: np.ndarray) -> tuple[np.ndarray
     return breast & (image8 > level), level
 
 
-def density_row(pixels: np.ndarray, pred: np.ndarray, dense: np.ndarray) -> dict:
-    """Per-image density metrics of the model's tissue map ``pred`` and of the :func:`otsu_fgt` baseline.
+def density_row(pixels: np.ndarray, pred: np.ndarray, dense: np.ndarray, image8: np.ndarray | None = None) -> dict:
+    """Per-image density metrics of the model's tissue map ``pred`` (its FGT region, and with ``image8`` the dense
+    pixels of that region, :func:`imaging.dense_tissue`, prefixed ``dense_``) and of the :func:`otsu_fgt` baseline.
 
     Args:
-        pixels: ``(H, W)`` image as read; pred: ``(H, W)`` class map 0..3; dense: ``(H, W)`` bool dense-tissue mask.
+        pixels: ``(H, W)`` image as read; pred: ``(H, W)`` class map 0..3; dense: ``(H, W)`` bool dense-tissue mask;
+        image8: ``(H, W)`` uint8 preprocessed image in ``pred``'s orientation (None: no ``dense_`` figures).
 
     Returns:
         dict: ``fgt_dice`` and its counts (``fgt_intersection_pixels``, ``fgt_pred_pixels``, ``fgt_truth_pixels``),
@@ -708,7 +713,10 @@ def density_row(pixels: np.ndarray, pred: np.ndarray, dense: np.ndarray) -> dict
     row = {"breast_pixels": int(((pred == labels.ADIPOSE) | (pred == labels.FGT)).sum()),
            "percent_density_mask": mask_density}
     breast = row["breast_pixels"]
-    for prefix, fgt in (("", pred == labels.FGT), ("otsu_", otsu)):
+    variants = [("", pred == labels.FGT), ("otsu_", otsu)]
+    if image8 is not None:
+        variants.append(("dense_", imaging.dense_tissue(image8, pred)))
+    for prefix, fgt in variants:
         density = 100.0 * int(fgt.sum()) / breast if breast else float("nan")
         row.update({f"{prefix}fgt_dice": metrics.binary_dice(fgt, dense),
                     f"{prefix}fgt_intersection_pixels": int((fgt & dense).sum()),
@@ -738,7 +746,9 @@ def summarize_density(rows: list[dict]) -> dict:
     mask_density = [r["percent_density_mask"] for r in known]
     out = {"n_images": len(rows), "density_images": len(known),
            "percent_density_mask_mean": _spread(mask_density)[0]}
-    for name, prefix in (("model", ""), ("otsu_baseline", "otsu_")):
+    variants = [("model", ""), ("otsu_baseline", "otsu_")] + (
+        [("model_dense_pixels", "dense_")] if all("dense_fgt_dice" in r for r in rows) else [])
+    for name, prefix in variants:
         dice_mean, dice_std = _spread([r[f"{prefix}fgt_dice"] for r in rows])
         error_mean, error_std = _spread([r[f"{prefix}density_abs_error"] for r in known])
         sums = [sum(r[f"{prefix}fgt_{k}_pixels"] for r in rows) for k in ("intersection", "pred", "truth")]
@@ -760,7 +770,9 @@ def evaluate_density(cases: list["Case"], predictor, skipped: list, progress=Non
             dense = imaging.read_mask(case.truth_path, kind="binary").astype(bool)
             if dense.shape != pixels.shape:
                 raise ValueError(f"mask {case.truth_path} is {dense.shape} but the image is {pixels.shape}")
-            row = density_row(pixels, predictor.tissue(case, pixels), dense)
+            pred = predictor.tissue(case, pixels)
+            pre = imaging.preprocess(pixels, getattr(predictor, "preprocess_config", None) or imaging.DEFAULT_PREPROCESS)
+            row = density_row(pixels, pred, dense, imaging.unflip(pre.image, pre.flipped))
         except (OSError, ValueError, RuntimeError, imaging.ImageReadError) as error:
             skipped.append({"task": "density", "image": case.image_path, "reason": f"{type(error).__name__}: {error}"})
             continue

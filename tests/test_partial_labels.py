@@ -181,3 +181,14 @@ def test_validation_scores_only_labelled_pixels():
     # 5 labelled pixels: 3 FGT (all right), 2 adipose (called FGT): FGT Dice 2*3/(5+3), accuracy 3/5
     assert stats["dice"][2] == pytest.approx(6 / 8) and stats["pixel_accuracy"] == pytest.approx(3 / 5)
     assert stats["dice"][1] == pytest.approx(0.0)
+
+
+def test_dense_tissue_keeps_the_bright_half_of_the_fgt_region():
+    classes = np.zeros((4, 6), np.uint8)
+    classes[:, 1:5] = 2  # FGT region: columns 1..4
+    classes[:, 5] = 1
+    image = np.full((4, 6), 250, np.uint8)  # bright outside the region: must not count
+    image[:, 1:3], image[:, 3:5] = 100, 200
+    dense = imaging.dense_tissue(image, classes)
+    assert dense[:, 3:5].all() and dense.sum() == 8  # the 200s; the 100s are fat inside the region
+    assert not imaging.dense_tissue(image, np.ones((4, 6), np.uint8)).any()  # no FGT, no dense pixel
