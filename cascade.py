@@ -178,6 +178,8 @@ class CascadeResult:
         flipped: whether preprocessing mirrored the image (undone on every output here).
         adaptive_clahe_used: whether the stronger CLAHE result was kept.
         timings_s: seconds per step (``preprocess``, ``stage1``, ``stage2``).
+        dense_tissue: ``(H, W)`` bool, the dense pixels of the FGT region (``imaging.dense_tissue``); None when not
+            computed.
     """
 
     tissue_classes: np.ndarray
@@ -188,6 +190,7 @@ class CascadeResult:
     flipped: bool
     adaptive_clahe_used: bool
     timings_s: dict = field(default_factory=dict)
+    dense_tissue: np.ndarray | None = None
 
     @property
     def fgt_mask(self) -> np.ndarray:
@@ -309,6 +312,7 @@ class Cascade:
                 flipped=f.flipped,
                 adaptive_clahe_used=f.adaptive_clahe_used,
                 timings_s={**f.timings_s, "stage2": stage2_s},
+                dense_tissue=imaging.unflip(imaging.dense_tissue(f.image, f.tissue_classes), f.flipped),
             ))
         return results
 

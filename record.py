@@ -56,6 +56,12 @@ DENSITY_SOURCE = (
     "Categories from the quartiles of the ACR BI-RADS Atlas, 4th edition (2003): A <= 25 %, B 25-50 %, C 50-75 %, "
     "D > 75 % (upper bounds inclusive; metrics.DENSITY_THRESHOLDS_PERCENT)."
 )
+DENSE_SOURCE = (
+    "dense_percent = dense pixels / breast pixels x 100, dense pixels = the pixels of the FGT region above Otsu's "
+    "level of that region (imaging.dense_tissue): the FGT class is a region with fat strands inside, as the DDSM "
+    "tissue labels draw it; dense-tissue masks of digital mammograms (VinDr-Mammo) mark the dense pixels themselves. "
+    "Closer to those masks on digital mammograms (RESULTS.md)."
+)
 DENSITY_CAVEAT = (
     "An automatic 2-D area estimate from the segmentation, not a radiologist's BI-RADS density assessment "
     "(the BI-RADS 5th edition, 2013, no longer defines categories by percentage)."
@@ -80,7 +86,7 @@ RECORD_SPEC: dict[str, Any] = {
     "roi": {"box": _BOX_SPEC, "source": str, "margin_fraction": _FLOAT, "min_side_px": int, "explanation": str},
     "tissue": {"class_names": list, "areas_px": dict, "areas_mm2": (dict, _NoneType), "confidence": _FLOAT},
     "density": {"percent": _FLOAT, "category": str, "category_description": str, "thresholds_percent": list,
-                "definition_and_source": str, "caveat": str},
+                "definition_and_source": str, "caveat": str, "dense_percent": (float, int, _NoneType), "dense_definition": str},
     "lesions": {"threshold": _FLOAT, "connectivity": int, "min_area_px": int, "count": int, "listed": int,
                 "max_probability": _FLOAT, "total_area_px": int, "total_area_mm2": (float, int, _NoneType),
                 "components": list},
@@ -127,13 +133,22 @@ def tissue_summary(tissue_classes: np.ndarray, spacing_mm=None) -> dict:
             "areas_mm2": None if pixel_mm2 is None else {k: round(v * pixel_mm2, 3) for k, v in areas.items()}}
 
 
-def density_summary(tissue_classes: np.ndarray) -> dict:
-    """Percent density of a class map, its category and where both come from (see :data:`DENSITY_SOURCE`)."""
+def density_summary(tissue_classes: np.ndarray, dense: np.ndarray | None = None) -> dict:
+    """Percent density of a class map, its category and where both come from (see :data:`DENSITY_SOURCE`); with
+    ``dense`` (``(H, W)`` bool, ``imaging.dense_tissue``) also ``dense_percent``: dense pixels / (adipose + FGT)
+    pixels, in % (None without ``dense``), with its definition."""
     percent = float(metrics.percent_density(tissue_classes, labels.ADIPOSE, labels.FGT))
     category = metrics.density_category(percent)
-    return {"percent": round(percent, 3), "category": category, "category_description": DENSITY_DESCRIPTIONS[category],
-            "thresholds_percent": list(metrics.DENSITY_THRESHOLDS_PERCENT), "definition_and_source": DENSITY_SOURCE,
-            "caveat": DENSITY_CAVEAT}
+    summary = {"percent": round(percent, 3), "category": category,
+               "category_description": DENSITY_DESCRIPTIONS[category],
+               "thresholds_percent": list(metrics.DENSITY_THRESHOLDS_PERCENT), "definition_and_source": DENSITY_SOURCE,
+               "caveat": DENSITY_CAVEAT}
+    summary["dense_percent"] = None
+    if dense is not None:
+        breast = int(np.count_nonzero((tissue_classes == labels.ADIPOSE) | (tissue_classes == labels.FGT)))
+        summary["dense_percent"] = round(100.0 * int(np.count_nonzero(dense)) / breast, 3) if breast else 0.0
+    summary["dense_definition"] = DENSE_SOURCE
+    return summary
 
 
 def lesion_components(prob: np.ndarray, threshold: float = 0.5, spacing_mm=None, min_area_px: int = 1,
@@ -282,7 +297,7 @@ def build_prediction(loaded: LoadedCascade, path: Path, image: imaging.Mammogram
                 "explanation": roi_explanation(result.roi_source, model.roi_rule)},
         "tissue": {"class_names": list(labels.TISSUE_CLASS_NAMES), **tissue_summary(result.tissue_classes, spacing),
                    "confidence": round(float(result.tissue_confidence), 4)},
-        "density": density_summary(result.tissue_classes),
+        "density": density_summary(result.tissue_classes, result.dense_tissue),
         "lesions": lesion_components(result.lesion_prob, threshold, spacing, min_area_px, box=result.roi_box),
         "preprocessing": {"config": dict(model.preprocess_config), "adaptive_clahe": model.adaptive_clahe,
                           "adaptive_clahe_used": bool(result.adaptive_clahe_used), "tta": bool(model.tta)},
@@ -347,6 +362,8 @@ def validate_record(record: dict) -> list[str]:
     problems: list[str] = []
     if record.get("schema_version") == 1 and isinstance(record.get("outputs"), dict):  # written before dicom_seg
         record = {**record, "outputs": {"dicom_seg": None, **record["outputs"]}}
+    if isinstance(record.get("density"), dict) and "dense_percent" not in record["density"]:  # written before it
+        record = {**record, "density": {**record["density"], "dense_percent": None, "dense_definition": ""}}
     _check(record, RECORD_SPEC, "record", problems)
     if problems:
         return problems

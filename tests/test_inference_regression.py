@@ -16,6 +16,8 @@ settings chosen by measurement (the FGT masks' and probability maps' bytes, not 
 ``<stem>_tissue_seg_color.png`` written only with ``--color-map`` (8 files and 8 ``outputs`` entries gone); every
 other JSON value, the lesion components included, stayed the same. Then the corrupt file's reason (4 cells and
 entries): a PNG without its IEND chunk is now reported as truncated before OpenCV is asked to decode it.
+Issue 12: each record's ``density`` gained ``dense_percent`` and ``dense_definition`` (the dense pixels of the FGT
+region, ``imaging.dense_tissue``): 16 new keys, nothing else changed.
 
 The networks are untrained and seeded (ResNet18 encoder, stage 1 at 128x64, stage 2 at 64x64), so the values are
 arbitrary but fully determined; the run uses two threads, as CI does.
