@@ -51,7 +51,7 @@ def main() -> int:
     cases = scoring.lesion_cases(None, args.lesion_csv, args.split)
     scored = []
     for case in cases:
-        pixels = imaging.read_image(case.image).pixels
+        pixels = imaging.read_image(case.image_path).pixels
         predicted = predictor.lesion(case, pixels)
         scored.append((predicted, scoring.read_lesion_truth(case, pixels.shape)))
     grid = []

@@ -327,8 +327,7 @@ def test_export_script(checkpoint_dir, tmp_path, capsys):
 def test_shipped_weights_load_and_carry_their_metadata():
     folder = model_files.DEFAULT_WEIGHTS_DIR
     paths = {stage: folder / name for stage, name in model_files.DEFAULT_WEIGHTS_NAMES.items()}
-    if not all(path.is_file() for path in paths.values()):
-        pytest.skip("weights/ not shipped yet")
+    assert all(path.is_file() for path in paths.values()), f"the shipped model is missing from {folder}"
     assert sum(path.stat().st_size for path in paths.values()) <= export_script.SIZE_TARGET_BYTES
     names = {1: list(labels.TISSUE_CLASS_NAMES), 2: list(labels.LESION_CLASS_NAMES)}
     for stage, path in paths.items():
@@ -343,3 +342,19 @@ def test_shipped_weights_load_and_carry_their_metadata():
         if stage == 2:
             assert 0 < checkpoint["lesion_threshold"] <= 1
         checkpoints.model_from_checkpoint(checkpoint)
+
+
+def test_the_shipped_model_finds_fgt_on_a_full_field_image(shared_data, tmp_path, monkeypatch, capsys):
+    """The acceptance of issue 12: no weights flag, a 16-bit full-field digital mammogram, an FGT ROI."""
+    monkeypatch.delenv(model_files.WEIGHTS_DIR_ENV, raising=False)
+    out = tmp_path / "pred"
+    argv = ["--image", str(shared_data / "nyu_16bit" / "images" / "0_R-CC.png"), "--output-dir", str(out),
+            "--no-visualization"]
+    assert ci.main(ci.get_args_parser().parse_args(argv)) == 0
+    assert capsys.readouterr().out.count("using the shipped default model") == 2
+    record = json.loads((out / "0_R-CC.json").read_text(encoding="utf-8"))
+    assert record["roi"]["source"] == "fgt" and record["tissue"]["areas_px"]["fgt"] > 0
+    assert record["checkpoints"]["stage1"]["path"] == str(model_files.DEFAULT_WEIGHTS_DIR.joinpath(
+        model_files.DEFAULT_WEIGHTS_NAMES[1]).resolve())
+    assert record["lesions"]["threshold"] == model_files.read_settings(
+        model_files.DEFAULT_WEIGHTS_DIR / model_files.DEFAULT_WEIGHTS_NAMES[2], 2)["lesion_threshold"]
