@@ -198,9 +198,10 @@ def test_cascade_mode_torch_and_onnxruntime_agree(tissue_dir, lesion_dir, tmp_pa
     assert again["tissue"]["mean"]["dice_4channel"] == pytest.approx(by_torch["tissue"]["mean"]["dice_4channel"], abs=1e-4)
 
 
-def test_usage_errors(tissue_dir, tmp_path):
+def test_usage_errors(tissue_dir, tmp_path, monkeypatch):
     out = str(tmp_path / "out")
-    assert _run(["--tissue-dir", str(tissue_dir), "--output-dir", out]) == 2  # no predictions
+    monkeypatch.setenv("MAMMO_WEIGHTS_DIR", str(tmp_path / "no_weights"))  # no shipped model there
+    assert _run(["--tissue-dir", str(tissue_dir), "--output-dir", out]) == 2  # no predictions, no model
     assert _run(["--tissue-dir", str(tissue_dir), "--predictions-dir", out, "--stage1-weights", "x.pth",
                  "--output-dir", out]) == 2
     assert _run(["--predictions-dir", out, "--output-dir", out]) == 2  # no ground truth
