@@ -21,6 +21,16 @@ region, ``imaging.dense_tissue``): 16 new keys, nothing else changed.
 
 The networks are untrained and seeded (ResNet18 encoder, stage 1 at 128x64, stage 2 at 64x64), so the values are
 arbitrary but fully determined; the run uses two threads, as CI does.
+
+Class maps, masks, JSON values and CSV rows are compared exactly (PNGs byte for byte). The PNGs made from floating
+point probabilities (``<stem>_cancer_prob.png`` and ``<stem>_visualization.png``, whose heat map blends them) are
+compared by value instead: their shape, dtype and a 16x16 grid of block means per channel, each within 1e-4 of the
+file's full scale. PyTorch picks its CPU kernels by instruction set, so the last bits of a probability differ between
+machines. The fixture first held hashes of those files too; on an AVX2 machine (the fixture was made on another) all 12
+differed, by one quantisation step at 0.0003 % to 0.5 % of the pixels (measured against ATen's portable kernels on the
+same machine), while every class map, mask and JSON value matched; those 12 entries became grids, every other entry
+is as recorded. ATen's portable kernels (``ATEN_CPU_CAPABILITY=default``, never CI's choice on x86-64) also move one
+lesion pixel of 4.5 million across the threshold, so the exact comparisons hold for vectorised CPU kernels only.
 """
 
 from __future__ import annotations
@@ -32,6 +42,8 @@ import os
 import shutil
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import torch
 
@@ -104,11 +116,42 @@ def _stable(value, root: str):
     return value
 
 
+#: Outputs made from floating point probabilities, compared by value (see the module docstring).
+FLOAT_DERIVED_SUFFIXES = ("_cancer_prob.png", "_visualization.png")
+GRID = 16  # blocks per side of the fingerprint grid
+VALUE_TOLERANCE = 1e-4  # of the file's full scale (255 or 65535), per block mean
+
+
+def _value_fingerprint(path: Path) -> dict:
+    """Shape, dtype and the ``GRID x GRID`` block means (per channel, in the file's own units, rounded to 4 decimals)
+    of the PNG at ``path``."""
+    pixels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert pixels is not None, path
+    values = pixels.astype(np.float64).reshape(pixels.shape[0], pixels.shape[1], -1)
+    rows = np.array_split(np.arange(values.shape[0]), GRID)
+    cols = np.array_split(np.arange(values.shape[1]), GRID)
+    means = [[values[r[0]:r[-1] + 1, c[0]:c[-1] + 1].mean(axis=(0, 1)).round(4).tolist() for c in cols] for r in rows]
+    return {"shape": list(pixels.shape), "dtype": str(pixels.dtype), "block_means": means}
+
+
+def _same_values(got: dict, want: dict) -> bool:
+    """Whether two :func:`_value_fingerprint` results agree: same shape and dtype, block means within
+    ``VALUE_TOLERANCE`` of full scale."""
+    if got["shape"] != want["shape"] or got["dtype"] != want["dtype"]:
+        return False
+    full_scale = float(np.iinfo(np.dtype(want["dtype"])).max)
+    difference = np.abs(np.asarray(got["block_means"]) - np.asarray(want["block_means"]))
+    return bool(difference.max() <= VALUE_TOLERANCE * full_scale)
+
+
 def _digest(out_dir: Path, root: Path) -> dict:
-    """Every output of a folder run: PNG hashes, JSON values, CSV rows (volatile columns left out)."""
+    """Every output of a folder run: PNG hashes (value fingerprints for the float-derived ones), JSON values, CSV rows
+    (volatile columns left out)."""
     digest: dict = {"files": sorted(p.name for p in out_dir.iterdir())}
     for path in sorted(out_dir.iterdir()):
-        if path.suffix == ".png":
+        if path.name.endswith(FLOAT_DERIVED_SUFFIXES):
+            digest[path.name] = _value_fingerprint(path)
+        elif path.suffix == ".png":
             digest[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
         elif path.suffix == ".json":
             digest[path.name] = _stable(json.loads(path.read_text(encoding="utf-8")), str(root))
@@ -151,4 +194,7 @@ def test_folder_inference_matches_recorded_outputs(shared_data, tmp_path):
         got, want = digests[run], expected[run]
         assert got["files"] == want["files"], run
         for name in want:
-            assert got[name] == want[name], f"{run}: {name} differs from the recorded output"
+            if name.endswith(FLOAT_DERIVED_SUFFIXES):
+                assert _same_values(got[name], want[name]), f"{run}: {name}'s values differ from the recorded output"
+            else:
+                assert got[name] == want[name], f"{run}: {name} differs from the recorded output"
