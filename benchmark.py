@@ -34,10 +34,12 @@ One run measures, on the CPU, with all cores this process may use (``--threads``
 Every timing is the median of ``--repeats`` runs after ``--warmup`` runs (training: the median step time over
 ``--train-steps`` steps after one warm-up step; folder throughput: the median over ``--folder-repeats`` rounds after
 one untimed round). The table is printed and everything is written to ``--output`` as JSON, with the targets of
-the project issue and whether each was met. Stage checkpoints come from ``--stage1-weights`` / ``--stage2-weights``
-or are untrained models at ``--stage1-size`` / ``--stage2-size`` (default 512 x 512 and 384 x 384, the training
-script's defaults; ``--stage1-size 512 256 --stage2-size 256 256`` gives the README's real-data run); the JSON says
-which (speed does not depend on the weights).
+the project issue and whether each was met. Stage checkpoints come from ``--stage1-weights`` / ``--stage2-weights``;
+without them, the shipped default model (``weights/stageN.safetensors``, ``model_files.default_weights``: what
+``cascade_inference.py`` runs when given no weights), or, with ``--quick``, with ``--stage1-size`` / ``--stage2-size``
+or where no shipped model exists, untrained models at those sizes (default 512 x 512 and 384 x 384, the training
+script's defaults; ``--stage1-size 512 256 --stage2-size 256 256`` gives the README's real-data run). The JSON says
+which (speed does not depend on the weights, only on the network sizes).
 
 Other processes on the machine slow every figure down; the JSON records the load average before and after.
 ``--quick`` runs everything at tiny sizes once (for the tests; its numbers mean nothing).
@@ -57,6 +59,7 @@ import torch
 import cli
 import fileio
 import imaging
+import model_files
 import onnx_export
 import runners
 import speed
@@ -76,12 +79,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                              "else a synthetic 16-bit image)")
     parser.add_argument("--large-size", type=int, nargs=2, default=list(speed.LARGE_SIZE), metavar=("H", "W"),
                         help="size of the synthetic 16-bit image of the memory test, pixels (default: %(default)s)")
-    parser.add_argument("--stage1-weights", type=str, default=None, help="stage-1 checkpoint (default: untrained, 512 x 512)")
-    parser.add_argument("--stage2-weights", type=str, default=None, help="stage-2 checkpoint (default: untrained, 384 x 384)")
-    parser.add_argument("--stage1-size", type=int, nargs=2, default=list(speed.DEFAULT_STAGE1_SIZE), metavar=("H", "W"),
-                        help="network size of the untrained stage 1 when no weights are given, pixels (default: %(default)s)")
-    parser.add_argument("--stage2-size", type=int, nargs=2, default=list(speed.DEFAULT_STAGE2_SIZE), metavar=("H", "W"),
-                        help="network size of the untrained stage 2 when no weights are given, pixels (default: %(default)s)")
+    parser.add_argument("--stage1-weights", type=str, default=None,
+                        help="stage-1 checkpoint or model file (default: the shipped model, else untrained)")
+    parser.add_argument("--stage2-weights", type=str, default=None,
+                        help="stage-2 checkpoint or model file (default: the shipped model, else untrained)")
+    parser.add_argument("--stage1-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                        help="measure an untrained stage 1 of this network size, pixels, instead of the shipped model "
+                             f"(default without a shipped model: {list(speed.DEFAULT_STAGE1_SIZE)})")
+    parser.add_argument("--stage2-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                        help="measure an untrained stage 2 of this network size, pixels, instead of the shipped model "
+                             f"(default without a shipped model: {list(speed.DEFAULT_STAGE2_SIZE)})")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per measurement (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per measurement (default: %(default)s)")
     parser.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n fp32 matmul (default: %(default)s)")
@@ -108,6 +115,19 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="leave out the folder-throughput test and the ONNX Runtime whole-process memory test")
     return parser
 
+
+def stage_weights(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """The model file each stage is measured with: ``--stageN-weights``; else the shipped model
+    (``model_files.default_weights``) when it exists and neither ``--quick`` nor ``--stageN-size`` asks for an
+    untrained network; else None (an untrained network, ``speed.prepare_stages``)."""
+    chosen = []
+    for stage in (1, 2):
+        given, size = getattr(args, f"stage{stage}_weights"), getattr(args, f"stage{stage}_size")
+        shipped = model_files.default_weights(stage)
+        if not given and not args.quick and size is None and shipped.is_file():
+            given = str(shipped)
+        chosen.append(given)
+    return chosen[0], chosen[1]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -155,7 +175,8 @@ def main(args: argparse.Namespace) -> int:
         work = Path(folder)
         try:
             paths, stage_checkpoints, results["stages"] = speed.prepare_stages(
-                (args.stage1_weights, args.stage2_weights), (args.stage1_size, args.stage2_size), work, quick)
+                stage_weights(args), (args.stage1_size or speed.DEFAULT_STAGE1_SIZE,
+                                      args.stage2_size or speed.DEFAULT_STAGE2_SIZE), work, quick)
         except (FileNotFoundError, ValueError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

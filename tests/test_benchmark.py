@@ -148,3 +148,16 @@ def test_folder_targets_and_table():
     assert throughput.summarize({"folder_throughput": folder})["folder_over_plain"]["met"] is False
     # --skip-folder: no section, no targets, no lines
     assert throughput.summarize({}) == {} and throughput.table_lines({}) == []
+
+
+def test_stages_default_to_the_shipped_model(tmp_path, monkeypatch):
+    """Without weights the benchmark measures what cascade_inference.py runs: the shipped model files; --quick,
+    --stageN-size or a missing shipped file give an untrained network (None) for that stage only."""
+    (tmp_path / "stage1.safetensors").write_bytes(b"x")  # only its existence is looked at here
+    monkeypatch.setenv("MAMMO_WEIGHTS_DIR", str(tmp_path))
+    parse = benchmark.get_args_parser().parse_args
+    assert benchmark.stage_weights(parse([])) == (str(tmp_path / "stage1.safetensors"), None)
+    assert benchmark.stage_weights(parse(["--quick"])) == (None, None)
+    assert benchmark.stage_weights(parse(["--stage1-size", "256", "128"])) == (None, None)
+    assert benchmark.stage_weights(parse(["--stage2-weights", "given.pth"])) == (str(tmp_path / "stage1.safetensors"),
+                                                                                 "given.pth")
