@@ -1,4 +1,5 @@
-"""Class indices and names of both stages: the one place they are defined.
+"""Class indices and names of both stages, and the mask names of the CSAW-S label files: the one place they are
+defined.
 
 Stage 1 (tissue) follows the DDSM tissue-label set of Tiryaki & Kaplanoglu (IRBM 2022), whose label intensities
 64 / 128 / 192 / 255 map to classes 0..3 (see ``imaging.TISSUE_LABEL_VALUES`` and ``../shared/data/README.md``).
@@ -6,6 +7,8 @@ Stage 2 (lesion) has one foreground class; its network outputs one logit per pix
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 #: Stage-1 class indices (index = class id in every tissue map of the suite).
 BACKGROUND, ADIPOSE, FGT, PECTORAL = 0, 1, 2, 3
@@ -24,3 +27,19 @@ ADIPOSE_OR_FGT = 4
 IGNORE = 255
 #: Label-file intensities of the partial codes (beside the DDSM intensities 64/128/192/255 of classes 0..3).
 PARTIAL_LABEL_VALUES: dict[int, int] = {160: ADIPOSE_OR_FGT, 32: IGNORE}
+
+#: Mask names of CSAW-S (Matsoukas et al. 2020; the dataset's label files, ``../shared/data/README.md``): one 0/255 PNG
+#: per image and name, ``masks/<image stem>_<name>.png`` (:func:`csaw_mask_path`).
+CSAW_MASKS: tuple[str, ...] = ("pectoral_muscle", "mammary_gland", "cancer", "nipple", "text")
+
+
+def csaw_mask_path(masks_dir: str | Path, image_stem: str, name: str) -> Path:
+    """The CSAW-S mask file ``name`` (one of :data:`CSAW_MASKS`) of the image ``image_stem`` in ``masks_dir``; it may
+    not exist (callers decide what a missing mask means).
+
+    Raises:
+        ValueError: ``name`` is not one of :data:`CSAW_MASKS`.
+    """
+    if name not in CSAW_MASKS:
+        raise ValueError(f"unknown CSAW-S mask name {name!r}; expected one of {CSAW_MASKS}")
+    return Path(masks_dir) / f"{image_stem}_{name}.png"

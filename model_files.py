@@ -95,10 +95,20 @@ class WeightsFileError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------------ reading
+def starts_like_safetensors(head: bytes, size: int) -> bool:
+    """Whether a file of ``size`` bytes whose first bytes are ``head`` (at least 9 of them) starts like a safetensors
+    file: an 8-byte little-endian header length that fits in the file, then ``{`` (the safetensors format: header
+    length, JSON header, tensor data)."""
+    if len(head) < 9:
+        return False
+    length = int.from_bytes(head[:8], "little")
+    return 2 <= length <= min(_MAX_HEADER_BYTES, size - 8) and head[8:9] == b"{"
+
+
 def is_weights_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` is to be read as a model file: its suffix is ``.safetensors`` (any case), or it starts like
-    one (an 8-byte little-endian header length that fits in the file, then ``{``). False for a missing or unreadable
-    file, a zip-based ``.pth`` checkpoint and an ONNX model."""
+    one (:func:`starts_like_safetensors`). False for a missing or unreadable file, a zip-based ``.pth`` checkpoint
+    and an ONNX model."""
     path = Path(path)
     if path.suffix.lower() == WEIGHTS_SUFFIX:
         return True
@@ -108,10 +118,7 @@ def is_weights_file(path: str | os.PathLike) -> bool:
         size = os.path.getsize(path)
     except OSError:
         return False
-    if len(head) < 9:
-        return False
-    length = int.from_bytes(head[:8], "little")
-    return 2 <= length <= min(_MAX_HEADER_BYTES, size - 8) and head[8:9] == b"{"
+    return starts_like_safetensors(head, size)
 
 
 def _fix(path: Path) -> str:

@@ -600,11 +600,19 @@ def _image_files(folder: Path) -> list[Path]:
                   and p.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".pgm"))
 
 
-def _layout_folder(folder: str, flag: str, advice: str) -> Path:
+def _layout_images(folder: str, flag: str, advice: str) -> tuple[Path, list[Path]]:
+    """The root of an ``images/`` + ``masks/`` folder given as ``flag`` and its images, sorted by name.
+
+    Raises:
+        FileNotFoundError: the folder, either sub-folder or any image is missing (the message ends with ``advice``).
+    """
     root = user_inputs.input_folder(folder, flag, advice)
     if not (root / "images").is_dir() or not (root / "masks").is_dir():
         raise FileNotFoundError(f"{flag} {root}: expected images/ and masks/ inside it; {advice}")
-    return root
+    images = _image_files(root / "images")
+    if not images:
+        raise FileNotFoundError(f"{flag} {root}: no images in {root / 'images'}; {advice}")
+    return root, images
 
 
 def density_cases(density_dir: str | None) -> list["Case"]:
@@ -616,12 +624,9 @@ def density_cases(density_dir: str | None) -> list["Case"]:
     """
     if not density_dir:
         return []
-    root = _layout_folder(density_dir, "--density-dir", "pass a folder of images/<n>.jpg and masks/<n>.jpg "
-                          "dense-tissue masks (../shared/data/vindr_density_dev)")
+    root, images = _layout_images(density_dir, "--density-dir", "pass a folder of images/<n>.jpg and masks/<n>.jpg "
+                                  "dense-tissue masks (../shared/data/vindr_density_dev)")
     masks = {p.stem: p for p in _image_files(root / "masks")}
-    images = _image_files(root / "images")
-    if not images:
-        raise FileNotFoundError(f"--density-dir {root}: no images in {root / 'images'}")
     missing = [p.name for p in images if p.stem not in masks]
     if missing:
         raise FileNotFoundError(f"--density-dir {root}: no mask masks/<stem>.* for {missing[:5]}; every image needs "
@@ -642,16 +647,15 @@ def csaw_cases(csaw_dir: str | None, patients: str | None = None) -> list["Case"
     """
     if not csaw_dir:
         return []
-    root = _layout_folder(csaw_dir, "--csaw-dir", "pass a CSAW-S folder of images/<patient>_<view>.png and "
-                          "masks/<stem>_<label>.png (../shared/data/csaw_s_dev)")
+    root, images = _layout_images(csaw_dir, "--csaw-dir", "pass a CSAW-S folder of images/<patient>_<view>.png and "
+                                  "masks/<stem>_<label>.png (../shared/data/csaw_s_dev)")
     cases = []
-    for image in _image_files(root / "images"):
-        found = {label: root / "masks" / f"{image.stem}_{label}.png" for label in ("cancer", "pectoral_muscle")}
+    for image in images:
+        found = {name: labels.csaw_mask_path(root / "masks", image.stem, name)
+                 for name in ("cancer", "pectoral_muscle")}
         cases.append(Case(image.stem, str(image), str(found["cancer"]) if found["cancer"].is_file() else "",
                           patient=image.stem.split("_")[0],
                           pectoral_path=str(found["pectoral_muscle"]) if found["pectoral_muscle"].is_file() else ""))
-    if not cases:
-        raise FileNotFoundError(f"--csaw-dir {root}: no images in {root / 'images'}")
     if patients:
         wanted = {_canonical_patient(p) for p in patients.split(",") if p.strip()}
         present = {_canonical_patient(c.patient) for c in cases}

@@ -100,7 +100,7 @@ def split_table(table: pd.DataFrame, args: argparse.Namespace) -> tuple[pd.DataF
     if len(train) == 0 or len(val) == 0:
         raise TrainingInputError(f"the split ({how}) leaves {len(train)} training and {len(val)} validation images; "
                                  "both need at least one (use --val-fraction or more data)")
-    return repeat_sources(train, getattr(args, "source_repeat", None) or []), val, how
+    return repeat_sources(train, args.source_repeat or []), val, how
 
 
 def repeat_sources(train: pd.DataFrame, repeats: list[str]) -> pd.DataFrame:
@@ -289,9 +289,9 @@ def roi_rule(args: argparse.Namespace) -> roi.RoiRule:
     """The ROI rule of the stage-2 flags (``--roi-margin``, ``--roi-breast-margin``, ``--roi-min-fgt``,
     ``--roi-clip-to-breast``)."""
     return roi.RoiRule(margin_fraction=float(args.roi_margin),
-                       breast_margin_fraction=float(getattr(args, "roi_breast_margin", 0.0)),
-                       min_fgt_fraction=float(getattr(args, "roi_min_fgt", 0.0)),
-                       clip_to_breast=bool(getattr(args, "roi_clip_to_breast", False)))
+                       breast_margin_fraction=float(args.roi_breast_margin),
+                       min_fgt_fraction=float(args.roi_min_fgt),
+                       clip_to_breast=bool(args.roi_clip_to_breast))
 
 
 def stage_spec(stage: int, args: argparse.Namespace) -> StageSpec:
@@ -349,7 +349,7 @@ def _stage_data(spec: StageSpec, args: argparse.Namespace, ctx: distributed.Dist
         train_df, val_df, how = split_table(table, args)
         make = datasets.TissueDataset
         extra: dict = {}
-        augment = datasets.tissue_augmentation(appearance=getattr(args, "appearance_augmentation", "off") == "on")
+        augment = datasets.tissue_augmentation(appearance=args.appearance_augmentation == "on")
     else:
         table = lesion_table(args)
         table = table[table["split"].astype(str) != "test"].reset_index(drop=True)

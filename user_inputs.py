@@ -27,6 +27,7 @@ from pathlib import Path
 import cascade
 import checkpoints
 import imaging
+import model_files
 
 
 class UserInputError(ValueError):
@@ -74,8 +75,8 @@ def describe(path: str | os.PathLike) -> str:
         return "a zip archive"
     if path.suffix.lower() == ".onnx":
         return "an ONNX model"
-    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
-        return "a safetensors model file"  # 8-byte little-endian header length, then the JSON header
+    if model_files.starts_like_safetensors(head, path.stat().st_size):
+        return "a safetensors model file"
     return "a text file" if imaging.looks_like_text(head) else "a binary file"
 
 

@@ -19,10 +19,9 @@ import cv2
 import numpy as np
 
 import imaging
+from labels import CSAW_MASKS, csaw_mask_path
 from sources.common import Built, Report, Sample, SkipSample, safe_name
 
-#: Mask names of CSAW-S (the dataset's label files; ../shared/data/README.md).
-CSAW_MASKS = ("pectoral_muscle", "mammary_gland", "cancer", "nipple", "text")
 
 #: Label-file intensities written (DDSM: imaging.TISSUE_LABEL_VALUES; partial: labels.PARTIAL_LABEL_VALUES).
 _BACKGROUND, _ADIPOSE, _PECTORAL, _ADIPOSE_OR_FGT, _IGNORE = 64, 128, 255, 160, 32
@@ -65,7 +64,7 @@ def partial_tissue_label(image8: np.ndarray, masks: dict[str, np.ndarray]) -> np
 
     Args:
         image8: ``(H, W)`` uint8 image.
-        masks: the :data:`CSAW_MASKS` as ``(H, W)`` bool arrays (missing names count as empty).
+        masks: the ``labels.CSAW_MASKS`` as ``(H, W)`` bool arrays (missing names count as empty).
 
     Returns:
         ``(H, W)`` uint8 label map with values in {32, 64, 128, 160, 255}.
@@ -106,7 +105,7 @@ def csaw_samples(root: Path, holdout: set[str], report: Report, source: str = "c
     samples: list[Sample] = []
     for image_path in sorted(p for p in images.iterdir() if p.suffix.lower() == ".png"):
         stem = image_path.stem
-        mask_paths = {name: masks / f"{stem}_{name}.png" for name in CSAW_MASKS}
+        mask_paths = {name: csaw_mask_path(masks, stem, name) for name in CSAW_MASKS}
         missing = [p.name for p in mask_paths.values() if not p.is_file()]
         if missing:
             report.skip(source, image_path.name, f"missing mask(s) {', '.join(missing)} in {masks}")

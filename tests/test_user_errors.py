@@ -444,4 +444,11 @@ def test_numbers_and_describe(tmp_path):
     assert user_inputs.describe(tmp_path) == "a folder"
     assert user_inputs.describe(tmp_path / "none") == "missing"
     assert user_inputs.one_line("a\n\n  b \n") == "a b"
+    # safetensors is told by its header (length 2, then "{}"), not by its name; a text file named so stays text
+    (tmp_path / "m.bin").write_bytes((2).to_bytes(8, "little") + b"{}")
+    (tmp_path / "t.safetensors").write_text("not a model\n")
+    (tmp_path / "long.bin").write_bytes((50).to_bytes(8, "little") + b"{}")  # a header longer than the file
+    assert user_inputs.describe(tmp_path / "m.bin") == "a safetensors model file"
+    assert user_inputs.describe(tmp_path / "t.safetensors") == "a text file"
+    assert user_inputs.describe(tmp_path / "long.bin") == "a binary file"
     assert os.path.basename(str(user_inputs.output_folder(tmp_path / "new" / "deeper", "--o"))) == "deeper"
