@@ -17,12 +17,14 @@ model states the threshold it is meant to be read at; ``min_lesion_area`` only w
 
 Existing files are kept unless ``--overwrite`` (nothing is written then). The sizes are printed; both files together
 should stay within :data:`SIZE_TARGET_BYTES` (a line on stderr says when they do not). Exit status: 0 written,
-2 a mistake on the command line or a checkpoint that cannot be exported (one ``error:`` line).
+2 a mistake on the command line or a checkpoint that cannot be exported (one ``error:`` line; neither file is
+written, so an existing pair stays a pair).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -92,18 +94,28 @@ def main(args: argparse.Namespace) -> int:
         stage2["lesion_threshold"] = args.lesion_threshold or DEFAULT_LESION_THRESHOLD
     if args.min_lesion_area is not None:
         stage2["min_lesion_area"] = args.min_lesion_area
+    # both files are written under temporary names first and renamed only when both exist: a failing stage 2 never
+    # leaves a new stage 1 beside an old stage 2 (the pair must come from one training run)
+    parts = {stage: target.with_name(target.name + ".part") for stage, target in targets.items()}
+    try:
+        for stage, checkpoint, source in ((1, loaded[0], args.stage1), (2, stage2, args.stage2)):
+            extra = {**common, "source_checkpoint": {"name": Path(source).name,
+                                                     "sha256": fileio.file_sha256(source)}}
+            try:
+                model_files.export_weights(checkpoint, parts[stage], extra)
+            except ValueError as error:
+                return cli.usage_error(f"--stage{stage} {source}: {user_inputs.one_line(error)}; nothing was written")
+        for stage in (1, 2):
+            os.replace(parts[stage], targets[stage])
+    finally:
+        for part in parts.values():
+            part.unlink(missing_ok=True)
     total = 0
-    for stage, checkpoint, source in ((1, loaded[0], args.stage1), (2, stage2, args.stage2)):
-        extra = {**common, "source_checkpoint": {"name": Path(source).name,
-                                                 "sha256": fileio.file_sha256(source)}}
-        try:
-            path = model_files.export_weights(checkpoint, targets[stage], extra)
-        except ValueError as error:
-            return cli.usage_error(f"--stage{stage} {source}: {user_inputs.one_line(error)}")
-        size = path.stat().st_size
+    for stage, checkpoint in ((1, loaded[0]), (2, stage2)):
+        size = targets[stage].stat().st_size
         total += size
         parameters = sum(int(t.numel()) for t in checkpoint["model"].values() if t.is_floating_point())
-        print(f"stage {stage}: {path} {size / 1e6:.1f} MB ({parameters / 1e6:.1f} M float16 weights)")
+        print(f"stage {stage}: {targets[stage]} {size / 1e6:.1f} MB ({parameters / 1e6:.1f} M float16 weights)")
     print(f"both: {total / 1e6:.1f} MB (target: at most {SIZE_TARGET_BYTES / 1e6:.0f} MB)")
     if total > SIZE_TARGET_BYTES:
         print(f"warning: the two files take {total / 1e6:.1f} MB, over the {SIZE_TARGET_BYTES / 1e6:.0f} MB target",

@@ -322,6 +322,18 @@ def test_export_script(checkpoint_dir, tmp_path, capsys):
     assert export_script.main(export_script.get_args_parser().parse_args(swapped)) == 2
     assert "swap" in capsys.readouterr().err
 
+    # a stage 2 that cannot be exported (a weight beyond float16) leaves the existing pair as it was
+    checkpoint = checkpoints.load_checkpoint(argv[3])
+    next(t for t in checkpoint["model"].values() if t.is_floating_point()).view(-1)[0] = 1e6
+    big = checkpoints.save_checkpoint(checkpoint, tmp_path / "big_stage2.pth")
+    pair = {name: (out / name).read_bytes() for name in ("stage1.safetensors", "stage2.safetensors")}
+    failing = ["--stage1", argv[1], "--stage2", str(big), *argv[4:], "--overwrite", "--recipe", "failing run"]
+    assert export_script.main(export_script.get_args_parser().parse_args(failing)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "float16" in err and "nothing was written" in err and "\n" not in err
+    assert {name: (out / name).read_bytes() for name in pair} == pair
+    assert sorted(p.name for p in out.iterdir()) == sorted(pair)  # no .part file left behind
+
 
 # ---------------------------------------------------------------------------------------- the shipped weights
 def test_shipped_weights_load_and_carry_their_metadata():
