@@ -201,7 +201,7 @@ def _check_masks(tissue_classes: np.ndarray, lesion_mask: np.ndarray, shape: tup
 
 def write_dicom_seg(source: Dataset | str | os.PathLike, tissue_classes: np.ndarray, lesion_mask: np.ndarray,
                     out_path: str | os.PathLike, *, overwrite: bool = False, threshold: float | None = None,
-                    algorithm_version: str = DEFAULT_ALGORITHM_VERSION,
+                    min_area_px: int | None = None, algorithm_version: str = DEFAULT_ALGORITHM_VERSION,
                     series_description: str = DEFAULT_SERIES_DESCRIPTION,
                     series_number: int = DEFAULT_SERIES_NUMBER) -> Path:
     """Write a BINARY DICOM Segmentation of one mammogram: segments 1 adipose, 2 FGT, 3 pectoral muscle, 4 lesion.
@@ -225,6 +225,8 @@ def write_dicom_seg(source: Dataset | str | os.PathLike, tissue_classes: np.ndar
         overwrite: replace an existing ``out_path``; by default an existing file is an error.
         threshold: the lesion probability threshold the mask was made with, in [0, 1]; recorded in the lesion
             segment's Algorithm Parameters and Segment Description. None: not recorded.
+        min_area_px: the smallest lesion component kept in the mask, pixels (>= 1); recorded beside the threshold.
+            None: not recorded.
         algorithm_version: Algorithm Version (0066,0031) and Software Versions (0018,1020) of the SEG.
         series_description: Series Description (0008,103E) of the new SEG series (at most 64 characters).
         series_number: Series Number (0020,0011) of the new SEG series.
@@ -251,6 +253,8 @@ def write_dicom_seg(source: Dataset | str | os.PathLike, tissue_classes: np.ndar
         raise FileExistsError(f"{out_path} exists; not overwritten (remove it or pass overwrite=True)")
     if threshold is not None and not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
         raise ValueError(f"{name}: threshold {threshold} is not a probability in [0, 1]")
+    if min_area_px is not None and int(min_area_px) < 1:
+        raise ValueError(f"{name}: min_area_px {min_area_px} is not a pixel count >= 1")
     for what, text in (("series_description", series_description), ("algorithm_version", algorithm_version)):
         if len(text) > 64:
             raise ValueError(f"{name}: {what} has {len(text)} characters, at most 64 fit its DICOM element (LO)")
@@ -266,12 +270,14 @@ def write_dicom_seg(source: Dataset | str | os.PathLike, tissue_classes: np.ndar
     stacked[0, :, :, LESION_SEGMENT - 1] = lesion_mask
 
     family = codes.cid7162.ArtificialIntelligence  # DCM 123110 "Artificial Intelligence", CID 7162 Algorithm Family
-    lesion_parameters = None if threshold is None else {"lesion_probability_threshold": f"{threshold:g}"}
+    lesion_parameters = {} if threshold is None else {"lesion_probability_threshold": f"{threshold:g}"}
+    if min_area_px is not None:
+        lesion_parameters["min_lesion_area_px"] = str(int(min_area_px))
     descriptions = []
     for number, (label, category, property_type, region) in SEGMENTS.items():
         algorithm = hd.AlgorithmIdentificationSequence(
             name=ALGORITHM_NAME, family=family, version=algorithm_version,
-            parameters=lesion_parameters if number == LESION_SEGMENT else None)
+            parameters=(lesion_parameters or None) if number == LESION_SEGMENT else None)
         description = hd.seg.SegmentDescription(
             segment_number=number, segment_label=label, segmented_property_category=category,
             segmented_property_type=property_type, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
@@ -279,7 +285,8 @@ def write_dicom_seg(source: Dataset | str | os.PathLike, tissue_classes: np.ndar
             display_color=hd.color.CIELabColor.from_rgb(*SEGMENT_COLORS_RGB[number]))
         if number == LESION_SEGMENT:
             description.SegmentDescription = ("stage-2 lesion probability" + (
-                f" >= {threshold:g}" if threshold is not None else " above the run's threshold"))
+                f" >= {threshold:g}" if threshold is not None else " above the run's threshold") + (
+                f", components >= {int(min_area_px)} px" if min_area_px is not None else ""))
         else:
             description.SegmentDescription = f"stage-1 tissue class {number} ({labels.TISSUE_CLASS_NAMES[number]})"
         descriptions.append(description)

@@ -53,7 +53,8 @@ OUTPUT_FILES = (
      "(not with --no-visualization)"),
     ("dicom_seg", "<stem>_seg.dcm",
      "DICOM inputs only (not with --no-dicom-seg): a DICOM Segmentation (BINARY) referencing the source image, "
-     "segments 1 adipose, 2 FGT, 3 pectoral muscle, 4 lesion (probability >= --threshold), for PACS viewers"),
+     "segments 1 adipose, 2 FGT, 3 pectoral muscle, 4 lesion (the listed components: probability >= "
+     "--threshold, at least --min-lesion-area px), for PACS viewers"),
     ("json", "<stem>.json",
      "the record: sizes, pixel spacing, ROI, tissue areas (px, mm2), percent density, lesion components, reading "
      "notes, checkpoints, timings (record.RECORD_SPEC); written last, so its presence means the image is complete"),
@@ -269,7 +270,9 @@ def write_outputs(prediction: Prediction, out_dir: str | os.PathLike, stem: str,
 
 def write_dicom_seg_output(prediction: Prediction, path: Path, *, threshold: float) -> bool:
     """Write ``<stem>_seg.dcm`` of a DICOM input (``dicom_seg.write_dicom_seg``): the tissue classes and the lesion
-    mask ``lesion_prob >= threshold`` on the source's pixel grid, the algorithm version naming both checkpoints.
+    mask on the source's pixel grid, the algorithm version naming both checkpoints. The lesion mask holds the
+    components the record lists (``record.lesion_mask``: ``lesion_prob >= threshold``, components of fewer than the
+    record's ``lesions.min_area_px`` pixels left out), so a viewer shows what the JSON reports.
 
     Like the PNGs, an existing file is replaced: :func:`write_outputs` has already refused to redo an image whose
     JSON exists, so a file here is left from an interrupted run. A source the SEG cannot be made for (a multi-frame
@@ -277,13 +280,16 @@ def write_dicom_seg_output(prediction: Prediction, path: Path, *, threshold: flo
     notes, and False is returned; the other outputs stand.
     """
     import dicom_seg  # highdicom is imported only when a DICOM input is written
+    from record import lesion_mask  # record imports this module
 
     record, result = prediction.record, prediction.result
     identities = record.get("checkpoints", {})
     version = "stage1 {} stage2 {}".format(*(identities.get(f"stage{n}", {}).get("sha256_16", "?")[:12] for n in (1, 2)))
+    min_area_px = int(record["lesions"]["min_area_px"])
+    lesions = lesion_mask(result.lesion_prob, threshold, min_area_px)
     try:
-        dicom_seg.write_dicom_seg(prediction.image.path, result.tissue_classes, result.lesion_prob >= threshold, path,
-                                  overwrite=True, threshold=threshold, algorithm_version=version)
+        dicom_seg.write_dicom_seg(prediction.image.path, result.tissue_classes, lesions, path, overwrite=True,
+                                  threshold=threshold, min_area_px=min_area_px, algorithm_version=version)
     except ValueError as error:
         text = f"DICOM Segmentation not written: {error}"
         record["input"]["notes"].append(text)

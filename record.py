@@ -151,6 +151,31 @@ def density_summary(tissue_classes: np.ndarray, dense: np.ndarray | None = None)
     return summary
 
 
+def _kept_components(prob: np.ndarray, threshold: float, min_area_px: int):
+    """Connected components (:data:`LESION_CONNECTIVITY`) of ``prob >= threshold``: ``(ids, stats, centroids,
+    kept)`` of ``cv2.connectedComponentsWithStats``, ``kept`` the labels of at least ``min_area_px`` pixels (at
+    least 1), largest first (ties by label)."""
+    mask = (prob >= threshold).astype(np.uint8)
+    n, component_ids, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=LESION_CONNECTIVITY)
+    kept = sorted((i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= max(1, min_area_px)),
+                  key=lambda j: (-int(stats[j, cv2.CC_STAT_AREA]), j))
+    return component_ids, stats, centroids, kept
+
+
+def lesion_mask(prob: np.ndarray, threshold: float = 0.5, min_area_px: int = 1) -> np.ndarray:
+    """The pixels of the lesion components :func:`lesion_components` reports: ``prob >= threshold`` without the
+    components (8-connectivity) of fewer than ``min_area_px`` pixels.
+
+    Args:
+        prob: ``(H, W)`` float32 lesion probability in [0, 1].
+
+    Returns:
+        ``(H, W)`` bool mask.
+    """
+    component_ids, _, _, kept = _kept_components(prob, threshold, min_area_px)
+    return np.isin(component_ids, np.asarray(kept, dtype=component_ids.dtype))
+
+
 def lesion_components(prob: np.ndarray, threshold: float = 0.5, spacing_mm=None, min_area_px: int = 1,
                       box: roi.RoiBox | None = None) -> dict:
     """Connected components (8-connectivity) of ``prob >= threshold``, largest first.
@@ -174,11 +199,8 @@ def lesion_components(prob: np.ndarray, threshold: float = 0.5, spacing_mm=None,
     if box is not None and threshold > 0:
         top, left = box.y0, box.x0
         prob = prob[box.slices()]
-    mask = (prob >= threshold).astype(np.uint8)
-    n, component_ids, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=LESION_CONNECTIVITY)
+    component_ids, stats, centroids, kept = _kept_components(prob, threshold, min_area_px)
     pixel_mm2 = _pixel_area_mm2(spacing_mm)
-    kept = sorted((i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= max(1, min_area_px)),
-                  key=lambda j: (-int(stats[j, cv2.CC_STAT_AREA]), j))
     components = []
     for i in kept[:MAX_LISTED_COMPONENTS]:  # statistics inside each component's own box (fast on large images)
         x, y, w, h, area = (int(v) for v in stats[i])

@@ -72,7 +72,7 @@ def test_seg_holds_the_four_segments_and_references_the_source(tmp_path, frame_o
     tissue, lesion = known_masks()
 
     out = dicom_seg.write_dicom_seg(source_path, tissue, lesion, tmp_path / "mammo_seg.dcm", threshold=0.4,
-                                    algorithm_version="abc123")
+                                    min_area_px=25, algorithm_version="abc123")
 
     assert out == tmp_path / "mammo_seg.dcm"
     assert sha256(source_path) == source_hash  # the source is never modified
@@ -90,8 +90,9 @@ def test_seg_holds_the_four_segments_and_references_the_source(tmp_path, frame_o
         assert algorithm.AlgorithmName == dicom_seg.ALGORITHM_NAME and algorithm.AlgorithmVersion == "abc123"
         assert algorithm.AlgorithmFamilyCodeSequence[0].CodeValue == codes.cid7162.ArtificialIntelligence.value
     assert seg.get_segment_description(4).segmented_property_category.value == "49755003"
-    assert "lesion_probability_threshold=0.4" in str(
-        seg.get_segment_description(4).algorithm_identification[0].AlgorithmParameters)
+    parameters = str(seg.get_segment_description(4).algorithm_identification[0].AlgorithmParameters)
+    assert "lesion_probability_threshold=0.4" in parameters and "min_lesion_area_px=25" in parameters
+    assert seg.get_segment_description(4).SegmentDescription.endswith(">= 0.4, components >= 25 px")
 
     pixels = read_segments(out, source)
     np.testing.assert_array_equal(pixels[..., 0], tissue == 1)

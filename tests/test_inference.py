@@ -443,6 +443,21 @@ def test_dicom_input_writes_a_segmentation_with_the_png_masks_and_the_source_uid
     spacing = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
     assert [float(v) for v in spacing] == [0.1, 0.2]
 
+    # with --min-lesion-area the SEG holds the components the record lists, not the specks it leaves out
+    count, ids, stats, _ = cv2.connectedComponentsWithStats((prob >= threshold).astype(np.uint8), connectivity=8)
+    areas = sorted(int(a) for a in stats[1:, cv2.CC_STAT_AREA])
+    assert len(areas) >= 2 and areas[0] < areas[-1], areas  # some components are dropped, some kept
+    min_area = areas[-1]  # keeps the largest component (and any of equal size)
+    out_min = tmp_path / "min_area"
+    assert ci.main(_args(checkpoint_dir, "--image", str(source), "--output-dir", str(out_min), "--backend", "torch",
+                         "--threshold", str(threshold), "--min-lesion-area", str(min_area), "--no-visualization")) == 0
+    record = json.loads((out_min / "scan.json").read_text(encoding="utf-8"))
+    lesion = hd.seg.segread(out_min / "scan_seg.dcm").get_pixels_by_source_instance(
+        [sop], segment_numbers=[4])[0][..., 0].astype(bool)
+    kept = [i for i in range(1, count) if stats[i, cv2.CC_STAT_AREA] >= min_area]
+    np.testing.assert_array_equal(lesion, np.isin(ids, kept))
+    assert int(lesion.sum()) == record["lesions"]["total_area_px"] < int((prob >= threshold).sum())
+
     assert ci.main(_args(checkpoint_dir, "--image", str(source), "--output-dir", str(tmp_path / "no_seg"),
                          "--no-dicom-seg", "--no-visualization")) == 0
     assert not (tmp_path / "no_seg" / "scan_seg.dcm").exists()
