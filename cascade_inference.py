@@ -95,7 +95,7 @@ def _outputs_epilog(width: int = 78) -> str:
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The command line of the inference script (see the module docstring)."""
-    parser = argparse.ArgumentParser(description="Run the two-stage mammogram cascade on an image or a folder.",
+    parser = cli.ArgumentParser(description="Run the two-stage mammogram cascade on an image or a folder.",
                                      add_help=add_help, parents=[cli.runtime_parser("device", "backend", "amp", "tta")],
                                      epilog=_outputs_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     # checkpoints

@@ -77,7 +77,7 @@ EXIT_OK, EXIT_INPUT_ERROR, EXIT_NONFINITE_LOSS = 0, 2, 3
 # ----------------------------------------------------------------------------------------------------------------
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """Command-line flags of the training script (see the module docstring)."""
-    parser = argparse.ArgumentParser(description="Train the two-stage cascade (stage 1 tissue, stage 2 lesions).",
+    parser = cli.ArgumentParser(description="Train the two-stage cascade (stage 1 tissue, stage 2 lesions).",
                                      add_help=add_help,
                                      parents=[cli.runtime_parser("device", "workers", "seed", "deterministic", "amp")],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

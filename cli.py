@@ -1,6 +1,6 @@
 """Command-line pieces every script shares: the runtime flags (one parent parser), argument types, usage errors.
 
-Each script builds its parser as ``argparse.ArgumentParser(..., parents=[cli.runtime_parser("device", "amp")])``,
+Each script builds its parser as ``cli.ArgumentParser(..., parents=[cli.runtime_parser("device", "amp")])``,
 naming the runtime flags it takes; each flag is defined once, here, with one meaning everywhere. A script whose
 default differs says so with ``parser.set_defaults`` (``evaluate.py`` runs on the CPU unless told otherwise).
 
@@ -35,7 +35,7 @@ def device_name(text: str) -> str:
     """argparse type of ``--device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
 
     Raises:
-        argparse.ArgumentTypeError: anything else (argparse turns it into a one-line usage error).
+        argparse.ArgumentTypeError: anything else (:class:`ArgumentParser` turns it into a one-line usage error).
     """
     if not _DEVICE.match(text):
         raise argparse.ArgumentTypeError(f"device must be auto, cpu, cuda or cuda:N, not {text!r}")
@@ -110,6 +110,16 @@ def _add_workers(group) -> None:
 #: Runtime flag names -> the function that adds them to an argument group.
 RUNTIME_FLAGS = {"device": _add_device, "backend": _add_backend, "amp": _add_amp, "threads": _add_threads,
                  "tta": _add_tta, "seed": _add_seed, "deterministic": _add_deterministic, "workers": _add_workers}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose command-line mistakes (an unknown flag, a bad value, a missing required
+    flag) are one line on stderr, ``error: <what> (see <script> --help)``, and exit code 2, as every other user
+    mistake in the suite; argparse's own handler prints the whole usage block first."""
+
+    def error(self, message: str):
+        """Print the one-line error and exit with status 2 (``argparse``'s code for a usage error)."""
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def runtime_parser(*names: str) -> argparse.ArgumentParser:

@@ -19,7 +19,7 @@ from onnx_export import ONNX_OPSET, export_stages
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """Command-line flags of the ONNX export."""
-    parser = argparse.ArgumentParser(description="Export the cascade's stage checkpoints to ONNX (dynamic batch).",
+    parser = cli.ArgumentParser(description="Export the cascade's stage checkpoints to ONNX (dynamic batch).",
                                      add_help=add_help)
     parser.add_argument("--stage1-weights", type=str, default=None, help="stage-1 checkpoint (.pth) (default: %(default)s)")
     parser.add_argument("--stage2-weights", type=str, default=None, help="stage-2 checkpoint (.pth) (default: %(default)s)")

@@ -25,6 +25,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import cli  # noqa: E402
 import datasets  # noqa: E402
 import imaging  # noqa: E402
 from cascade import Cascade  # noqa: E402
@@ -60,7 +61,7 @@ def _items(args: argparse.Namespace) -> list[tuple[str, Path, list[Path]]]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stage1-weights", type=Path, required=True)
     parser.add_argument("--lesion-csv", type=Path, default=None)
     parser.add_argument("--split", default="train")

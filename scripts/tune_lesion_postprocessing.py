@@ -19,7 +19,6 @@ optimistic; report the sets that took no part in any choice beside them.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import checkpoints  # noqa: E402
+import cli  # noqa: E402
 import imaging  # noqa: E402
 import scoring  # noqa: E402
 
@@ -37,7 +37,7 @@ MIN_AREAS = (10, 50, 100, 200, 400)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stage1-weights", required=True)
     parser.add_argument("--stage2-weights", required=True)
     parser.add_argument("--lesion-csv", required=True)

@@ -452,3 +452,23 @@ def test_numbers_and_describe(tmp_path):
     assert user_inputs.describe(tmp_path / "t.safetensors") == "a text file"
     assert user_inputs.describe(tmp_path / "long.bin") == "a binary file"
     assert os.path.basename(str(user_inputs.output_folder(tmp_path / "new" / "deeper", "--o"))) == "deeper"
+
+
+@pytest.mark.parametrize("script, argv, expected", [
+    ("cascade_inference", ["--image", "x.png", "--threshold", "1.5"], "argument --threshold: threshold must be in (0, 1]"),
+    ("cascade_inference", ["--image", "x.png", "--device", "gpu"], "argument --device: device must be auto"),
+    ("evaluate", ["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ("prepare_to_train", ["--synthetic", "many"], "argument --synthetic: invalid"),
+    ("cascade_segmentation_model", [], "one of the arguments --train-stage1 --train-stage2 --train-both is required"),
+    ("benchmark", ["--repeats", "3.5"], "argument --repeats: invalid int value: '3.5'"),
+    ("onnx_backend", [], "the following arguments are required: --output-dir"),
+])
+def test_argument_mistakes_are_one_line(script, argv, expected, capsys):
+    """argparse's own errors (bad value, unknown flag, missing flag) are one line with exit code 2, not the usage
+    block followed by the error."""
+    module = SCRIPTS[script]
+    with pytest.raises(SystemExit) as excinfo:
+        module.get_args_parser().parse_args(argv)
+    assert excinfo.value.code == 2
+    line = _one_line(capsys)
+    assert expected in line and line.endswith("--help)"), line
