@@ -282,7 +282,7 @@ def process(items: list[InputItem], loaded: LoadedCascade, *, threshold: float =
     ``overwrite``, ``protected`` (input paths, never written), ``dicom_seg`` and ``color_map`` to
     :func:`outputs.write_outputs`.
     Each input gets
-    one progress line when it is done (stdout) or failed (stderr, with the reason).
+    one progress line when it is done (stdout) or failed (stderr, with the reason), in input order.
 
     With ``prefetch`` a reader thread reads the next group while the networks run on this one, and a writer
     thread writes the outputs of this group (PNG encoding, the matplotlib figure) while the next one runs. At most one
@@ -296,6 +296,17 @@ def process(items: list[InputItem], loaded: LoadedCascade, *, threshold: float =
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read") if prefetch else None
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") if prefetch else None
     in_flight: list = []  # (index, item, future, start) of writes running in the background
+    finished: dict[int, InputItem] = {}  # done items whose progress line waits for an earlier input's
+    next_line = 0
+
+    def report(index: int, item: InputItem) -> None:
+        """Print the progress lines in input order: a file that fails to read is known before the image ahead of it
+        has been written behind, so its line waits until that one's is out."""
+        nonlocal next_line
+        finished[index] = item
+        while next_line in finished:
+            _report(finished.pop(next_line), next_line, total)
+            next_line += 1
 
     def read(group: list[int]):
         paths = [pending[i].path for i in group]
@@ -309,7 +320,7 @@ def process(items: list[InputItem], loaded: LoadedCascade, *, threshold: float =
                 item.status, item.seconds = "ok", time.perf_counter() - start
             except (*_INPUT_ERRORS, FileExistsError) as error:
                 _fail(item, error)
-            _report(item, index, total)
+            report(index, item)
 
     def write(prediction: Prediction, item: InputItem):
         return write_outputs(prediction, item.out_dir, item.stem, threshold=threshold, prob_encoding=prob_encoding,
@@ -326,7 +337,7 @@ def process(items: list[InputItem], loaded: LoadedCascade, *, threshold: float =
             for i, got in zip(group, current):
                 if isinstance(got, Exception):
                     _fail(pending[i], got)
-                    _report(pending[i], i, total)
+                    report(i, pending[i])
             try:
                 network_start = time.perf_counter()
                 results = loaded.cascade.run_batch([image.pixels for _, (image, _) in readable])
@@ -345,7 +356,7 @@ def process(items: list[InputItem], loaded: LoadedCascade, *, threshold: float =
                                                      relative_path=pending[i].relative, prob_encoding=prob_encoding))
                     except _INPUT_ERRORS as error:
                         _fail(pending[i], error)
-                        _report(pending[i], i, total)
+                        report(i, pending[i])
                         predictions.append(None)
             finish_writes()
             for (i, _), prediction in zip(readable, predictions):
@@ -359,7 +370,7 @@ def process(items: list[InputItem], loaded: LoadedCascade, *, threshold: float =
                     pending[i].status, pending[i].seconds = "ok", time.perf_counter() - start
                 except (*_INPUT_ERRORS, FileExistsError) as write_error:
                     _fail(pending[i], write_error)
-                _report(pending[i], i, total)
+                report(i, pending[i])
         finish_writes()
     finally:
         for pool in (reader, writer):

@@ -544,3 +544,21 @@ def test_implausible_image_sizes_are_flagged(loaded, tmp_path):
         assert any(words in note for note in record["input"]["notes"]), record["input"]["notes"]
         assert any(finding.startswith("Warning:") and words in finding for finding in record["findings"])
         assert validate_record(record) == []
+
+
+def test_progress_lines_keep_the_input_order_with_read_ahead_and_write_behind(checkpoint_dir, tissue_image, tmp_path,
+                                                                               monkeypatch):
+    """With the reader and writer threads, a file that fails to read is known while the image ahead of it is still
+    being written; its progress line still comes after that image's (inputs a..e, b and d corrupt)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a", "c", "e"):
+        shutil.copyfile(tissue_image, folder / f"{name}.png")
+    for name in ("b", "d"):
+        (folder / f"{name}.png").write_bytes(tissue_image.read_bytes()[:300])  # truncated: fails at reading
+    lines = []
+    monkeypatch.setattr(inference, "_report", lambda item, index, total: lines.append((index, item.relative, item.status)))
+    assert ci.main(_args(checkpoint_dir, "--image-dir", str(folder), "--output-dir", str(tmp_path / "out"),
+                         "--no-visualization", "--backend", "torch")) == 1
+    assert lines == [(0, "a.png", "ok"), (1, "b.png", "failed"), (2, "c.png", "ok"), (3, "d.png", "failed"),
+                     (4, "e.png", "ok")]
