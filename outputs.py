@@ -305,6 +305,9 @@ def _row(item: InputItem) -> dict:
     row.update(input=item.relative, status=item.status, reason=item.reason)
     record = item.record
     if record:
+        warnings = [note for note in record["input"]["notes"] if note.startswith("warning: ")]
+        if warnings and not item.reason:  # an image done with a warning (record.plausibility_warnings) says so here
+            row["reason"] = "; ".join(warnings)
         spacing = record.get("pixel_spacing_mm") or ["", ""]
         box = record["roi"]["box"]
         lesions = record["lesions"]

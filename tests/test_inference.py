@@ -549,16 +549,22 @@ def test_implausible_image_sizes_are_flagged(loaded, tmp_path):
 def test_progress_lines_keep_the_input_order_with_read_ahead_and_write_behind(checkpoint_dir, tissue_image, tmp_path,
                                                                                monkeypatch):
     """With the reader and writer threads, a file that fails to read is known while the image ahead of it is still
-    being written; its progress line still comes after that image's (inputs a..e, b and d corrupt)."""
+    being written; its progress line still comes after that image's (inputs a..e, b and d corrupt). The table gives
+    the failures' reasons, and the warning of an image done with one (f, 10 x 10 px)."""
     folder = tmp_path / "in"
     folder.mkdir()
     for name in ("a", "c", "e"):
         shutil.copyfile(tissue_image, folder / f"{name}.png")
     for name in ("b", "d"):
         (folder / f"{name}.png").write_bytes(tissue_image.read_bytes()[:300])  # truncated: fails at reading
+    imaging.write_png(folder / "f.png", np.full((10, 10), 120, np.uint8))
     lines = []
     monkeypatch.setattr(inference, "_report", lambda item, index, total: lines.append((index, item.relative, item.status)))
     assert ci.main(_args(checkpoint_dir, "--image-dir", str(folder), "--output-dir", str(tmp_path / "out"),
                          "--no-visualization", "--backend", "torch")) == 1
     assert lines == [(0, "a.png", "ok"), (1, "b.png", "failed"), (2, "c.png", "ok"), (3, "d.png", "failed"),
-                     (4, "e.png", "ok")]
+                     (4, "e.png", "ok"), (5, "f.png", "ok")]
+    with (tmp_path / "out" / "predictions.csv").open(encoding="utf-8", newline="") as stream:
+        reasons = {row["input"]: row["reason"] for row in csv.DictReader(stream)}
+    assert reasons["a.png"] == reasons["e.png"] == "" and "truncated" in reasons["b.png"]
+    assert reasons["f.png"].startswith("warning: image is only 10 x 10 px"), reasons["f.png"]
