@@ -17,6 +17,7 @@ nothing that a later run would trust. CSV rows are sorted and hold no timestamps
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -195,11 +196,33 @@ def table_conflict(df: pd.DataFrame, path: Path, overwrite: bool) -> str | None:
         return None
     try:
         previous = read_table(path, kinds={"source": "label"}, allow_empty=True)
-        before = f"{len(previous)} rows from {sorted(set(previous.get('source', [])))}"
     except (TableError, OSError):
-        before = "content that is not a readable CSV"
-    return (f"{path} holds {before}; this run would write {len(df)} rows from {sorted(set(df['source']))}. "
+        previous = None
+    sources = sorted(set(df["source"]))
+    if previous is not None and sorted(set(previous.get("source", []))) == sources and len(previous) == len(df):
+        return (f"{path} differs from what this run writes from the same sources: {_first_difference(old, new)} "
+                "(edited by hand?); use another --workspace, or add --overwrite to replace it")
+    before = ("content that is not a readable CSV" if previous is None
+              else f"{len(previous)} rows from {sorted(set(previous.get('source', [])))}")
+    return (f"{path} holds {before}; this run would write {len(df)} rows from {sources}. "
             "Pass every source in one run, use another --workspace, or add --overwrite to replace it")
+
+
+def _first_difference(old: bytes, new: bytes) -> str:
+    """Where two workspace CSVs first differ: ``row R (the header is row 1), column 'C': 'x' in the file, 'y' from
+    this run``, or the first differing line when the columns differ."""
+    old_rows = list(csv.reader(io.StringIO(old.decode("utf-8-sig", errors="replace"))))
+    new_rows = list(csv.reader(io.StringIO(new.decode("utf-8"))))
+    header = new_rows[0] if new_rows else []
+    for number, (was, now) in enumerate(zip(old_rows, new_rows), start=1):
+        if was == now:
+            continue
+        if number > 1 and len(was) == len(now) == len(header):
+            column = next(i for i, (a, b) in enumerate(zip(was, now)) if a != b)
+            return (f"row {number} (the header is row 1), column {header[column]!r}: {was[column]!r} in the file, "
+                    f"{now[column]!r} from this run")
+        return f"line {number} reads {','.join(was)[:80]!r} in the file, {','.join(now)[:80]!r} from this run"
+    return f"the file has {len(old_rows)} lines, this run {len(new_rows)}"
 
 
 def _counts(df: pd.DataFrame, mask_column: str | None) -> dict:

@@ -445,6 +445,17 @@ def test_tables_of_other_sources_are_not_replaced_without_overwrite(tmp_path, ca
     assert run("--synthetic", "4", "--workspace", ws, "--overwrite") == 0
     assert len(pd.read_csv(ws / "tissue_dataset.csv")) == 4
 
+    # a hand edit of the same rows is named: the first cell that differs
+    edited = pd.read_csv(ws / "tissue_dataset.csv", dtype=str, keep_default_na=False)
+    cell = str(edited.loc[1, "split"])
+    edited.loc[1, "split"] = "training"
+    edited.to_csv(ws / "tissue_dataset.csv", index=False)
+    capsys.readouterr()
+    assert run("--synthetic", "4", "--workspace", ws) == 2
+    err = capsys.readouterr().err
+    assert f"row 3 (the header is row 1), column 'split': 'training' in the file, '{cell}' from this run" in err, err
+    assert len(err.strip().splitlines()) == 1
+
 
 def test_interrupted_run_is_completed_by_a_rerun(tmp_path, monkeypatch):
     clean, ws = tmp_path / "clean", tmp_path / "ws"
