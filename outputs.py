@@ -286,7 +286,7 @@ def write_dicom_seg_output(prediction: Prediction, path: Path, *, threshold: flo
     identities = record.get("checkpoints", {})
     version = "stage1 {} stage2 {}".format(*(identities.get(f"stage{n}", {}).get("sha256_16", "?")[:12] for n in (1, 2)))
     min_area_px = int(record["lesions"]["min_area_px"])
-    lesions = lesion_mask(result.lesion_prob, threshold, min_area_px)
+    lesions = lesion_mask(result.lesion_prob, threshold, min_area_px, box=result.roi_box)
     try:
         dicom_seg.write_dicom_seg(prediction.image.path, result.tissue_classes, lesions, path, overwrite=True,
                                   threshold=threshold, min_area_px=min_area_px, algorithm_version=version)

@@ -151,6 +151,14 @@ def density_summary(tissue_classes: np.ndarray, dense: np.ndarray | None = None)
     return summary
 
 
+def _search_region(prob: np.ndarray, threshold: float, box: roi.RoiBox | None) -> tuple[np.ndarray, int, int]:
+    """``(view, top, left)``: the part of ``prob`` where lesion components can lie and its offset. With a ROI
+    ``box`` (outside which ``prob`` is exactly 0) and a threshold above 0 that is the box, else the whole map."""
+    if box is not None and threshold > 0:
+        return prob[box.slices()], box.y0, box.x0
+    return prob, 0, 0
+
+
 def _kept_components(prob: np.ndarray, threshold: float, min_area_px: int):
     """Connected components (:data:`LESION_CONNECTIVITY`) of ``prob >= threshold``: ``(ids, stats, centroids,
     kept)`` of ``cv2.connectedComponentsWithStats``, ``kept`` the labels of at least ``min_area_px`` pixels (at
@@ -162,18 +170,24 @@ def _kept_components(prob: np.ndarray, threshold: float, min_area_px: int):
     return component_ids, stats, centroids, kept
 
 
-def lesion_mask(prob: np.ndarray, threshold: float = 0.5, min_area_px: int = 1) -> np.ndarray:
+def lesion_mask(prob: np.ndarray, threshold: float = 0.5, min_area_px: int = 1,
+                box: roi.RoiBox | None = None) -> np.ndarray:
     """The pixels of the lesion components :func:`lesion_components` reports: ``prob >= threshold`` without the
     components (8-connectivity) of fewer than ``min_area_px`` pixels.
 
     Args:
         prob: ``(H, W)`` float32 lesion probability in [0, 1].
+        box: as in :func:`lesion_components` (only the ROI box is searched).
 
     Returns:
         ``(H, W)`` bool mask.
     """
-    component_ids, _, _, kept = _kept_components(prob, threshold, min_area_px)
-    return np.isin(component_ids, np.asarray(kept, dtype=component_ids.dtype))
+    view, top, left = _search_region(prob, threshold, box)
+    component_ids, _, _, kept = _kept_components(view, threshold, min_area_px)
+    mask = np.zeros(prob.shape, dtype=bool)
+    mask[top:top + view.shape[0], left:left + view.shape[1]] = np.isin(
+        component_ids, np.asarray(kept, dtype=component_ids.dtype))
+    return mask
 
 
 def lesion_components(prob: np.ndarray, threshold: float = 0.5, spacing_mm=None, min_area_px: int = 1,
@@ -195,10 +209,7 @@ def lesion_components(prob: np.ndarray, threshold: float = 0.5, spacing_mm=None,
         map), ``total_area_px`` / ``total_area_mm2`` and ``components`` (each as :data:`COMPONENT_SPEC`; boxes are
         half-open ``[y0, y1) x [x0, x1)`` in pixels, centroids ``[y, x]`` in pixels).
     """
-    top = left = 0
-    if box is not None and threshold > 0:
-        top, left = box.y0, box.x0
-        prob = prob[box.slices()]
+    prob, top, left = _search_region(prob, threshold, box)
     component_ids, stats, centroids, kept = _kept_components(prob, threshold, min_area_px)
     pixel_mm2 = _pixel_area_mm2(spacing_mm)
     components = []
