@@ -70,7 +70,7 @@ import user_inputs
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """Command-line flags of the benchmark (see the module docstring)."""
     parser = cli.ArgumentParser(description="Benchmark the cascade's speed and memory on this machine.",
-                                     add_help=add_help, parents=[cli.runtime_parser("threads")])
+                                add_help=add_help, parents=[cli.runtime_parser("threads")])
     parser.add_argument("--output", type=str, default="benchmark.json", help="JSON results file (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repetition (a smoke test; numbers mean nothing)")

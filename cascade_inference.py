@@ -96,8 +96,8 @@ def _outputs_epilog(width: int = 78) -> str:
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The command line of the inference script (see the module docstring)."""
     parser = cli.ArgumentParser(description="Run the two-stage mammogram cascade on an image or a folder.",
-                                     add_help=add_help, parents=[cli.runtime_parser("device", "backend", "amp", "tta")],
-                                     epilog=_outputs_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                                add_help=add_help, parents=[cli.runtime_parser("device", "backend", "amp", "tta")],
+                                epilog=_outputs_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     # checkpoints
     parser.add_argument("--stage1-weights", type=str, default=None,
                         help="stage-1 (tissue) checkpoint .pth, model file .safetensors, or .onnx (run by ONNX "

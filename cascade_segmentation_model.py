@@ -78,9 +78,9 @@ EXIT_OK, EXIT_INPUT_ERROR, EXIT_NONFINITE_LOSS = 0, 2, 3
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """Command-line flags of the training script (see the module docstring)."""
     parser = cli.ArgumentParser(description="Train the two-stage cascade (stage 1 tissue, stage 2 lesions).",
-                                     add_help=add_help,
-                                     parents=[cli.runtime_parser("device", "workers", "seed", "deterministic", "amp")],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                add_help=add_help,
+                                parents=[cli.runtime_parser("device", "workers", "seed", "deterministic", "amp")],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_argument_group("what to train").add_mutually_exclusive_group(required=True)
     what.add_argument("--train-stage1", action="store_true", help="train stage 1 (tissue) only")
     what.add_argument("--train-stage2", action="store_true",

@@ -66,7 +66,7 @@ import user_inputs
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """Command-line flags of the evaluation (see the module docstring)."""
     parser = cli.ArgumentParser(description="Evaluate the cascade against tissue and lesion ground truth.",
-                                     add_help=add_help, parents=[cli.runtime_parser("backend", "device", "threads", "tta")])
+                                add_help=add_help, parents=[cli.runtime_parser("backend", "device", "threads", "tta")])
     # evaluation is reproducible on any machine (and comparable with RESULTS.md) unless a GPU or ONNX Runtime is asked
     # for: ONNX Runtime's logits differ from torch's by ~1e-6, enough to flip a thresholded pixel
     parser.set_defaults(device="cpu", backend="torch")

@@ -20,7 +20,7 @@ from onnx_export import ONNX_OPSET, export_stages
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """Command-line flags of the ONNX export."""
     parser = cli.ArgumentParser(description="Export the cascade's stage checkpoints to ONNX (dynamic batch).",
-                                     add_help=add_help)
+                                add_help=add_help)
     parser.add_argument("--stage1-weights", type=str, default=None, help="stage-1 checkpoint (.pth) (default: %(default)s)")
     parser.add_argument("--stage2-weights", type=str, default=None, help="stage-2 checkpoint (.pth) (default: %(default)s)")
     parser.add_argument("--output-dir", type=str, required=True, help="folder for stage1.onnx / stage2.onnx")

@@ -80,7 +80,7 @@ from workspace import (LESION_COLUMNS, TISSUE_COLUMNS, Manifest, archive_workspa
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """Command-line flags of the preparer (see the module docstring for what each source expects)."""
     parser = cli.ArgumentParser(description="Prepare a training workspace from mammography datasets.",
-                                     add_help=add_help, parents=[cli.runtime_parser("seed")])
+                                add_help=add_help, parents=[cli.runtime_parser("seed")])
     # downloaded zips
     parser.add_argument("--zips-dir", type=Path, default=None,
                         help="folder holding downloaded dataset zips, recognised by name: 'morethantwomasks', 'mini', "

@@ -47,7 +47,7 @@ DEFAULT_LESION_THRESHOLD = 0.5
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The command line (see the module docstring)."""
     parser = cli.ArgumentParser(description="Export both stages as the shipped default model (safetensors).",
-                                     add_help=add_help)
+                                add_help=add_help)
     parser.add_argument("--stage1", type=str, required=True, help="stage-1 checkpoint (best_stage1.pth)")
     parser.add_argument("--stage2", type=str, required=True, help="stage-2 checkpoint (best_stage2.pth)")
     parser.add_argument("--output-dir", type=str, default=str(model_files.DEFAULT_WEIGHTS_DIR),
