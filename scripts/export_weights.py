@@ -1,5 +1,5 @@
 """Export the two trained stages as the shipped default model: ``weights/stage1.safetensors`` and
-``weights/stage2.safetensors`` (float16 weights, settings and provenance in the metadata: see ``model_files.py``).
+``weights/stage2.safetensors`` (float16 weights, settings and provenance in the metadata: see ``release.py``).
 
 Usage::
 
@@ -33,10 +33,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import cli  # noqa: E402
-import fileio  # noqa: E402
-import model_files  # noqa: E402
-import user_inputs  # noqa: E402
+from mammo.cli import common  # noqa: E402
+from mammo.core import fileio  # noqa: E402
+from mammo.weights import release  # noqa: E402
+from mammo.cascade import checks  # noqa: E402
 
 #: Both shipped files together should not exceed this (bytes): two float16 ResNet34 stages take about 119 MB.
 SIZE_TARGET_BYTES = 130_000_000
@@ -46,20 +46,20 @@ DEFAULT_LESION_THRESHOLD = 0.5
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The command line (see the module docstring)."""
-    parser = cli.ArgumentParser(description="Export both stages as the shipped default model (safetensors).",
+    parser = common.ArgumentParser(description="Export both stages as the shipped default model (safetensors).",
                                 add_help=add_help)
     parser.add_argument("--stage1", type=str, required=True, help="stage-1 checkpoint (best_stage1.pth)")
     parser.add_argument("--stage2", type=str, required=True, help="stage-2 checkpoint (best_stage2.pth)")
-    parser.add_argument("--output-dir", type=str, default=str(model_files.DEFAULT_WEIGHTS_DIR),
+    parser.add_argument("--output-dir", type=str, default=str(release.DEFAULT_WEIGHTS_DIR),
                         help="where stage1.safetensors and stage2.safetensors go (default: the repository's weights/)")
     parser.add_argument("--training-data", type=str, default=None,
                         help="what the stages were trained on, recorded as training_data (default: not recorded)")
     parser.add_argument("--recipe", type=str, default=None,
                         help="the training command(s), recorded as recipe (default: not recorded)")
-    parser.add_argument("--lesion-threshold", type=cli.probability, default=None,
+    parser.add_argument("--lesion-threshold", type=common.probability, default=None,
                         help="stage 2's lesion_threshold (default: the checkpoint's, else "
                              f"{DEFAULT_LESION_THRESHOLD})")
-    parser.add_argument("--min-lesion-area", type=cli.positive_int, default=None,
+    parser.add_argument("--min-lesion-area", type=common.positive_int, default=None,
                         help="stage 2's min_lesion_area in pixels (default: the checkpoint's, else none recorded)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing files in --output-dir")
     return parser
@@ -78,16 +78,16 @@ def git_commit(folder: Path = ROOT) -> str | None:
 def main(args: argparse.Namespace) -> int:
     """Export both stages; returns 0 (written) or 2 (usage error, nothing written)."""
     out = Path(args.output_dir)
-    targets = {stage: out / model_files.DEFAULT_WEIGHTS_NAMES[stage] for stage in (1, 2)}
+    targets = {stage: out / release.DEFAULT_WEIGHTS_NAMES[stage] for stage in (1, 2)}
     try:
-        user_inputs.output_folder(out, "--output-dir")
+        checks.output_folder(out, "--output-dir")
         existing = [path for path in targets.values() if path.exists()]
         if existing and not args.overwrite:
-            raise user_inputs.UserInputError(f"{existing[0]} exists; pass --overwrite to replace it")
-        loaded = user_inputs.load_stage_pair(args.stage1, args.stage2, flags=("--stage1", "--stage2"))
+            raise checks.UserInputError(f"{existing[0]} exists; pass --overwrite to replace it")
+        loaded = checks.load_stage_pair(args.stage1, args.stage2, flags=("--stage1", "--stage2"))
     except ValueError as error:
-        return cli.usage_error(user_inputs.one_line(error))
-    common = {"training_data": args.training_data, "recipe": args.recipe, "commit": git_commit(),
+        return common.usage_error(checks.one_line(error))
+    shared = {"training_data": args.training_data, "recipe": args.recipe, "commit": git_commit(),
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     stage2 = dict(loaded[1])
     if args.lesion_threshold is not None or stage2.get("lesion_threshold") is None:
@@ -99,12 +99,12 @@ def main(args: argparse.Namespace) -> int:
     parts = {stage: target.with_name(target.name + ".part") for stage, target in targets.items()}
     try:
         for stage, checkpoint, source in ((1, loaded[0], args.stage1), (2, stage2, args.stage2)):
-            extra = {**common, "source_checkpoint": {"name": Path(source).name,
+            extra = {**shared, "source_checkpoint": {"name": Path(source).name,
                                                      "sha256": fileio.file_sha256(source)}}
             try:
-                model_files.export_weights(checkpoint, parts[stage], extra)
+                release.export_weights(checkpoint, parts[stage], extra)
             except ValueError as error:
-                return cli.usage_error(f"--stage{stage} {source}: {user_inputs.one_line(error)}; nothing was written")
+                return common.usage_error(f"--stage{stage} {source}: {checks.one_line(error)}; nothing was written")
         for stage in (1, 2):
             os.replace(parts[stage], targets[stage])
     finally:

@@ -25,15 +25,15 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import cli  # noqa: E402
-import datasets  # noqa: E402
-import imaging  # noqa: E402
-from cascade import Cascade  # noqa: E402
-from checkpoints import load_checkpoint  # noqa: E402
-from labels import BACKGROUND  # noqa: E402
-from metrics import roi_box_fraction  # noqa: E402
-from roi import RoiRule, fgt_roi_box  # noqa: E402
-from sources.common import CDD_NAME  # noqa: E402
+from mammo.cli import common  # noqa: E402
+from mammo.training import datasets  # noqa: E402
+from mammo import imaging  # noqa: E402
+from mammo.cascade import Cascade  # noqa: E402
+from mammo.weights.checkpoints import load_checkpoint  # noqa: E402
+from mammo.core.labels import BACKGROUND  # noqa: E402
+from mammo.core.metrics import roi_box_fraction  # noqa: E402
+from mammo.imaging.roi import RoiRule, fgt_roi_box  # noqa: E402
+from mammo.prepare.sources.common import CDD_NAME  # noqa: E402
 
 GRID = {"margin_fraction": (0.1, 0.2), "breast_margin_fraction": (0.0, 0.05, 0.1, 0.15),
         "min_fgt_fraction": (0.0, 0.002, 0.01), "clip_to_breast": (False, True)}
@@ -61,7 +61,7 @@ def _items(args: argparse.Namespace) -> list[tuple[str, Path, list[Path]]]:
 
 
 def main() -> int:
-    parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = common.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stage1-weights", type=Path, required=True)
     parser.add_argument("--lesion-csv", type=Path, default=None)
     parser.add_argument("--split", default="train")

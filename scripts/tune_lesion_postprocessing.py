@@ -26,10 +26,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import checkpoints  # noqa: E402
-import cli  # noqa: E402
-import imaging  # noqa: E402
-import scoring  # noqa: E402
+from mammo.weights import checkpoints  # noqa: E402
+from mammo.cli import common  # noqa: E402
+from mammo import imaging  # noqa: E402
+from mammo.evaluation import scoring  # noqa: E402
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 #: Minimum component areas in pixels at the CDD-CESM copies' 512 x 512 (evaluate.py's default is 10).
@@ -37,7 +37,7 @@ MIN_AREAS = (10, 50, 100, 200, 400)
 
 
 def main() -> int:
-    parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = common.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stage1-weights", required=True)
     parser.add_argument("--stage2-weights", required=True)
     parser.add_argument("--lesion-csv", required=True)

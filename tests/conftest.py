@@ -68,9 +68,9 @@ def checkpoint_dir(tmp_path_factory) -> Path:
     at 128x64, stage 2 at 64x64), saved with ``checkpoints.save_checkpoint``."""
     import torch
 
-    import checkpoints
-    import imaging
-    from models import build_model, default_model_config
+    from mammo.weights import checkpoints
+    from mammo import imaging
+    from mammo.nn.models import build_model, default_model_config
 
     folder = tmp_path_factory.mktemp("checkpoints")
     for stage, classes, size in ((1, 4, STAGE1_SIZE), (2, 1, STAGE2_SIZE)):

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoints
-import cli
-import fileio
-import imaging
-import onnx_export
-import runners
-from models import build_model, default_model_config
+from mammo.weights import checkpoints
+from mammo.cli import common
+from mammo.core import fileio
+from mammo import imaging
+from mammo.weights import onnx_export
+from mammo.weights import runners
+from mammo.nn.models import build_model, default_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = (64, 64)
@@ -77,7 +77,7 @@ def test_resolve_backend_choices(monkeypatch):
 
 
 def test_cli_backend_defaults_to_auto():
-    parser = cli.runtime_parser("backend")
+    parser = common.runtime_parser("backend")
     assert parser.parse_args([]).backend == "auto"
     assert parser.parse_args(["--backend", "torch"]).backend == "torch"
     with pytest.raises(SystemExit):
@@ -195,7 +195,7 @@ def test_cache_folder_follows_xdg_then_home(tmp_path, monkeypatch):
 def test_concurrent_processes_leave_one_whole_export(tmp_path, cache_home):
     """Two processes (as torchrun ranks) exporting the same checkpoint at once both run, and leave one valid file."""
     path = _save_stage(tmp_path / "best_stage1.pth")
-    code = ("import sys, runners; r, s = runners.load_runner(sys.argv[1], 'onnxruntime', 'cpu', threads=1); "
+    code = ("import sys; from mammo.weights import runners; r, s = runners.load_runner(sys.argv[1], 'onnxruntime', 'cpu', threads=1); "
             "print(r.path)")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen([sys.executable, "-c", code, str(path)], env=env, stdout=subprocess.PIPE,
@@ -216,9 +216,11 @@ def test_onnx_route_does_not_import_torch(tmp_path, cache_home):
     onnx1 = onnx_export.export_onnx(stage1, tmp_path / "stage1.onnx")
     runners.load_runner(stage2, "onnxruntime", "cpu", threads=1)  # makes stage 2's cached export
     script = f"""
-import json, sys
+import json
+import sys
 import numpy as np
-import runners, cascade
+from mammo.weights import runners
+from mammo import cascade
 runner1, settings1 = runners.load_runner({str(onnx1)!r}, "onnxruntime")
 runner2, settings2 = runners.load_runner({str(stage2)!r}, "auto", "cpu", threads=1)  # the cached export
 pixels = (np.arange(96 * 64, dtype=np.float64).reshape(96, 64) % 251).astype(np.uint8)

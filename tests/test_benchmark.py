@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-import benchmark
-import speed
-import throughput
+from mammo.cli import benchmark
+from mammo.bench import speed
+from mammo.bench import throughput
 
 
 def test_quick_run_writes_json(tmp_path, capsys):

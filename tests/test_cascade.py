@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-import imaging
-import runners
-from cascade import Cascade
-from checkpoints import (TRAINING_STATE_KEYS, load_checkpoint, load_stage, make_checkpoint, save_checkpoint,
+from mammo import imaging
+from mammo.weights import runners
+from mammo.cascade import Cascade
+from mammo.weights.checkpoints import (TRAINING_STATE_KEYS, load_checkpoint, load_stage, make_checkpoint, save_checkpoint,
                          without_training_state)
-from labels import FGT
-from roi import RoiBox, fgt_roi_box, paste_into_box
-from models import build_model, default_model_config
+from mammo.core.labels import FGT
+from mammo.imaging.roi import RoiBox, fgt_roi_box, paste_into_box
+from mammo.nn.models import build_model, default_model_config
 
 
 def test_fgt_roi_box_by_hand():

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import datasets as D
-import imaging
+from mammo import imaging
 
 
 def lesion_table(lesion_dir: Path) -> pd.DataFrame:

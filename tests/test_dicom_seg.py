@@ -18,7 +18,7 @@ import pytest
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-import dicom_seg
+from mammo.inference import dicom_seg
 from dicom_helpers import make_dicom  # the suite's DICOM maker (pydicom, MG For Presentation, Explicit VR LE)
 
 ROWS, COLUMNS = 61, 47
@@ -188,7 +188,7 @@ def test_a_text_file_named_dcm_is_refused(tmp_path):
 
 
 def test_segment_colours_are_the_suites_tissue_colours():
-    from outputs import TISSUE_COLORS_RGB  # imports torch: kept inside this test
+    from mammo.inference.outputs import TISSUE_COLORS_RGB  # imports torch: kept inside this test
 
     assert [dicom_seg.SEGMENT_COLORS_RGB[n] for n in (1, 2, 3)] == list(TISSUE_COLORS_RGB[1:])
 

@@ -12,11 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import evaluate
-import imaging
-import metrics
-import roi
-import scoring
+from mammo.cli import evaluate
+from mammo import imaging
+from mammo.core import metrics
+from mammo.imaging import roi
+from mammo.evaluation import scoring
 
 
 def _run(argv: list[str]) -> int:

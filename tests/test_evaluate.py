@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
-import checkpoints
-import evaluate
-import imaging
-import metrics
-import scoring
-from models import build_model, default_model_config
+from mammo.weights import checkpoints
+from mammo.cli import evaluate
+from mammo import imaging
+from mammo.core import metrics
+from mammo.evaluation import scoring
+from mammo.nn.models import build_model, default_model_config
 
 
 def _run(argv: list[str]) -> int:

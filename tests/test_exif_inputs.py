@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-import cascade_inference as ci
-import imaging
-import prepare_to_train as ptt
+from mammo.cli import infer as ci
+from mammo import imaging
+from mammo.cli import prepare as ptt
 
 
 @pytest.fixture()

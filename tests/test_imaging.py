@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import imaging
-from imaging import ImageReadError
+from mammo import imaging
+from mammo.imaging import ImageReadError
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402

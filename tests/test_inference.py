@@ -20,15 +20,18 @@ import numpy as np
 import pytest
 import torch
 
-import cascade
-import cascade_inference as ci
-import fileio
-import imaging
-import inference
-import labels
-import outputs
-import roi
-from record import RECORD_SPEC, lesion_components, plausibility_warnings, validate_record
+from mammo import cascade
+from mammo.cli import infer as ci
+from mammo.core import fileio
+from mammo import imaging
+from mammo.inference import predict
+from mammo.cascade import load
+from mammo.inference import listing
+from mammo.core import labels
+from mammo.inference import outputs
+from mammo.inference import probability
+from mammo.imaging import roi
+from mammo.inference.record import RECORD_SPEC, lesion_components, plausibility_warnings, validate_record
 
 TISSUE_NAME = "A_0002_1.RIGHT_MLO.png"
 
@@ -36,8 +39,8 @@ TISSUE_NAME = "A_0002_1.RIGHT_MLO.png"
 # ---------------------------------------------------------------------------------------------------- fixtures
 # checkpoint_dir (untrained, seeded best_stage1.pth / best_stage2.pth) is in conftest.py
 @pytest.fixture(scope="session")
-def loaded(checkpoint_dir) -> inference.LoadedCascade:
-    return inference.load_cascade(checkpoint_dir / "stage1" / "best_stage1.pth",
+def loaded(checkpoint_dir) -> load.LoadedCascade:
+    return load.load_cascade(checkpoint_dir / "stage1" / "best_stage1.pth",
                                   checkpoint_dir / "stage2" / "best_stage2.pth", device="cpu")
 
 
@@ -86,7 +89,7 @@ def _check_outputs(out_dir: Path, stem: str, pixels: np.ndarray, expected: casca
     assert (out_dir / f"{stem}_visualization.png").stat().st_size > 10_000
     if expected is not None:  # what was written is what the cascade computed, in the input's orientation
         assert np.array_equal(tissue, expected.tissue_classes)
-        assert np.array_equal(prob_png, outputs.encode_probability(expected.lesion_prob))
+        assert np.array_equal(prob_png, probability.encode_probability(expected.lesion_prob))
         assert box == expected.roi_box.to_dict()
     return record
 
@@ -119,8 +122,8 @@ def test_mirrored_input_gives_mirrored_outputs(loaded, tissue_image, tmp_path):
     pixels = _read(tissue_image)
     mirrored_path = tmp_path / "in" / "mirrored.png"
     imaging.write_png(mirrored_path, np.ascontiguousarray(pixels[:, ::-1]))
-    first = inference.run_image(loaded, tissue_image)
-    second = inference.run_image(loaded, mirrored_path)
+    first = predict.run_image(loaded, tissue_image)
+    second = predict.run_image(loaded, mirrored_path)
     assert first.result.flipped != second.result.flipped
     assert np.array_equal(second.result.tissue_classes, first.result.tissue_classes[:, ::-1])
     np.testing.assert_allclose(second.result.lesion_prob, first.result.lesion_prob[:, ::-1], atol=1e-6)
@@ -156,8 +159,8 @@ def test_roi_box_by_hand_and_zero_outside_with_a_known_fgt_region(mirror, loaded
     imaging.write_png(source, pixels)
     model = cascade.Cascade(loaded.cascade.stage1_checkpoint, loaded.cascade.stage2_checkpoint,
                             stage1_runner=_fake_stage1((32, 64), (8, 32)), stage2_runner=_constant_stage2(2.0))
-    fake = inference.LoadedCascade(model, loaded.identities, "cpu", "torch")
-    prediction = inference.run_image(fake, source, threshold=0.5)
+    fake = load.LoadedCascade(model, loaded.identities, "cpu", "torch")
+    prediction = predict.run_image(fake, source, threshold=0.5)
     flipped = imaging.preprocess(pixels, model.preprocess_config).flipped
     assert flipped == mirror  # this DDSM right MLO has its chest wall on the left
     x0, x1 = (222, 438) if flipped else (42, 258)
@@ -184,7 +187,7 @@ def test_roi_box_by_hand_and_zero_outside_with_a_known_fgt_region(mirror, loaded
 def test_no_fgt_falls_back_to_the_breast_box_and_says_so(loaded, tissue_image):
     model = cascade.Cascade(loaded.cascade.stage1_checkpoint, loaded.cascade.stage2_checkpoint,
                             stage1_runner=_fake_stage1((0, 0), (0, 0), fgt=False), stage2_runner=_constant_stage2(-8.0))
-    record = inference.predict_image(inference.LoadedCascade(model, loaded.identities, "cpu", "torch"), tissue_image)
+    record = predict.predict_image(load.LoadedCascade(model, loaded.identities, "cpu", "torch"), tissue_image)
     assert record["roi"]["source"] == "breast" and "No FGT" in record["roi"]["explanation"]
     assert any("No FGT" in line for line in record["findings"])
     assert record["lesions"]["count"] == 0 and record["density"]["percent"] == 0.0
@@ -217,14 +220,14 @@ def test_lesion_components_by_hand():
 
 def test_probability_encodings_round_trip():
     prob = np.array([[0.0, 0.5, 1.0, 0.25]], np.float32)
-    eight, sixteen = outputs.encode_probability(prob, "uint8"), outputs.encode_probability(prob, "uint16")
+    eight, sixteen = probability.encode_probability(prob, "uint8"), probability.encode_probability(prob, "uint16")
     assert eight.dtype == np.uint8 and eight.tolist() == [[0, 128, 255, 64]]
     assert sixteen.dtype == np.uint16 and sixteen.tolist() == [[0, 32768, 65535, 16384]]
-    assert np.abs(outputs.decode_probability(sixteen) - prob).max() < 1e-4
+    assert np.abs(probability.decode_probability(sixteen) - prob).max() < 1e-4
 
 
 def test_validate_record_catches_missing_and_mistyped_fields(loaded, tissue_image):
-    record = json.loads(json.dumps(fileio.json_safe(inference.predict_image(loaded, tissue_image))))
+    record = json.loads(json.dumps(fileio.json_safe(predict.predict_image(loaded, tissue_image))))
     record["outputs"] = {k: "x.png" for k in RECORD_SPEC["outputs"]}
     assert validate_record(record) == []
     broken = json.loads(json.dumps(record))
@@ -321,7 +324,7 @@ def test_stem_collisions_and_output_folder_inside_the_input(tmp_path):
     (tmp_path / ".hidden.png").write_bytes(b"x")
     (tmp_path / "predictions").mkdir()
     (tmp_path / "predictions" / "old_tissue_seg.png").write_bytes(b"x")
-    items = inference.list_inputs(tmp_path, recursive=True, output_dir=tmp_path / "predictions")
+    items = listing.list_inputs(tmp_path, recursive=True, output_dir=tmp_path / "predictions")
     assert {item.relative: (item.stem, item.status) for item in items} == {
         "a.dcm": ("a_dcm", "pending"), "a.png": ("a_png", "pending"), "scan001": ("scan001", "pending")}
 
@@ -470,7 +473,7 @@ def test_dicom_input_writes_a_segmentation_with_the_png_masks_and_the_source_uid
 def test_tissue_map_is_an_indexed_png_with_exact_classes_and_the_display_palette(loaded, tissue_image, tmp_path):
     from PIL import Image
 
-    prediction = inference.run_image(loaded, tissue_image)
+    prediction = predict.run_image(loaded, tissue_image)
     outputs.write_outputs(prediction, tmp_path, "t", visualization=False)
     with Image.open(tmp_path / "t_tissue_seg.png") as im:
         assert im.mode == "P"
@@ -515,9 +518,9 @@ def test_onnxruntime_backend_matches_torch(checkpoint_dir, loaded, tissue_image)
     pytest.importorskip("onnxruntime")
     onnx_backend = pytest.importorskip("onnx_backend")
     assert onnx_backend is not None
-    onnx = inference.load_cascade(checkpoint_dir / "stage1" / "best_stage1.pth",
+    onnx = load.load_cascade(checkpoint_dir / "stage1" / "best_stage1.pth",
                                   checkpoint_dir / "stage2" / "best_stage2.pth", device="cpu", backend="onnxruntime")
-    first, second = inference.run_image(loaded, tissue_image), inference.run_image(onnx, tissue_image)
+    first, second = predict.run_image(loaded, tissue_image), predict.run_image(onnx, tissue_image)
     assert second.record["runtime"]["backend"] == "onnxruntime"
     assert (first.result.tissue_classes == second.result.tissue_classes).mean() > 0.999
     assert np.abs(first.result.lesion_prob - second.result.lesion_prob).max() < 1e-3
@@ -540,7 +543,7 @@ def test_implausible_image_sizes_are_flagged(loaded, tmp_path):
     imaging.write_png(tiny, np.full((5, 5), 120, np.uint8))
     imaging.write_png(strip, np.full((3000, 200), 120, np.uint8))
     for path, words in ((tiny, "below 128 px"), (strip, "aspect ratio 15.0")):
-        record = inference.predict_image(loaded, path)
+        record = predict.predict_image(loaded, path)
         assert any(words in note for note in record["input"]["notes"]), record["input"]["notes"]
         assert any(finding.startswith("Warning:") and words in finding for finding in record["findings"])
         assert validate_record(record) == []
@@ -559,7 +562,7 @@ def test_progress_lines_keep_the_input_order_with_read_ahead_and_write_behind(ch
         (folder / f"{name}.png").write_bytes(tissue_image.read_bytes()[:300])  # truncated: fails at reading
     imaging.write_png(folder / "f.png", np.full((10, 10), 120, np.uint8))
     lines = []
-    monkeypatch.setattr(inference, "_report", lambda item, index, total: lines.append((index, item.relative, item.status)))
+    monkeypatch.setattr(predict, "_report", lambda item, index, total: lines.append((index, item.relative, item.status)))
     assert ci.main(_args(checkpoint_dir, "--image-dir", str(folder), "--output-dir", str(tmp_path / "out"),
                          "--no-visualization", "--backend", "torch")) == 1
     assert lines == [(0, "a.png", "ok"), (1, "b.png", "failed"), (2, "c.png", "ok"), (3, "d.png", "failed"),

@@ -47,10 +47,10 @@ import numpy as np
 import pytest
 import torch
 
-import cascade_inference as ci
-import checkpoints
-import imaging
-from models import build_model, default_model_config
+from mammo.cli import infer as ci
+from mammo.weights import checkpoints
+from mammo import imaging
+from mammo.nn.models import build_model, default_model_config
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "inference_expected.json"
 STAGE1_SIZE, STAGE2_SIZE = (128, 64), (64, 64)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-import imaging
-import inference
+from mammo import imaging
+from mammo.inference import listing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,12 +74,12 @@ def test_two_gloo_processes_split_a_folder_and_merge_in_input_order(checkpoint_d
 
 
 def test_shards_cover_the_inputs_once_and_merge_back_in_order(tmp_path):
-    items = [inference.InputItem(tmp_path / f"{i}.png", f"{i}.png", tmp_path, str(i)) for i in range(7)]
-    shards = [inference.shard(items, rank, 3) for rank in range(3)]
+    items = [listing.InputItem(tmp_path / f"{i}.png", f"{i}.png", tmp_path, str(i)) for i in range(7)]
+    shards = [listing.shard(items, rank, 3) for rank in range(3)]
     assert [len(s) for s in shards] == [3, 2, 2]
-    assert inference.merge_shards(shards[::-1]) == items
+    assert listing.merge_shards(shards[::-1]) == items
     try:
-        inference.merge_shards(shards[:2])
+        listing.merge_shards(shards[:2])
     except ValueError as error:
         assert "different inputs" in str(error)
     else:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from losses import LesionLoss, TissueLoss, l1_penalty
-from metrics import (binary_dice, binary_iou, confusion_counts, density_category, dice_per_class, iou_per_class,
+from mammo.nn.losses import LesionLoss, TissueLoss, l1_penalty
+from mammo.core.metrics import (binary_dice, binary_iou, confusion_counts, density_category, dice_per_class, iou_per_class,
                      percent_density, pixel_accuracy)
 
 

@@ -1,4 +1,4 @@
-"""Model files (``model_files.py``): float16 safetensors export and its round trip, one-line errors, loading through
+"""Model files (``release.py``): float16 safetensors export and its round trip, one-line errors, loading through
 every route (``checkpoints.load_checkpoint``, both backends of ``runners.load_runner`` with the ONNX export cache),
 the shipped default model used by ``cascade_inference.py`` and ``evaluate.py`` when no weights are given
 (``MAMMO_WEIGHTS_DIR`` points them to a folder of test weights), the stage-2 model's lesion threshold, and the
@@ -17,17 +17,17 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import cascade_inference as ci
-import checkpoints
-import evaluate
-import fileio
-import labels
-import model_files
-import runners
+from mammo.cli import infer as ci
+from mammo.weights import checkpoints
+from mammo.cli import evaluate
+from mammo.core import fileio
+from mammo.core import labels
+from mammo.weights import release
+from mammo.weights import runners
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-import export_weights as export_script  # noqa: E402
+import export_weights as export_script # noqa: E402
 
 EXTRA = {"training_data": "untrained test networks", "recipe": "conftest.checkpoint_dir", "commit": "0123456789abcdef",
          "date": "2025-01-31T12:00:00Z"}
@@ -44,8 +44,8 @@ def weights_dir(checkpoint_dir, tmp_path_factory) -> Path:
     """Both test stages exported as stage1.safetensors / stage2.safetensors (no lesion threshold carried)."""
     folder = tmp_path_factory.mktemp("weights")
     for stage in (1, 2):
-        model_files.export_weights(_checkpoint(checkpoint_dir, stage),
-                                   folder / model_files.DEFAULT_WEIGHTS_NAMES[stage], EXTRA)
+        release.export_weights(_checkpoint(checkpoint_dir, stage),
+                                   folder / release.DEFAULT_WEIGHTS_NAMES[stage], EXTRA)
     return folder
 
 
@@ -55,7 +55,7 @@ def weights_with_threshold(checkpoint_dir, weights_dir, tmp_path_factory) -> Pat
     folder = tmp_path_factory.mktemp("weights_t")
     shutil.copyfile(weights_dir / "stage1.safetensors", folder / "stage1.safetensors")
     checkpoint = dict(_checkpoint(checkpoint_dir, 2), lesion_threshold=0.3, min_lesion_area=2)
-    model_files.export_weights(checkpoint, folder / "stage2.safetensors", EXTRA)
+    release.export_weights(checkpoint, folder / "stage2.safetensors", EXTRA)
     return folder
 
 
@@ -69,8 +69,8 @@ def _one_line_error(excinfo, name: str) -> str:
 def test_export_load_round_trip(checkpoint_dir, weights_dir):
     for stage in (1, 2):
         original = _checkpoint(checkpoint_dir, stage)
-        path = weights_dir / model_files.DEFAULT_WEIGHTS_NAMES[stage]
-        loaded = model_files.load_weights(path, stage)
+        path = weights_dir / release.DEFAULT_WEIGHTS_NAMES[stage]
+        loaded = release.load_weights(path, stage)
         # the weights: equal to float16 precision, float32 in memory, integer buffers unchanged
         assert loaded["model"].keys() == original["model"].keys()
         float_values = 0
@@ -90,11 +90,11 @@ def test_export_load_round_trip(checkpoint_dir, weights_dir):
         size = path.stat().st_size
         assert 2 * float_values < size < 2 * float_values + 1_000_000
         # every setting and metadata entry back, equal
-        for key in (*model_files.REQUIRED_KEYS, *model_files.OPTIONAL_KEYS):
+        for key in (*release.REQUIRED_KEYS, *release.OPTIONAL_KEYS):
             if key in original:
                 assert loaded[key] == json.loads(json.dumps(original[key])), key
         assert ("roi" in loaded) == (stage == 2)
-        assert loaded["metadata"] == {"format": model_files.WEIGHTS_FORMAT, **EXTRA}
+        assert loaded["metadata"] == {"format": release.WEIGHTS_FORMAT, **EXTRA}
         assert not set(loaded) & {"optimizer", "lr_scheduler", "scaler", "rng_state", "args"}
         # the same through checkpoints.load_checkpoint, and the model rebuilt from it runs like the original
         assert checkpoints.load_checkpoint(path)["metadata"] == loaded["metadata"]
@@ -103,36 +103,36 @@ def test_export_load_round_trip(checkpoint_dir, weights_dir):
         x = torch.rand(1, 1, *original["input_size"], generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             assert torch.allclose(model(x), reference(x), atol=0.05)
-        assert model_files.read_settings(path)["metadata"] == loaded["metadata"]
+        assert release.read_settings(path)["metadata"] == loaded["metadata"]
 
 
 def test_recognised_by_header_and_reexported_with_its_metadata(weights_dir, tmp_path):
     renamed = tmp_path / "stage2.bin"
     shutil.copyfile(weights_dir / "stage2.safetensors", renamed)
-    assert model_files.is_weights_file(renamed)
+    assert release.is_weights_file(renamed)
     loaded = checkpoints.load_checkpoint(renamed)
     assert loaded["stage"] == 2 and loaded["metadata"]["commit"] == EXTRA["commit"]
-    again = model_files.export_weights(loaded, tmp_path / "again.safetensors", {"recipe": "re-exported"})
-    assert model_files.read_settings(again)["metadata"] == {"format": model_files.WEIGHTS_FORMAT,
+    again = release.export_weights(loaded, tmp_path / "again.safetensors", {"recipe": "re-exported"})
+    assert release.read_settings(again)["metadata"] == {"format": release.WEIGHTS_FORMAT,
                                                           **EXTRA, "recipe": "re-exported"}
     assert (tmp_path / "again.safetensors").read_bytes()[8:].find(b"re-exported") > 0
     with pytest.raises(FileExistsError):
-        model_files.export_weights(loaded, again, overwrite=False)
-    with pytest.raises(model_files.WeightsFileError, match="reserved"):
-        model_files.export_weights(loaded, tmp_path / "x.safetensors", {"stage": 1})
+        release.export_weights(loaded, again, overwrite=False)
+    with pytest.raises(release.WeightsFileError, match="reserved"):
+        release.export_weights(loaded, tmp_path / "x.safetensors", {"stage": 1})
     for other in (weights_dir.parent, ROOT / "checkpoints.py"):
-        assert not model_files.is_weights_file(other)
+        assert not release.is_weights_file(other)
 
 
 def test_wrong_files_are_one_line_errors(weights_dir, tmp_path):
     stage2 = weights_dir / "stage2.safetensors"
-    with pytest.raises(model_files.WeightsFileError) as excinfo:
-        model_files.load_weights(stage2, stage=1)
+    with pytest.raises(release.WeightsFileError) as excinfo:
+        release.load_weights(stage2, stage=1)
     assert "stage-2" in _one_line_error(excinfo, "stage2.safetensors")
 
     text = tmp_path / "notes.safetensors"
     text.write_text("these are my notes, not a model\n")
-    for load in (model_files.load_weights, checkpoints.load_checkpoint, model_files.read_settings):
+    for load in (release.load_weights, checkpoints.load_checkpoint, release.read_settings):
         with pytest.raises(ValueError) as excinfo:
             load(text)
         assert "not a safetensors file" in _one_line_error(excinfo, "notes.safetensors")
@@ -141,24 +141,24 @@ def test_wrong_files_are_one_line_errors(weights_dir, tmp_path):
 
     bare = tmp_path / "bare.safetensors"
     save_file({"w": torch.zeros(2)}, str(bare))
-    with pytest.raises(model_files.WeightsFileError) as excinfo:
+    with pytest.raises(release.WeightsFileError) as excinfo:
         checkpoints.load_checkpoint(bare)
     assert "without this suite's metadata" in _one_line_error(excinfo, "bare.safetensors")
 
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(stage2.read_bytes()[:4_000_000])
-    assert model_files.read_settings(truncated)["stage"] == 2  # the header is whole
-    with pytest.raises(model_files.WeightsFileError) as excinfo:
-        model_files.load_weights(truncated)
+    assert release.read_settings(truncated)["stage"] == 2  # the header is whole
+    with pytest.raises(release.WeightsFileError) as excinfo:
+        release.load_weights(truncated)
     _one_line_error(excinfo, "truncated.safetensors")
 
     with pytest.raises(FileNotFoundError):
-        model_files.load_weights(tmp_path / "none.safetensors")
+        release.load_weights(tmp_path / "none.safetensors")
 
-    with pytest.raises(model_files.WeightsFileError, match="float16"):
-        checkpoint = model_files.load_weights(stage2)
+    with pytest.raises(release.WeightsFileError, match="float16"):
+        checkpoint = release.load_weights(stage2)
         next(t for t in checkpoint["model"].values() if t.is_floating_point()).view(-1)[0] = 1e6
-        model_files.export_weights(checkpoint, tmp_path / "big.safetensors")
+        release.export_weights(checkpoint, tmp_path / "big.safetensors")
 
 
 def test_a_text_file_as_weights_is_one_line_on_the_command_line(tmp_path, weights_dir, shared_data, capsys):
@@ -172,7 +172,7 @@ def test_a_text_file_as_weights_is_one_line_on_the_command_line(tmp_path, weight
 
 
 def test_lesion_settings_resolution():
-    resolve = model_files.lesion_settings
+    resolve = release.lesion_settings
     assert resolve(None, None, None, default_threshold=0.5, default_min_area=10) == (0.5, 10, [])
     assert resolve({"lesion_threshold": 0.3}, None, None, default_threshold=0.5, default_min_area=10) == (
         0.3, 10, ["lesion_threshold"])
@@ -180,7 +180,7 @@ def test_lesion_settings_resolution():
                    default_min_area=1) == (0.6, 4, ["min_lesion_area"])
     for bad in ({"lesion_threshold": 1.5}, {"lesion_threshold": "high"}, {"min_lesion_area": 2.5},
                 {"min_lesion_area": -1}):
-        with pytest.raises(model_files.WeightsFileError):
+        with pytest.raises(release.WeightsFileError):
             resolve(bad, None, None, default_threshold=0.5, default_min_area=1)
 
 
@@ -224,7 +224,7 @@ def _run_inference(tmp_path, shared_data, *extra) -> tuple[int, dict]:
 
 
 def test_cascade_inference_uses_the_shipped_weights(weights_dir, shared_data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv(model_files.WEIGHTS_DIR_ENV, str(weights_dir))
+    monkeypatch.setenv(release.WEIGHTS_DIR_ENV, str(weights_dir))
     status, record = _run_inference(tmp_path, shared_data)
     assert status == 0
     out = capsys.readouterr().out
@@ -240,7 +240,7 @@ def test_cascade_inference_uses_the_shipped_weights(weights_dir, shared_data, tm
 
 
 def test_missing_shipped_weights_name_the_path(tmp_path, shared_data, monkeypatch, capsys):
-    monkeypatch.setenv(model_files.WEIGHTS_DIR_ENV, str(tmp_path / "empty"))
+    monkeypatch.setenv(release.WEIGHTS_DIR_ENV, str(tmp_path / "empty"))
     status, _ = _run_inference(tmp_path, shared_data)
     assert status == 2
     err = capsys.readouterr().err.strip()
@@ -253,7 +253,7 @@ def test_missing_shipped_weights_name_the_path(tmp_path, shared_data, monkeypatc
 
 def test_the_model_threshold_is_used_unless_the_user_gives_one(weights_with_threshold, shared_data, tmp_path,
                                                                monkeypatch, capsys):
-    monkeypatch.setenv(model_files.WEIGHTS_DIR_ENV, str(weights_with_threshold))
+    monkeypatch.setenv(release.WEIGHTS_DIR_ENV, str(weights_with_threshold))
     status, record = _run_inference(tmp_path / "a", shared_data)  # --backend auto: ONNX Runtime here
     assert status == 0 and record["lesions"]["threshold"] == 0.3 and record["lesions"]["min_area_px"] == 2
     assert "using the stage-2 model's lesion_threshold 0.3 and min_lesion_area 2" in capsys.readouterr().out
@@ -271,7 +271,7 @@ def _run_evaluate(out: Path, shared_data: Path, *extra) -> dict:
 
 def test_evaluate_uses_the_shipped_weights_and_their_threshold(weights_dir, weights_with_threshold, shared_data,
                                                                tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv(model_files.WEIGHTS_DIR_ENV, str(weights_dir))
+    monkeypatch.setenv(release.WEIGHTS_DIR_ENV, str(weights_dir))
     summary = _run_evaluate(tmp_path / "plain", shared_data)
     out = capsys.readouterr().out
     assert out.count("using the shipped default model") == 2 and "stage2.safetensors" in out
@@ -281,7 +281,7 @@ def test_evaluate_uses_the_shipped_weights_and_their_threshold(weights_dir, weig
     assert evaluation["lesion_threshold"] == 0.5 and evaluation["min_lesion_area_px"] == 10
     assert summary["tissue"]["n_images"] == 1
 
-    monkeypatch.setenv(model_files.WEIGHTS_DIR_ENV, str(weights_with_threshold))
+    monkeypatch.setenv(release.WEIGHTS_DIR_ENV, str(weights_with_threshold))
     evaluation = _run_evaluate(tmp_path / "model", shared_data)["evaluation"]
     assert evaluation["lesion_threshold"] == 0.3 and evaluation["min_lesion_area_px"] == 2
     assert evaluation["lesion_settings_from_model"] == ["lesion_threshold", "min_lesion_area"]
@@ -301,15 +301,15 @@ def test_export_script(checkpoint_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "stage 1:" in printed and "stage 2:" in printed and "MB" in printed
     for stage in (1, 2):
-        settings = model_files.read_settings(out / f"stage{stage}.safetensors", stage)
+        settings = release.read_settings(out / f"stage{stage}.safetensors", stage)
         metadata = settings["metadata"]
         assert metadata["training_data"] == "test data" and metadata["recipe"] == "pytest"
         assert metadata["date"].endswith("Z") and metadata["source_checkpoint"]["name"] == f"best_stage{stage}.pth"
         if (ROOT / ".git").exists() and shutil.which("git"):
             head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
             assert metadata["commit"] == head.strip()
-    assert model_files.read_settings(out / "stage2.safetensors")["lesion_threshold"] == 0.5
-    assert "lesion_threshold" not in model_files.read_settings(out / "stage1.safetensors")
+    assert release.read_settings(out / "stage2.safetensors")["lesion_threshold"] == 0.5
+    assert "lesion_threshold" not in release.read_settings(out / "stage1.safetensors")
     before = (out / "stage1.safetensors").stat().st_mtime_ns
     assert export_script.main(export_script.get_args_parser().parse_args(argv)) == 2
     err = capsys.readouterr().err.strip()
@@ -317,7 +317,7 @@ def test_export_script(checkpoint_dir, tmp_path, capsys):
     assert (out / "stage1.safetensors").stat().st_mtime_ns == before
     assert export_script.main(export_script.get_args_parser().parse_args(
         [*argv, "--overwrite", "--lesion-threshold", "0.4"])) == 0
-    assert model_files.read_settings(out / "stage2.safetensors")["lesion_threshold"] == 0.4
+    assert release.read_settings(out / "stage2.safetensors")["lesion_threshold"] == 0.4
     swapped = ["--stage1", argv[3], "--stage2", argv[1], *argv[4:], "--overwrite"]
     assert export_script.main(export_script.get_args_parser().parse_args(swapped)) == 2
     assert "swap" in capsys.readouterr().err
@@ -337,13 +337,13 @@ def test_export_script(checkpoint_dir, tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------- the shipped weights
 def test_shipped_weights_load_and_carry_their_metadata():
-    folder = model_files.DEFAULT_WEIGHTS_DIR
-    paths = {stage: folder / name for stage, name in model_files.DEFAULT_WEIGHTS_NAMES.items()}
+    folder = release.DEFAULT_WEIGHTS_DIR
+    paths = {stage: folder / name for stage, name in release.DEFAULT_WEIGHTS_NAMES.items()}
     assert all(path.is_file() for path in paths.values()), f"the shipped model is missing from {folder}"
     assert sum(path.stat().st_size for path in paths.values()) <= export_script.SIZE_TARGET_BYTES
     names = {1: list(labels.TISSUE_CLASS_NAMES), 2: list(labels.LESION_CLASS_NAMES)}
     for stage, path in paths.items():
-        checkpoint = model_files.load_weights(path, stage)
+        checkpoint = release.load_weights(path, stage)
         assert checkpoint["stage"] == stage and checkpoint["class_names"] == names[stage]
         with safe_open(str(path), framework="pt") as handle:
             dtypes = {handle.get_slice(name).get_dtype() for name in handle.keys()}
@@ -358,7 +358,7 @@ def test_shipped_weights_load_and_carry_their_metadata():
 
 def test_the_shipped_model_finds_fgt_on_a_full_field_image(shared_data, tmp_path, monkeypatch, capsys):
     """The acceptance of issue 12: no weights flag, a 16-bit full-field digital mammogram, an FGT ROI."""
-    monkeypatch.delenv(model_files.WEIGHTS_DIR_ENV, raising=False)
+    monkeypatch.delenv(release.WEIGHTS_DIR_ENV, raising=False)
     out = tmp_path / "pred"
     argv = ["--image", str(shared_data / "nyu_16bit" / "images" / "0_R-CC.png"), "--output-dir", str(out),
             "--no-visualization"]
@@ -366,7 +366,7 @@ def test_the_shipped_model_finds_fgt_on_a_full_field_image(shared_data, tmp_path
     assert capsys.readouterr().out.count("using the shipped default model") == 2
     record = json.loads((out / "0_R-CC.json").read_text(encoding="utf-8"))
     assert record["roi"]["source"] == "fgt" and record["tissue"]["areas_px"]["fgt"] > 0
-    assert record["checkpoints"]["stage1"]["path"] == str(model_files.DEFAULT_WEIGHTS_DIR.joinpath(
-        model_files.DEFAULT_WEIGHTS_NAMES[1]).resolve())
-    assert record["lesions"]["threshold"] == model_files.read_settings(
-        model_files.DEFAULT_WEIGHTS_DIR / model_files.DEFAULT_WEIGHTS_NAMES[2], 2)["lesion_threshold"]
+    assert record["checkpoints"]["stage1"]["path"] == str(release.DEFAULT_WEIGHTS_DIR.joinpath(
+        release.DEFAULT_WEIGHTS_NAMES[1]).resolve())
+    assert record["lesions"]["threshold"] == release.read_settings(
+        release.DEFAULT_WEIGHTS_DIR / release.DEFAULT_WEIGHTS_NAMES[2], 2)["lesion_threshold"]

@@ -7,8 +7,8 @@ import urllib.error
 import pytest
 import torch
 
-import models
-from models import (ACAAtrousResUNet, ACAAtrousUNet, ACAModule, ASPP, DoubleConv, Down, Up, UNet, UpACA, build_model,
+from mammo.nn import models
+from mammo.nn.models import (ACAAtrousResUNet, ACAAtrousUNet, ACAModule, ASPP, DoubleConv, Down, Up, UNet, UpACA, build_model,
                     check_input_size, count_parameters, default_model_config, nearest_valid_size)
 
 

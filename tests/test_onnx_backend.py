@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-import cascade
-import checkpoints
-import imaging
-import onnx_backend
-import onnx_export
-import runners
-from models import default_model_config
+from mammo import cascade
+from mammo.weights import checkpoints
+from mammo import imaging
+from mammo.cli import onnx_backend
+from mammo.weights import export, onnx_export
+from mammo.weights import runners
+from mammo.nn.models import default_model_config
 
 SIZE = (256, 128)  # network size (H, W) for the tests: keeps the DDSM 2:1 aspect, small enough for seconds
 
@@ -22,7 +22,7 @@ def _checkpoint(stage: int, encoder: str = "resnet18", seed: int = 0, size=SIZE)
     (a fresh model's logits are ~0.05 and would make a 1e-4 tolerance meaningless)."""
     torch.manual_seed(seed)
     config = default_model_config(4 if stage == 1 else 1, encoder_name=encoder)
-    from models import build_model
+    from mammo.nn.models import build_model
 
     model = build_model(config).eval()
     generator = torch.Generator().manual_seed(seed)
@@ -92,7 +92,7 @@ def test_dynamic_size_export_accepts_other_sizes(tmp_path):
     runner = runners.OnnxRunner(path, threads=1)
     assert runner.input_hw is None
     batch = np.random.default_rng(2).random((1, 1, 96, 160), dtype=np.float32)
-    assert onnx_export.max_logit_difference(checkpoint, path, batch) < 1e-4
+    assert export.max_logit_difference(checkpoint, path, batch) < 1e-4
 
 
 def test_cli_exports_both_stages_and_cascade_runs_on_them(tissue_dir, tmp_path, capsys):

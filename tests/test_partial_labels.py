@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 from segmentation_models_pytorch.losses import DiceLoss
 
-import imaging
-import training
+from mammo import imaging
+from mammo.training import trainer
 from conftest import SHARED_DATA
-from datasets import appearance_augmentation, tissue_augmentation
-from labels import ADIPOSE_OR_FGT, IGNORE
-from losses import TissueLoss
-from sources.common import Report
-from sources.csaw_s import breast_region, csaw_samples, partial_tissue_label
+from mammo.training.datasets import appearance_augmentation, tissue_augmentation
+from mammo.core.labels import ADIPOSE_OR_FGT, IGNORE
+from mammo.nn.losses import TissueLoss
+from mammo.prepare.sources.common import Report
+from mammo.prepare.sources.csaw_s import breast_region, csaw_samples, partial_tissue_label
 
 
 # ------------------------------------------------------------------------------------------------ the loss
@@ -125,12 +125,12 @@ def test_appearance_augmentation_changes_the_image_not_the_mask():
 # ------------------------------------------------------------------------------------------------ training rows
 def test_source_repeat_repeats_only_that_source():
     train = pd.DataFrame({"image_file_path": ["a", "b", "c"], "source": ["ddsm_tissue", "csaw-s", "ddsm_tissue"]})
-    out = training.repeat_sources(train, ["csaw-s=3"])
+    out = trainer.repeat_sources(train, ["csaw-s=3"])
     assert out["image_file_path"].tolist() == ["a", "b", "c", "b", "b"]
-    assert training.repeat_sources(train, []).equals(train)
+    assert trainer.repeat_sources(train, []).equals(train)
     for bad, words in (("csaw-s=0", "N >= 1"), ("csaw-s", "SOURCE=N"), ("inbreast=2", "sources: csaw-s, ddsm")):
-        with pytest.raises(training.TrainingInputError, match=words):
-            training.repeat_sources(train, [bad])
+        with pytest.raises(trainer.TrainingInputError, match=words):
+            trainer.repeat_sources(train, [bad])
 
 
 def test_split_table_applies_the_repeats_to_training_rows_only():
@@ -138,13 +138,13 @@ def test_split_table_applies_the_repeats_to_training_rows_only():
                           "source": ["ddsm_tissue", "csaw-s", "ddsm_tissue", "csaw-s"],
                           "split": ["train", "train", "val", "test"]})
     args = argparse.Namespace(folds=None, fold=None, val_fraction=None, seed=0, source_repeat=["csaw-s=2"])
-    train, val, _ = training.split_table(table, args)
+    train, val, _ = trainer.split_table(table, args)
     assert train["image_file_path"].tolist() == ["a", "b", "b"] and val["image_file_path"].tolist() == ["c"]
 
 
 # ------------------------------------------------------------------------------------------------ the ROI rule
 def test_roi_rule_margins_specks_and_clipping():
-    from roi import RoiRule, fgt_roi_box
+    from mammo.imaging.roi import RoiRule, fgt_roi_box
     classes = np.zeros((200, 100), np.uint8)
     classes[10:190, 0:80] = 1  # breast: rows 10..189, columns 0..79 (box 180 x 80)
     classes[80:120, 20:40] = 2  # FGT block 40 x 20
@@ -165,8 +165,8 @@ def test_roi_rule_margins_specks_and_clipping():
 
 
 def test_validation_scores_only_labelled_pixels():
-    import distributed
-    import engine
+    from mammo.core import distributed
+    from mammo.training import engine
 
     class Fixed(torch.nn.Module):  # predicts class 2 (FGT) everywhere
         def forward(self, images):

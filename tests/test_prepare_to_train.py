@@ -16,11 +16,11 @@ import pandas as pd
 import pytest
 
 import datasets
-import imaging
-import prepare_to_train as ptt
-import synthetic
-from sources.archives import classify_zip
-from sources.common import SkipSample, clean_path_field, fit_mask, parse_image_name
+from mammo import imaging
+from mammo.cli import prepare as ptt
+from mammo.data import synthetic
+from mammo.prepare.sources.archives import classify_zip
+from mammo.prepare.sources.common import SkipSample, clean_path_field, fit_mask, parse_image_name
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

@@ -19,14 +19,14 @@ import pytest
 import torch
 from torch import nn
 
-import cascade
-import cascade_segmentation_model as csm
-import checkpoints
-import engine
-import imaging
-import roi
-import models
-import training
+from mammo import cascade
+from mammo.cli import train as csm
+from mammo.weights import checkpoints
+from mammo.training import engine
+from mammo import imaging
+from mammo.imaging import roi
+from mammo.nn import models
+from mammo.training import trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_ENCODER = "tu-mobilenetv3_small_050"
@@ -255,7 +255,7 @@ def test_bad_tables_offline_weights_and_resume_without_a_run_are_errors_not_trac
     def offline(*_args, **_kwargs):
         raise RuntimeError("could not load ImageNet weights ... use --encoder-weights none")
 
-    monkeypatch.setattr(training, "build_model", offline)
+    monkeypatch.setattr(trainer, "build_model", offline)
     argv = ["--train-stage1", "--tissue-csv", str(tissue_csv), *small_args(tmp_path / "w")]
     assert run(argv) == csm.EXIT_INPUT_ERROR
     assert "--encoder-weights none" in capsys.readouterr().err
@@ -345,11 +345,11 @@ def test_stage2_trains_on_crops_made_by_stage1(tmp_path, lesion_csv, monkeypatch
 
 def test_stage2_encoder_can_start_from_stage1(tmp_path, tissue_csv):
     args = csm.get_args_parser().parse_args(["--train-stage2", "--encoder", "resnet18"])
-    stage1_model = models.build_model(training.model_config_for(1, args, None))
-    state = checkpoints.make_checkpoint(stage=1, model=stage1_model, model_config=training.model_config_for(1, args, None),
+    stage1_model = models.build_model(trainer.model_config_for(1, args, None))
+    state = checkpoints.make_checkpoint(stage=1, model=stage1_model, model_config=trainer.model_config_for(1, args, None),
                                     preprocess_config=imaging.DEFAULT_PREPROCESS, input_size=(64, 64))
     path = checkpoints.save_checkpoint(state, tmp_path / "best_stage1.pth")
-    stage2_model = models.build_model(training.model_config_for(2, args, str(path)))
+    stage2_model = models.build_model(trainer.model_config_for(2, args, str(path)))
     encoder1, encoder2 = stage1_model.encoder.state_dict(), stage2_model.encoder.state_dict()
     assert encoder1.keys() == encoder2.keys()
     assert all(torch.equal(encoder1[k], encoder2[k]) for k in encoder1)
@@ -409,7 +409,7 @@ def test_patience_stops_early_and_resume_knows_it(tmp_path, tissue_csv, monkeypa
     def flat_evaluate(model, criterion, loader, device, num_classes, args, ctx, panels=0):
         return {"loss": 1.0, "dice": [0.5] * num_classes, "pixel_accuracy": 0.5, "images": 2, "panels": []}
 
-    monkeypatch.setattr(training, "evaluate", flat_evaluate)  # never better after epoch 1
+    monkeypatch.setattr(trainer, "evaluate", flat_evaluate)  # never better after epoch 1
     out = tmp_path / "patience"
     argv = ["--train-stage1", "--tissue-csv", str(tissue_csv), *small_args(out, "--patience", "1", epochs=5)]
     assert run(argv) == 0

@@ -23,22 +23,22 @@ import pandas as pd
 import pytest
 import torch
 
-import benchmark
-import cascade
-import cascade_inference
-import cascade_segmentation_model as csm
-import checkpoints
+from mammo.cli import benchmark
+from mammo import cascade
+from mammo.cli import infer as cascade_inference
+from mammo.cli import train as csm
+from mammo.weights import checkpoints
 import datasets
-import evaluate
-import imaging
-import onnx_backend
-import prepare_to_train
-import tables
-import training
-import user_inputs
-from models import build_model, default_model_config
-from sources.common import clean_path_field
-from synthetic import make_case
+from mammo.cli import evaluate
+from mammo import imaging
+from mammo.cli import onnx_backend
+from mammo.cli import prepare as prepare_to_train
+from mammo.data import tables
+from mammo.training import trainer
+from mammo.cascade import checks
+from mammo.nn.models import build_model, default_model_config
+from mammo.prepare.sources.common import clean_path_field
+from mammo.data.synthetic import make_case
 
 ENCODER = "tu-mobilenetv3_small_050"
 SCRIPTS = {"prepare_to_train": prepare_to_train, "cascade_segmentation_model": csm, "evaluate": evaluate,
@@ -165,7 +165,7 @@ def test_trailing_spaces_in_split_cells_keep_the_tables_split(files, tmp_path):
     read = datasets.read_tissue_table(csv)
     assert list(read["split"]) == ["train"] * 4 + ["val"] * 2 + ["test"]
     args = csm.get_args_parser().parse_args(["--train-stage1", "--tissue-csv", str(csv)])
-    train, val, how = training.split_table(read, args)
+    train, val, how = trainer.split_table(read, args)
     assert how == "the table's split column"
     assert list(train["image_file_path"]) == list(read["image_file_path"][:4])
     assert list(val["image_file_path"]) == list(read["image_file_path"][4:6])
@@ -217,18 +217,18 @@ def test_split_column_with_empty_rows_beside_train_and_val_is_refused(files):
     table = datasets.read_tissue_table(files["tissue_csv"])
     table.loc[3, "split"] = ""
     args = csm.get_args_parser().parse_args(["--train-stage1", "--tissue-csv", str(files["tissue_csv"])])
-    with pytest.raises(training.TrainingInputError, match="leaves 1 row"):
-        training.split_table(table, args)
+    with pytest.raises(trainer.TrainingInputError, match="leaves 1 row"):
+        trainer.split_table(table, args)
     args.val_fraction = 0.3  # an explicit re-split uses every row
-    train, val, how = training.split_table(table, args)
+    train, val, how = trainer.split_table(table, args)
     assert len(train) + len(val) == 6 and "patient-level split" in how
 
 
 def test_data_error_of_a_loader_worker_is_one_line():
     text = ("Caught ImageReadError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
             '  File "x.py", line 1, in f\nimaging.ImageReadError: cannot read image \'/d/a.png\': truncated file')
-    assert training._data_error(RuntimeError(text)) == "cannot read image '/d/a.png': truncated file"
-    assert training._data_error(RuntimeError("CUDA out of memory")) is None  # not a data file: a real error
+    assert trainer._data_error(RuntimeError(text)) == "cannot read image '/d/a.png': truncated file"
+    assert trainer._data_error(RuntimeError("CUDA out of memory")) is None  # not a data file: a real error
 
 
 # ------------------------------------------------------------------------------------------------- stage advice
@@ -306,7 +306,7 @@ def _tissue_training(*extra):
 #: (script, case name, argv builder (files, out) -> argv, what the line must name: a key of ``files``, or a flag or
 #: value given)
 MISTAKES = [
-    # prepare_to_train.py
+    # prepare.py
     *_wrong_files("prepare_to_train", "--tissue-dir", "missing notes folder", lambda k, f, o: ["--tissue-dir", f[k]]),
     ("prepare_to_train", "lesion-dir without images/ masks/", lambda f, o: ["--lesion-dir", f["folder"]], "folder"),
     ("prepare_to_train", "mini-ddsm-dir without a table", lambda f, o: ["--mini-ddsm-dir", f["folder"]], "folder"),
@@ -369,7 +369,7 @@ MISTAKES = [
     ("onnx_backend", "output-dir is a file", lambda f, o: ["--stage1-weights", f["stage1"], "--output-dir", f["notes"]],
      "notes"),
     ("onnx_backend", "opset out of range", lambda f, o: ["--stage1-weights", f["stage1"], "--opset", "5"], "--opset"),
-    # cascade_inference.py and benchmark.py (not changed here: their one-line errors guarded)
+    # infer.py and benchmark.py (not changed here: their one-line errors guarded)
     ("cascade_inference", "stage1-weights is a text file",
      lambda f, o: [*_pair("notes", "stage2")(f, o), "--image", f["image"]], "notes"),
     ("cascade_inference", "stage1-weights missing",
@@ -434,24 +434,24 @@ def test_corrupt_image_met_in_an_epoch_is_one_line(files, tmp_path, capsys):
 
 
 def test_numbers_and_describe(tmp_path):
-    with pytest.raises(user_inputs.UserInputError, match=r"--x must be in \(0, 1\), got nan"):
-        user_inputs.number(float("nan"), "--x", 0, 1, low_open=True, high_open=True)
-    user_inputs.number(None, "--x", 1)
+    with pytest.raises(checks.UserInputError, match=r"--x must be in \(0, 1\), got nan"):
+        checks.number(float("nan"), "--x", 0, 1, low_open=True, high_open=True)
+    checks.number(None, "--x", 1)
     (tmp_path / "t.txt").write_text("x")
     imaging.write_png(tmp_path / "i.png", np.zeros((4, 4), np.uint8))
-    assert user_inputs.describe(tmp_path / "t.txt") == "a text file"
-    assert user_inputs.describe(tmp_path / "i.png") == "a PNG image"
-    assert user_inputs.describe(tmp_path) == "a folder"
-    assert user_inputs.describe(tmp_path / "none") == "missing"
-    assert user_inputs.one_line("a\n\n  b \n") == "a b"
+    assert checks.describe(tmp_path / "t.txt") == "a text file"
+    assert checks.describe(tmp_path / "i.png") == "a PNG image"
+    assert checks.describe(tmp_path) == "a folder"
+    assert checks.describe(tmp_path / "none") == "missing"
+    assert checks.one_line("a\n\n  b \n") == "a b"
     # safetensors is told by its header (length 2, then "{}"), not by its name; a text file named so stays text
     (tmp_path / "m.bin").write_bytes((2).to_bytes(8, "little") + b"{}")
     (tmp_path / "t.safetensors").write_text("not a model\n")
     (tmp_path / "long.bin").write_bytes((50).to_bytes(8, "little") + b"{}")  # a header longer than the file
-    assert user_inputs.describe(tmp_path / "m.bin") == "a safetensors model file"
-    assert user_inputs.describe(tmp_path / "t.safetensors") == "a text file"
-    assert user_inputs.describe(tmp_path / "long.bin") == "a binary file"
-    assert os.path.basename(str(user_inputs.output_folder(tmp_path / "new" / "deeper", "--o"))) == "deeper"
+    assert checks.describe(tmp_path / "m.bin") == "a safetensors model file"
+    assert checks.describe(tmp_path / "t.safetensors") == "a text file"
+    assert checks.describe(tmp_path / "long.bin") == "a binary file"
+    assert os.path.basename(str(checks.output_folder(tmp_path / "new" / "deeper", "--o"))) == "deeper"
 
 
 @pytest.mark.parametrize("script, argv, expected", [

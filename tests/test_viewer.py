@@ -19,10 +19,10 @@ import cv2
 import numpy as np
 import pytest
 
-import checkpoints
-import imaging
-import viewer
-from viewer import KEY_ESC, ViewerState, ViewItem, handle_key, render
+from mammo.weights import checkpoints
+from mammo import imaging
+from mammo.inference import viewer
+from mammo.inference.viewer import KEY_ESC, ViewerState, ViewItem, handle_key, render
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -200,7 +200,7 @@ def _run_child(code: str, *args: str, timeout: float = 120) -> subprocess.Comple
 
 def test_viewer_window_with_a_key_source_saves_the_expected_views(xvfb_display, tmp_path):
     code = (
-        "import json, viewer, test_viewer\n"
+        "import json, test_viewer\nfrom mammo.inference import viewer\n"
         "computed = []\n"
         "def compute(index, adaptive):\n"
         "    computed.append([index, adaptive])\n"
@@ -228,7 +228,7 @@ def test_real_key_presses_with_xdotool(xvfb_display, tmp_path):
         pytest.skip("xdotool not installed (apt-get install xdotool)")
     script = (
         "import sys; sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[2]);"
-        "import viewer, test_viewer;"
+        "import test_viewer; from mammo.inference import viewer;"
         "sys.exit(viewer.run_viewer(lambda i, a: test_viewer._item(i), viewer.ViewerState(count=2),"
         " save_dir=sys.argv[3], window_name='xdotool viewer test'))"
     )
@@ -255,7 +255,7 @@ def test_interactive_inference_under_xvfb(xvfb_display, tmp_path, tissue_dir):
     """cascade_inference --interactive end to end: real checkpoints, a real window, keys from a list."""
     import torch
 
-    from models import build_model, default_model_config
+    from mammo.nn.models import build_model, default_model_config
 
     folder = tmp_path / "checkpoints"
     for stage, classes, size in ((1, 4, (128, 64)), (2, 1, (64, 64))):
@@ -270,7 +270,7 @@ def test_interactive_inference_under_xvfb(xvfb_display, tmp_path, tissue_dir):
         shutil.copy(tissue_dir / "fgt_seg" / name, inputs / name)
     out = tmp_path / "out"
     code = (
-        "import viewer, cascade_inference as ci\n"
+        "import cascade_inference as ci\nfrom mammo.inference import viewer\n"
         "original = viewer.run_viewer\n"
         "viewer.run_viewer = lambda *a, **k: original(*a, **{**k, 'key_source': ['c', 's', 'n', 'l', 's', 'q']})\n"
         "sys.exit(ci.main(ci.get_args_parser().parse_args(sys.argv[1:])))\n"

@@ -1,0 +1,353 @@
+"""Run the trained cascade on one mammogram or a folder, and write results a clinician-researcher can read.
+
+Usage::
+
+    python cascade_inference.py --checkpoint-dir checkpoints --image-dir scans/ --recursive --output-dir predictions
+    python cascade_inference.py --stage1-weights checkpoints/stage1/best_stage1.pth \\
+        --stage2-weights checkpoints/stage2/best_stage2.pth --image 0_R-CC.dcm --output-dir predictions
+    python cascade_inference.py --checkpoint-dir checkpoints --image-dir scans/ --interactive   # OpenCV viewer
+    torchrun --nproc-per-node 4 cascade_inference.py --checkpoint-dir checkpoints --image-dir archive/ --recursive
+
+Under ``torchrun`` (one machine or several: ``--nnodes``, ``--rdzv-endpoint``) the inputs are split across the
+processes (every N-th input, ``listing.shard``), each process uses one GPU (``cuda:<LOCAL_RANK>``) or an equal
+share of the CPU cores and writes its own images' outputs, and rank 0 merges ``predictions.csv`` and
+``summary.json`` in input order (the processes exchange their tables over gloo). An interrupted run continues
+where it stopped: an input whose ``<stem>.json`` exists is skipped, whatever the number of processes.
+
+The two checkpoints alone define the networks, their input sizes and the preprocessing (no training flag is
+repeated). A stage given neither ``--stageN-weights`` nor ``--checkpoint-dir`` runs the shipped default model,
+``weights/stageN.safetensors`` (``release.py``; the folder ``$MAMMO_WEIGHTS_DIR`` replaces ``weights/``), and a
+line says so with the model's provenance. The lesion threshold and the smallest lesion component are the user's
+``--threshold`` / ``--min-lesion-area``, else the stage-2 model's ``lesion_threshold`` / ``min_lesion_area`` when it
+carries them, else 0.5 and 1 pixel. Every format ``imaging.read_image`` reads is accepted: PNG / TIFF (8 and 16
+bit), JPEG, BMP, PGM and DICOM (also extensionless DICOM files, recognised by their ``DICM`` magic).
+
+Pipeline for each image (``cascade.Cascade``; nothing of it is re-implemented here): read -> preprocess (config from
+the stage-1 checkpoint; mirrored so the chest wall is on the left) -> stage 1 at its network size -> tissue classes
+mapped back to the original pixels -> FGT region of interest (box around the predicted FGT grown by the stage-2
+checkpoint's margin, default 10 % per side, at least 64 px; the whole breast when no FGT is found, and the JSON says
+so) -> crop of the full-resolution preprocessed image -> stage 2 -> lesion probability pasted back into the ROI box
+(exactly zero elsewhere) -> every output mirrored back to the input's own orientation and resolution.
+
+Outputs for each input ``<stem>`` (in ``--output-dir``; with ``--recursive`` the input's sub-folders are mirrored
+there, so equal stems in different folders do not collide; two inputs with one stem in one folder, e.g. ``a.png``
+and ``a.dcm``, get ``a_png`` / ``a_dcm``): the files of :data:`outputs.OUTPUT_FILES`, listed with their dtypes and
+values by ``--help`` and in the README. For a folder, ``predictions.csv`` (one row per input,
+:data:`outputs.CSV_COLUMNS`) and ``summary.json`` (counts, failures, density distribution, timings) are written too,
+and a summary is printed.
+
+Safety: an input that cannot be read is skipped with its reason and the rest go on (exit status 1 at the end);
+files that are not images (no image suffix and no image magic bytes, e.g. ``notes.txt``) are listed as
+``not_image`` (reported, not a failure); hidden files are ignored. Inputs are never written to (an output path that
+would equal an input is refused). An input whose ``<stem>.json`` exists is skipped as ``exists`` (its row in
+``predictions.csv`` is filled from that JSON) unless ``--overwrite``; an existing ``predictions.csv`` /
+``summary.json`` is kept and the new one gets a timestamped name unless ``--overwrite``.
+
+Speed: images go through the networks in groups of ``--batch-size`` (``Cascade.run_batch``: stage 1 on the group's
+letterboxed images at once, then stage 2 on their ROI crops); while the networks run on one group, a background
+thread reads the next group and another writes the previous group's outputs (PNG encoding, the figure;
+``--prefetch 1``, the default). ``--no-visualization`` skips the slowest output.
+The default ``--backend auto`` runs both networks under ONNX Runtime on a CPU (the export cached beside the
+checkpoint, see ``runners.py``) and under torch with float16 autocast on CUDA; ``.onnx`` files exported by
+``onnx_backend.py`` are accepted as weights.
+
+Exit status: 0 every input done (or skipped as ``exists`` / ``not_image``), 1 some inputs failed (each is reported
+with its reason; the others were processed), 2 usage, checkpoint or display error.
+
+This script only parses the command line and wires the modules that do the work: ``record.py`` (the per-image
+measurements and the JSON record with its schema), ``outputs.py`` (the PNG / JSON / CSV files and the figure) and
+``predict.py`` (loading the cascade, running it on files and folders with background reading and writing, the
+summary, the viewer wiring).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from mammo.weights import checkpoints
+from mammo.cli import common
+from mammo.inference import predict
+from mammo.cascade import load
+from mammo.inference import listing
+from mammo.weights import release
+from mammo.inference import outputs
+from mammo.inference import probability
+from mammo.weights import runners
+from mammo.cascade import checks
+
+
+#: Lesion threshold and smallest reported component (pixels) when neither the user nor the stage-2 model gives one.
+DEFAULT_THRESHOLD, DEFAULT_MIN_LESION_AREA = 0.5, 1
+
+
+def _outputs_epilog(width: int = 78) -> str:
+    """The output files (``outputs.OUTPUT_FILES``, ``outputs.FOLDER_FILES``) as the text after the flags in --help."""
+    lines = ["outputs, per input <stem> (in --output-dir):"]
+    for _, pattern, text in (*outputs.OUTPUT_FILES, *((None, *row) for row in outputs.FOLDER_FILES)):
+        if pattern == outputs.FOLDER_FILES[0][0]:
+            lines.append("outputs of a folder run (--image-dir), beside them:")
+        lines.append(f"  {pattern}")
+        lines += textwrap.wrap(text, width, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """The command line of the inference script (see the module docstring)."""
+    parser = common.ArgumentParser(description="Run the two-stage mammogram cascade on an image or a folder.",
+                                add_help=add_help, parents=[common.runtime_parser("device", "backend", "amp", "tta")],
+                                epilog=_outputs_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    # checkpoints
+    parser.add_argument("--stage1-weights", type=str, default=None,
+                        help="stage-1 (tissue) checkpoint .pth, model file .safetensors, or .onnx (run by ONNX "
+                             "Runtime) (default: --checkpoint-dir's, else the shipped weights/stage1.safetensors)")
+    parser.add_argument("--stage2-weights", type=str, default=None,
+                        help="stage-2 (lesion) checkpoint .pth, model file .safetensors, or .onnx (run by ONNX "
+                             "Runtime) (default: --checkpoint-dir's, else the shipped weights/stage2.safetensors)")
+    parser.add_argument("--checkpoint-dir", type=str, default=None,
+                        help="folder holding best_stage1.pth and best_stage2.pth (directly or in stage1/ and stage2/); "
+                             "used for a stage whose --stageN-weights is not given (default: none; a stage given "
+                             f"no weights runs the shipped default model in weights/, or ${release.WEIGHTS_DIR_ENV})")
+    # inputs and outputs
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--image", type=str, default=None, help="one mammogram file (default: %(default)s)")
+    source.add_argument("--image-dir", type=str, default=None, help="a folder of mammograms (default: %(default)s)")
+    parser.add_argument("--recursive", action="store_true", help="also read the sub-folders of --image-dir")
+    parser.add_argument("--output-dir", type=str, default="predictions", help="where outputs go (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip those images)")
+    # the model run
+    parser.add_argument("--threshold", type=common.probability, default=None,
+                        help="lesion probability threshold in (0, 1] for the reported components (default: the stage-2 "
+                             f"model's lesion_threshold when it carries one, else {DEFAULT_THRESHOLD})")
+    parser.add_argument("--min-lesion-area", type=common.positive_int, default=None,
+                        help="smallest lesion component reported, in pixels (default: the stage-2 model's "
+                             f"min_lesion_area when it carries one, else {DEFAULT_MIN_LESION_AREA})")
+    parser.add_argument("--adaptive-clahe", action="store_true",
+                        help="when stage 1 is unsure (mean confidence < cascade.ADAPTIVE_CLAHE_CONFIDENCE), re-run it "
+                             "with the stronger CLAHE and keep the more confident result (reported per image)")
+    parser.add_argument("--batch-size", type=common.positive_int, default=1,
+                        help="images per network call: stage 1 runs on the group's letterboxed images at once, then "
+                             "stage 2 on their ROI crops (more memory, faster on a GPU) (default: %(default)s)")
+    parser.add_argument("--prefetch", type=int, default=1, choices=(0, 1),
+                        help="1: read the next image and write the previous one's outputs in background threads while "
+                             "the network runs; 0: all in turn (default: %(default)s)")
+    parser.add_argument("--prob-encoding", type=str, default="uint8", choices=tuple(probability.PROB_ENCODINGS),
+                        help="<stem>_cancer_prob.png: uint8 = round(p x 255), uint16 = round(p x 65535) "
+                             "(default: %(default)s)")
+    parser.add_argument("--no-visualization", action="store_true", help="skip <stem>_visualization.png (faster)")
+    parser.add_argument("--color-map", action="store_true",
+                        help="also write <stem>_tissue_seg_color.png, the tissue map as plain RGB (the indexed "
+                             "<stem>_tissue_seg.png already shows these colours in image viewers)")
+    parser.add_argument("--no-dicom-seg", action="store_true",
+                        help="skip <stem>_seg.dcm, the DICOM Segmentation written for each DICOM input")
+    # interactive viewer
+    parser.add_argument("--interactive", action="store_true",
+                        help="open the OpenCV viewer over the inputs instead of writing all outputs (needs a display)")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------------- printing
+def _print_summary(summary: dict, csv_path: Path | None, summary_path: Path | None) -> None:
+    counts = summary["counts"]
+    print("\nSummary")
+    print(f"  inputs: {summary['inputs']}  " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+    if summary["density_percent"]:
+        d = summary["density_percent"]
+        cats = ", ".join(f"{k}: {v}" for k, v in summary["density_categories"].items())
+        print(f"  percent density: mean {d['mean']:.1f} %, median {d['median']:.1f} % (range {d['min']:.1f}-"
+              f"{d['max']:.1f} %); categories {cats}")
+    print(f"  images with lesion candidates (p >= {summary['lesion_threshold']:g}): "
+          f"{summary['images_with_lesion_candidates']}")
+    if summary["mean_s_per_processed_image"] is not None:
+        print(f"  time: {summary['elapsed_s']:.1f} s in all, {summary['mean_s_per_processed_image']:.2f} s per "
+              f"processed image ({summary['device']}, {summary['backend']})")
+    for entry in summary["failed"]:
+        print(f"  FAILED {entry['input']}: {entry['reason']}")
+    for entry in summary["not_images"]:
+        print(f"  not an image, skipped: {entry['input']}")
+    if csv_path:
+        print(f"  table: {csv_path}")
+    if summary_path:
+        print(f"  summary: {summary_path}")
+
+
+# --------------------------------------------------------------------------------------------------------- main
+def _resolve_weights(args) -> tuple[Path, Path]:
+    """The two stage files from ``--stageN-weights`` or ``--checkpoint-dir``, else the shipped default model
+    (``release.default_weights``; its header is read to check it), checked cheaply (no weights loaded).
+
+    Raises:
+        checks.UserInputError / FileNotFoundError: a missing, empty or wrong kind of file, a file given as
+            ``--checkpoint-dir``, or no way to find a stage (the message names the missing shipped file).
+        release.WeightsFileError: a shipped file that is damaged or holds the other stage.
+    """
+    if args.checkpoint_dir and not Path(args.checkpoint_dir).exists():
+        raise checks.UserInputError(
+            f"--checkpoint-dir {args.checkpoint_dir} does not exist; pass the folder holding best_stage1.pth and "
+            "best_stage2.pth (the training's checkpoint folder), or the files with --stage1-weights / --stage2-weights")
+    if args.checkpoint_dir and not Path(args.checkpoint_dir).is_dir():
+        raise checks.UserInputError(
+            f"--checkpoint-dir {args.checkpoint_dir} is {checks.describe(args.checkpoint_dir)}, not a folder; "
+            "pass the folder holding best_stage1.pth and best_stage2.pth, or the files with --stage1-weights / "
+            "--stage2-weights")
+    paths = []
+    for stage in (1, 2):
+        given = getattr(args, f"stage{stage}_weights")
+        if given:
+            paths.append(checks.checkpoint_file(given, f"--stage{stage}-weights", stage, allow_onnx=True))
+        elif args.checkpoint_dir:
+            paths.append(checkpoints.find_checkpoint(args.checkpoint_dir, stage))
+        elif release.default_weights(stage).is_file():
+            paths.append(release.default_weights(stage))
+            release.read_settings(paths[-1], stage)
+        else:
+            raise FileNotFoundError(f"no stage-{stage} checkpoint: pass --stage{stage}-weights FILE or --checkpoint-dir "
+                                    f"DIR ({release.missing_default_note(stage)})")
+    return paths[0], paths[1]
+
+
+def _shipped_weights_notes(args, paths: tuple[Path, Path]) -> list[str]:
+    """One line per stage that runs the shipped default model (``release.default_weights_note``)."""
+    return [release.default_weights_note(path, stage) for stage, path in enumerate(paths, 1)
+            if not getattr(args, f"stage{stage}_weights") and not args.checkpoint_dir]
+
+
+def _torchrun_context():
+    """This process's ``distributed.DistContext`` when torchrun started several, else None. ``distributed`` (and with
+    it torch) is imported only then: a single process on the ONNX Runtime route never loads torch.
+
+    Raises:
+        ValueError: torchrun's variables are inconsistent (``distributed.env_context``).
+    """
+    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "1"):
+        return None
+    from mammo.core import distributed
+
+    return distributed.env_context()
+
+
+def _process_device(device: str, ctx) -> tuple[str, int | None]:
+    """This process's device and CPU threads. Under torchrun: ``cuda:<LOCAL_RANK>`` where a GPU is asked for (or
+    ``auto`` finds one), and on the CPU an equal share of the cores per process on this machine (torchrun's
+    ``LOCAL_WORLD_SIZE``), so that the processes do not oversubscribe the cores. A single process (``ctx`` None):
+    unchanged."""
+    if ctx is None:
+        return device, None
+    import torch
+
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{ctx.local_rank}", None
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+    threads = max(1, runners.available_cores() // max(1, local))
+    torch.set_num_threads(threads)
+    return ("cpu" if device == "auto" else device), threads
+
+
+def main(args: argparse.Namespace | None = None) -> int:
+    """Run inference as the command line asks; returns 0 (all done), 1 (some inputs failed) or 2 (usage error)."""
+    args = get_args_parser().parse_args() if args is None else args
+    if not args.image and not args.image_dir:
+        return common.usage_error("pass --image FILE or --image-dir DIR")
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        return common.usage_error(f"--output-dir {output_dir} is a file, not a folder; choose a folder (it is created if "
+                            "missing)")
+    if args.image:
+        source = Path(args.image)
+        if not source.is_file():
+            hint = " (a folder: use --image-dir)" if source.is_dir() else ""
+            return common.usage_error(f"--image {source} is not a file{hint}")
+        if not listing.looks_like_image(source):
+            return common.usage_error(f"--image {source} is {checks.describe(source)}, not a mammogram; pass a PNG, "
+                                   "JPEG, TIFF, BMP, PGM or DICOM file")
+    else:
+        source = Path(args.image_dir)
+        if not source.is_dir():
+            return common.usage_error(f"--image-dir {source} is not a folder")
+        if output_dir.resolve() == source.resolve():
+            return common.usage_error(f"--output-dir {output_dir} is the input folder; outputs would mix with the inputs. "
+                                "Choose another folder")
+    try:
+        ctx = _torchrun_context()
+    except ValueError as error:
+        return common.usage_error(str(error))
+    if ctx is not None and args.interactive:
+        return common.usage_error("--interactive opens one window: run it without torchrun")
+    device, threads = _process_device(args.device, ctx)
+    try:
+        stage1_path, stage2_path = _resolve_weights(args)
+        shipped = _shipped_weights_notes(args, (stage1_path, stage2_path))
+        loaded = load.load_cascade(stage1_path, stage2_path, device=device, backend=args.backend,
+                                        tta=args.tta, adaptive_clahe=args.adaptive_clahe, amp=args.amp,
+                                        threads=threads)
+        args.threshold, args.min_lesion_area, from_model = release.lesion_settings(
+            loaded.cascade.stage2_checkpoint, args.threshold, args.min_lesion_area,
+            default_threshold=DEFAULT_THRESHOLD, default_min_area=DEFAULT_MIN_LESION_AREA)
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        return common.usage_error(str(error))
+    if ctx is None or ctx.rank == 0:
+        for line in shipped:
+            print(line)
+        if from_model:
+            values = {"lesion_threshold": args.threshold, "min_lesion_area": args.min_lesion_area}
+            print("using the stage-2 model's " + " and ".join(f"{key} {values[key]:g}" for key in from_model)
+                  + " (--threshold / --min-lesion-area override it)")
+    for note in loaded.notes:
+        print(f"note: {note}", file=sys.stderr)
+
+    if args.image:
+        items = [listing.InputItem(source, source.name, output_dir, source.stem)]
+    else:
+        items = listing.list_inputs(source, args.recursive, output_dir)
+        if not any(item.status == "pending" for item in items):
+            print(f"error: no image files in {source}" + ("" if args.recursive else " (sub-folders need --recursive)"),
+                  file=sys.stderr)
+            return 2
+
+    if args.interactive:
+        return predict.interactive(items, loaded, threshold=args.threshold, adaptive_clahe=args.adaptive_clahe,
+                                     save_dir=args.output_dir)
+
+    protected = {item.path.resolve() for item in items}
+    if ctx is not None:
+        from mammo.core import distributed
+
+        ctx = distributed.init_distributed("cpu", backend="gloo")  # the ranks exchange only their tables
+    own = listing.shard(items, ctx.rank, ctx.world_size) if ctx is not None else list(enumerate(items))
+    mine = [item for _, item in own]
+    for item in ([] if args.overwrite else listing.mark_existing(mine)):
+        print(f"{item.relative}: outputs exist, skipped (pass --overwrite to redo)")
+    start = time.perf_counter()
+    predict.process(mine, loaded, threshold=args.threshold, min_area_px=args.min_lesion_area,
+                      prob_encoding=args.prob_encoding, visualization=not args.no_visualization,
+                      overwrite=args.overwrite, batch_size=args.batch_size, prefetch=bool(args.prefetch),
+                      protected=protected, dicom_seg=not args.no_dicom_seg,
+                      color_map=args.color_map)
+    elapsed = time.perf_counter() - start
+    if ctx is not None:
+        shards = distributed.gather_objects((own, elapsed), ctx)
+        distributed.cleanup(ctx)
+        if not ctx.is_main:
+            return 1 if any(item.status == "failed" for item in mine) else 0
+        items = listing.merge_shards([part for part, _ in shards])
+        elapsed = max(seconds for _, seconds in shards)
+
+    if args.image:
+        item = items[0]
+        if item.record is not None and item.status == "ok":
+            print("\n".join(f"  {line}" for line in item.record["findings"]))
+            print(f"  outputs in {item.out_dir} ({item.stem}_*)")
+    else:
+        summary = predict.summarize(items, elapsed, loaded, args)
+        csv_path = outputs.write_csv(outputs.free_name(output_dir / "predictions.csv", args.overwrite), items)
+        summary_path = outputs.write_json(outputs.free_name(output_dir / "summary.json", args.overwrite), summary)
+        _print_summary(summary, csv_path, summary_path)
+    return 1 if any(item.status == "failed" for item in items) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

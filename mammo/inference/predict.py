@@ -1,0 +1,281 @@
+"""Running the cascade on files: one image, a folder with background reading and writing, the viewer.
+
+What lives here: one file -> :func:`run_image` (a ``record.Prediction``) or :func:`predict_image` (its record
+only); a folder's inputs (listed by :mod:`mammo.inference.listing`) -> :func:`process` (groups of images per network
+call, the next group read and the last one written in background threads, one progress line per input, a bad
+file failing alone) and :func:`summarize` (``summary.json``); :func:`interactive` wires the OpenCV viewer
+(``viewer.py``) to the cascade.
+
+The record and its measurements are ``record.py``; the files written and the figure are ``outputs.py``; the
+command line is ``cascade_inference.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from mammo import imaging
+from mammo.core import metrics
+from mammo.inference import viewer
+from mammo.inference.outputs import TISSUE_COLORS_RGB, display_image, write_outputs
+from mammo.cascade.load import LoadedCascade, with_adaptive_clahe
+from mammo.inference.listing import InputItem
+from mammo.inference.record import Prediction, build_prediction
+
+
+# ---------------------------------------------------------------------------------------------------- one image
+def _timed_read(path: Path) -> tuple[imaging.MammogramImage, float]:
+    start = time.perf_counter()
+    image = imaging.read_image(path)
+    return image, time.perf_counter() - start
+
+
+def run_image(loaded: LoadedCascade, path: str | os.PathLike, *, threshold: float = 0.5, min_area_px: int = 1,
+              image: imaging.MammogramImage | None = None, read_s: float | None = None,
+              relative_path: str | None = None, prob_encoding: str = "uint8") -> Prediction:
+    """Run the cascade on one file and build its record (the arrays are kept for :func:`outputs.write_outputs`).
+
+    Args:
+        loaded: from :func:`load_cascade`.
+        path: the input file.
+        threshold: lesion probability threshold for the components.
+        min_area_px: smallest component reported, pixels.
+        image: the file already read (prefetching); read here when None.
+        read_s: seconds the read took (when ``image`` is given).
+        relative_path: the input's name as reported (default: the file name).
+        prob_encoding: the ``cancer_prob`` PNG encoding recorded (see :data:`mammo.inference.probability.PROB_ENCODINGS`).
+
+    Raises:
+        imaging.ImageReadError: the file cannot be read.
+    """
+    path = Path(path)
+    if image is None:
+        image, read_s = _timed_read(path)
+    start = time.perf_counter()
+    result = loaded.cascade(image.pixels)
+    return build_prediction(loaded, path, image, result, read_s=read_s or 0.0, cascade_s=time.perf_counter() - start,
+                            threshold=threshold, min_area_px=min_area_px, relative_path=relative_path,
+                            prob_encoding=prob_encoding)
+
+
+def predict_image(loaded: LoadedCascade, path: str | os.PathLike, **kwargs) -> dict:
+    """Run the cascade on one file and return its JSON record (no file written). See :func:`run_image`."""
+    return run_image(loaded, path, **kwargs).record
+
+
+def _report(item: InputItem, index: int, total: int) -> None:
+    """One input's progress line: its density, ROI and lesions on stdout (read warnings on stderr), or why it failed."""
+    if item.status == "failed":
+        print(f"[{index + 1}/{total}] {item.relative}: FAILED, skipped: {item.reason}", file=sys.stderr, flush=True)
+        return
+    record = item.record
+    print(f"[{index + 1}/{total}] {item.relative}: density {record['density']['percent']:.1f} % "
+          f"({record['density']['category']}), ROI from {record['roi']['source']}, "
+          f"{record['lesions']['count']} lesion candidate(s), max p {record['lesions']['max_probability']:.2f}"
+          f"{', adaptive CLAHE used' if record['preprocessing']['adaptive_clahe_used'] else ''}"
+          f" ({item.seconds:.2f} s)", flush=True)
+    for note in record["input"]["notes"]:
+        if note.startswith("warning: ") or "converted" in note:
+            print(f"    {item.relative}: {note}", file=sys.stderr, flush=True)
+
+
+def _fail(item: InputItem, error: Exception) -> None:
+    """Mark ``item`` failed with a one-line reason that names the file."""
+    item.status = "failed"
+    if isinstance(error, imaging.ImageReadError):
+        item.reason = str(error)  # already names the file
+    else:
+        item.reason = f"{item.path}: {type(error).__name__}: {error}"
+
+
+#: Errors that mark one input as failed (the batch goes on); anything else is a bug and stops the run.
+_INPUT_ERRORS = (imaging.ImageReadError, ValueError, TypeError, OSError, RuntimeError, MemoryError)
+
+
+def _read_group(paths: list[Path]) -> list:
+    """Read each file: a list of ``(image, seconds)`` or the exception raised for that file."""
+    out = []
+    for path in paths:
+        try:
+            out.append(_timed_read(path))
+        except _INPUT_ERRORS as error:
+            out.append(error)
+    return out
+
+
+def process(items: list[InputItem], loaded: LoadedCascade, *, threshold: float = 0.5, min_area_px: int = 1,
+            prob_encoding: str = "uint8", visualization: bool = True, overwrite: bool = False, batch_size: int = 1,
+            prefetch: bool = True, protected: set = frozenset(), dicom_seg: bool = True,
+            color_map: bool = False) -> None:
+    """Run every pending item, ``batch_size`` images per network call; fills status / reason / record / seconds.
+
+    ``threshold`` / ``min_area_px`` / ``prob_encoding`` go to :func:`record.build_prediction`; ``visualization``,
+    ``overwrite``, ``protected`` (input paths, never written), ``dicom_seg`` and ``color_map`` to
+    :func:`outputs.write_outputs`.
+    Each input gets
+    one progress line when it is done (stdout) or failed (stderr, with the reason), in input order.
+
+    With ``prefetch`` a reader thread reads the next group while the networks run on this one, and a writer
+    thread writes the outputs of this group (PNG encoding, the matplotlib figure) while the next one runs. At most one
+    group is read ahead and one written behind, so memory stays at about three groups of images. A file that cannot
+    be read fails alone; the rest of its group goes on.
+    """
+    pending = [item for item in items if item.status == "pending"]
+    total = len(pending)
+    size = max(1, int(batch_size))
+    groups = [list(range(i, min(i + size, total))) for i in range(0, total, size)]
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read") if prefetch else None
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") if prefetch else None
+    in_flight: list = []  # (index, item, future, start) of writes running in the background
+    finished: dict[int, InputItem] = {}  # done items whose progress line waits for an earlier input's
+    next_line = 0
+
+    def report(index: int, item: InputItem) -> None:
+        """Print the progress lines in input order: a file that fails to read is known before the image ahead of it
+        has been written behind, so its line waits until that one's is out."""
+        nonlocal next_line
+        finished[index] = item
+        while next_line in finished:
+            _report(finished.pop(next_line), next_line, total)
+            next_line += 1
+
+    def read(group: list[int]):
+        paths = [pending[i].path for i in group]
+        return reader.submit(_read_group, paths) if reader else None
+
+    def finish_writes() -> None:
+        while in_flight:
+            index, item, future, start = in_flight.pop(0)
+            try:
+                item.record = future.result()
+                item.status, item.seconds = "ok", time.perf_counter() - start
+            except (*_INPUT_ERRORS, FileExistsError) as error:
+                _fail(item, error)
+            report(index, item)
+
+    def write(prediction: Prediction, item: InputItem):
+        return write_outputs(prediction, item.out_dir, item.stem, threshold=threshold, prob_encoding=prob_encoding,
+                             visualization=visualization, overwrite=overwrite, protected=protected,
+                             dicom_seg=dicom_seg, color_map=color_map)
+
+    try:
+        future = read(groups[0]) if groups else None
+        for number, group in enumerate(groups):
+            start = time.perf_counter()
+            current = future.result() if future is not None else _read_group([pending[i].path for i in group])
+            future = read(groups[number + 1]) if number + 1 < len(groups) else None
+            readable = [(i, got) for i, got in zip(group, current) if not isinstance(got, Exception)]
+            for i, got in zip(group, current):
+                if isinstance(got, Exception):
+                    _fail(pending[i], got)
+                    report(i, pending[i])
+            try:
+                network_start = time.perf_counter()
+                results = loaded.cascade.run_batch([image.pixels for _, (image, _) in readable])
+                cascade_s = (time.perf_counter() - network_start) / max(1, len(readable))
+                predictions = [build_prediction(loaded, pending[i].path, image, result, read_s=read_s, cascade_s=cascade_s,
+                                                threshold=threshold, min_area_px=min_area_px,
+                                                relative_path=pending[i].relative, prob_encoding=prob_encoding,
+                                                batch_size=len(readable))
+                               for (i, (image, read_s)), result in zip(readable, results)]
+            except _INPUT_ERRORS:  # find the image at fault: run the group's images one by one
+                predictions = []
+                for i, (image, read_s) in readable:
+                    try:
+                        predictions.append(run_image(loaded, pending[i].path, threshold=threshold,
+                                                     min_area_px=min_area_px, image=image, read_s=read_s,
+                                                     relative_path=pending[i].relative, prob_encoding=prob_encoding))
+                    except _INPUT_ERRORS as error:
+                        _fail(pending[i], error)
+                        report(i, pending[i])
+                        predictions.append(None)
+            finish_writes()
+            for (i, _), prediction in zip(readable, predictions):
+                if prediction is None:
+                    continue
+                if writer is not None:
+                    in_flight.append((i, pending[i], writer.submit(write, prediction, pending[i]), start))
+                    continue
+                try:
+                    pending[i].record = write(prediction, pending[i])
+                    pending[i].status, pending[i].seconds = "ok", time.perf_counter() - start
+                except (*_INPUT_ERRORS, FileExistsError) as write_error:
+                    _fail(pending[i], write_error)
+                report(i, pending[i])
+        finish_writes()
+    finally:
+        for pool in (reader, writer):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+
+def summarize(items: list[InputItem], elapsed_s: float, loaded: LoadedCascade, args: argparse.Namespace) -> dict:
+    """The run summary (``summary.json``): counts by status, failures with reasons, density and lesion overview.
+
+    ``args`` is the command line's namespace: its threshold, batch size and prefetch are reported, and all of it is
+    recorded under ``arguments``.
+    """
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item.status] = counts.get(item.status, 0) + 1
+    done = [item for item in items if item.record is not None]
+    densities = [item.record["density"]["percent"] for item in done]
+    categories = {c: sum(1 for item in done if item.record["density"]["category"] == c) for c in metrics.DENSITY_CATEGORIES}
+    processed = [item.seconds for item in items if item.status == "ok" and item.seconds is not None]
+    return {
+        "inputs": len(items),
+        "counts": counts,
+        "failed": [{"input": item.relative, "reason": item.reason} for item in items if item.status == "failed"],
+        "not_images": [{"input": item.relative, "reason": item.reason} for item in items if item.status == "not_image"],
+        "existing_outputs_kept": [item.relative for item in items if item.status == "exists"],
+        "density_percent": ({"mean": round(float(np.mean(densities)), 3), "median": round(float(np.median(densities)), 3),
+                             "min": round(float(np.min(densities)), 3), "max": round(float(np.max(densities)), 3)}
+                            if densities else None),
+        "density_categories": categories,
+        "images_with_lesion_candidates": sum(1 for item in done if item.record["lesions"]["count"] > 0),
+        "lesion_threshold": args.threshold,
+        "elapsed_s": round(elapsed_s, 3),
+        "mean_s_per_processed_image": round(float(np.mean(processed)), 3) if processed else None,
+        "batching": f"{args.batch_size} image(s) per network call"
+                    + ("; the next group is read and the last one written in background threads" if args.prefetch else ""),
+        "device": loaded.device, "backend": loaded.backend,
+        "checkpoints": loaded.identities,
+        "arguments": {k: v for k, v in vars(args).items()},
+    }
+
+
+# --------------------------------------------------------------------------------------------------- the viewer
+def interactive(items: list[InputItem], loaded: LoadedCascade, *, threshold: float = 0.5, adaptive_clahe: bool = False,
+                save_dir: str | os.PathLike = "predictions", key_source=None) -> int:
+    """Open the viewer (viewer.py) over the pending inputs; results are computed when an image is shown.
+
+    ``threshold`` and ``adaptive_clahe`` are the viewer's starting values; saved views go to ``save_dir``;
+    ``key_source`` replaces the keyboard (see ``viewer.run_viewer``). Returns the viewer's exit status.
+    """
+    entries = [item for item in items if item.status == "pending"]
+    cascades = {False: with_adaptive_clahe(loaded.cascade, "off"), True: with_adaptive_clahe(loaded.cascade, "auto")}
+
+    def compute(index: int, adaptive: bool) -> viewer.ViewItem:
+        item = entries[index]
+        image = imaging.read_image(item.path)
+        model = LoadedCascade(cascades[adaptive], loaded.identities, loaded.device, loaded.backend)
+        prediction = run_image(model, item.path, threshold=threshold, image=image, read_s=0.0,
+                               relative_path=item.relative)
+        result, record = prediction.result, prediction.record
+        box = result.roi_box
+        return viewer.ViewItem(name=item.relative, stem=item.stem, image=display_image(image.pixels),
+                               tissue_classes=result.tissue_classes, lesion_prob=result.lesion_prob,
+                               roi_box=(box.y0, box.x0, box.y1, box.x1), roi_source=result.roi_source,
+                               density_percent=record["density"]["percent"], density_category=record["density"]["category"],
+                               adaptive_clahe_used=result.adaptive_clahe_used)
+
+    state = viewer.ViewerState(count=len(entries), threshold=threshold, adaptive_clahe=bool(adaptive_clahe))
+    return viewer.run_viewer(compute, state, save_dir=Path(save_dir), key_source=key_source,
+                             tissue_colors_rgb=TISSUE_COLORS_RGB)
