@@ -12,4 +12,4 @@ from mammo.data.splits import __all__ as _split_names
 from mammo.training.datasets import *  # noqa: F401,F403
 from mammo.training.datasets import __all__ as _torch_names
 
-__all__ = [*_split_names, *_torch_names]
+__all__ = list(_split_names) + list(_torch_names)

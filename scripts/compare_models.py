@@ -26,10 +26,13 @@ from mammo.nn.models import build_model, count_parameters, default_model_config 
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = common.ArgumentParser(description=__doc__, add_help=add_help, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=["512x512", "512x256"], help="HxW input sizes (default %(default)s)")
+    parser = common.ArgumentParser(description=__doc__, add_help=add_help,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=["512x512", "512x256"],
+                        help="HxW input sizes (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="timed passes per model and size (default %(default)s)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default %(default)s)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads (default %(default)s)")
     return parser
 
 

@@ -40,8 +40,6 @@ from mammo.cascade import checks  # noqa: E402
 
 #: Both shipped files together should not exceed this (bytes): two float16 ResNet34 stages take about 119 MB.
 SIZE_TARGET_BYTES = 130_000_000
-#: The stage-2 file's ``lesion_threshold`` when neither the checkpoint nor the command line gives one.
-DEFAULT_LESION_THRESHOLD = 0.5
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -58,7 +56,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="the training command(s), recorded as recipe (default: not recorded)")
     parser.add_argument("--lesion-threshold", type=common.probability, default=None,
                         help="stage 2's lesion_threshold (default: the checkpoint's, else "
-                             f"{DEFAULT_LESION_THRESHOLD})")
+                             f"{release.DEFAULT_LESION_THRESHOLD})")
     parser.add_argument("--min-lesion-area", type=common.positive_int, default=None,
                         help="stage 2's min_lesion_area in pixels (default: the checkpoint's, else none recorded)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing files in --output-dir")
@@ -91,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     stage2 = dict(loaded[1])
     if args.lesion_threshold is not None or stage2.get("lesion_threshold") is None:
-        stage2["lesion_threshold"] = args.lesion_threshold or DEFAULT_LESION_THRESHOLD
+        stage2["lesion_threshold"] = args.lesion_threshold or release.DEFAULT_LESION_THRESHOLD
     if args.min_lesion_area is not None:
         stage2["min_lesion_area"] = args.min_lesion_area
     # both files are written under temporary names first and renamed only when both exist: a failing stage 2 never

@@ -40,7 +40,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                      add_help=add_help)
     parser.add_argument("image_dir", type=str, help="folder of mammograms")
     parser.add_argument("out_dir", type=str, help="where <stem>_seg.png goes (created if missing)")
-    parser.add_argument("--size", type=int, default=512, help="network input size, pixels, square (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=512,
+                        help="network input size, pixels, square (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
     return parser
 

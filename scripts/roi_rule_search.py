@@ -10,7 +10,8 @@ non-background pixel of stage 1's map). Choose the rule on a training split, rep
         --lesion-csv workspace_v2/unified_segmentation_dataset.csv --split train --output roi_search.csv
 
 Sets: ``--lesion-csv`` rows of ``--split`` (CDD-CESM: reported apart for DM and CM views), and any ``--lesion-dir
-NAME=DIR:SUFFIX`` (``images/<stem>.*`` with ``masks/<stem><SUFFIX>``, e.g. ``csaw=../shared/data/csaw_s_dev:_cancer.png``).
+NAME=DIR:SUFFIX`` (``images/<stem>.*`` with ``masks/<stem><SUFFIX>``, e.g.
+``csaw=../shared/data/csaw_s_dev:_cancer.png``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mammo.cli import common  # noqa: E402
-from mammo.training import datasets  # noqa: E402
+from mammo.data import splits  # noqa: E402
 from mammo import imaging  # noqa: E402
 from mammo.cascade import Cascade  # noqa: E402
 from mammo.weights.checkpoints import load_checkpoint  # noqa: E402
@@ -42,13 +43,13 @@ GRID = {"margin_fraction": (0.1, 0.2), "breast_margin_fraction": (0.0, 0.05, 0.1
 def _items(args: argparse.Namespace) -> list[tuple[str, Path, list[Path]]]:
     items = []
     if args.lesion_csv:
-        table = datasets.read_lesion_table(args.lesion_csv)
+        table = splits.read_lesion_table(args.lesion_csv)
         if args.split:
             table = table[table["split"] == args.split]
         for image, masks in zip(table["image_file_path"], table["roi_mask_file_path"]):
             match = CDD_NAME.match(Path(image).stem)
             name = f"cdd-{match['acq'].lower()}" if match else "csv"
-            paths = [Path(m) for m in str(masks).split(datasets.MASK_PATH_SEPARATOR) if m.strip()]
+            paths = [Path(m) for m in str(masks).split(splits.MASK_PATH_SEPARATOR) if m.strip()]
             items.append((name, Path(image), paths))
     for spec in args.lesion_dir or []:
         name, _, rest = spec.partition("=")

@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# Create (or refresh) the project's virtual environment in .venv and install requirements.txt.
+# Create (or refresh) the project's virtual environment in .venv, install requirements.txt, then the package itself
+# (editable, pyproject.toml: its mammo-* entry points).
 #
-# Idempotent: a stamp file holds the hash of requirements.txt, so a second call with unchanged requirements
+# Idempotent: a stamp file holds the hash of requirements.txt and pyproject.toml, so a second call with both unchanged
 # returns in a second. Set MAMMO_VENV to use another folder, PYTHON to use another interpreter (default python3.11,
 # then python3).
 #
-# Why the last step: albumentations pulls opencv-python-headless and the viewer needs opencv-python (with a GUI);
+# Why opencv-python is reinstalled: albumentations pulls opencv-python-headless and the viewer needs opencv-python (with a GUI);
 # both wheels install the same cv2/ package, and whichever pip writes last wins. Reinstalling opencv-python (same
-# pinned version, no dependencies) last makes the result deterministic: cv2 is the GUI build.
+# pinned version, no dependencies) after the requirements makes the result deterministic: cv2 is the GUI build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${MAMMO_VENV:-.venv}"
 python_bin="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 stamp="$venv/.requirements.sha256"
-want=$(sha256sum requirements.txt | cut -d' ' -f1)
+want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi
@@ -27,6 +28,8 @@ quiet_pip() {
 quiet_pip -r requirements.txt
 gui_cv=$(grep -E '^opencv-python==' requirements.txt)
 quiet_pip --force-reinstall --no-deps "$gui_cv"
+# The package itself, editable (its dependencies are the ones just installed): adds the mammo-* entry points.
+quiet_pip --no-deps --no-build-isolation -e .
 "$venv/bin/python" - <<'PY'
 import cv2
 gui = [line.strip() for line in cv2.getBuildInformation().splitlines() if line.strip().startswith("GUI:")]

@@ -1,7 +1,7 @@
 """Choose stage 2's lesion threshold and minimum component size on validation images, and store them in the checkpoint.
 
-The cascade runs once per validation image (``scoring.CascadePredictions``, the code ``evaluate.py`` runs); each
-(threshold, minimum area) pair of the grid is then scored with ``scoring.lesion_row`` / ``summarize_lesion``, the
+The cascade runs once per validation image (``predictors.CascadePredictions``, the code ``evaluate.py`` runs); each
+(threshold, minimum area) pair of the grid is then scored with ``scores.lesion_row`` / ``summarize_lesion``, the
 definitions of ``evaluate.py``. The pair kept maximises the mean Dice per image among the pairs with at most
 ``--max-fp`` false positives per image (the issue's target: 1.0); when no pair meets it, the pair with the fewest
 false positives. The choice, and the whole grid, are written into the stage-2 checkpoint (``lesion_threshold``,
@@ -29,7 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mammo.weights import checkpoints  # noqa: E402
 from mammo.cli import common  # noqa: E402
 from mammo import imaging  # noqa: E402
-from mammo.evaluation import scoring  # noqa: E402
+from mammo.evaluation.cases import lesion_cases, read_lesion_truth  # noqa: E402
+from mammo.evaluation.predictors import CascadePredictions  # noqa: E402
+from mammo.evaluation.scores import lesion_row, summarize_lesion  # noqa: E402
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 #: Minimum component areas in pixels at the CDD-CESM copies' 512 x 512 (evaluate.py's default is 10).
@@ -46,20 +48,20 @@ def main() -> int:
     parser.add_argument("--max-fp", type=float, default=1.0, help="false positives per image allowed (default 1.0)")
     parser.add_argument("--output", type=Path, default=None, help="write the tuned checkpoint here instead")
     args = parser.parse_args()
-    predictor = scoring.CascadePredictions(args.stage1_weights, args.stage2_weights, "torch", "cpu", False, "off",
-                                           False, None)
-    cases = scoring.lesion_cases(None, args.lesion_csv, args.split)
+    predictor = CascadePredictions(args.stage1_weights, args.stage2_weights, "torch", "cpu", False, "off",
+                                   False, None)
+    cases = lesion_cases(None, args.lesion_csv, args.split)
     scored = []
     for case in cases:
         pixels = imaging.read_image(case.image_path).pixels
         predicted = predictor.lesion(case, pixels)
-        scored.append((predicted, scoring.read_lesion_truth(case, pixels.shape)))
+        scored.append((predicted, read_lesion_truth(case, pixels.shape)))
     grid = []
     for threshold in THRESHOLDS:
         for min_area in MIN_AREAS:
-            rows = [scoring.lesion_row(p.prob, truth, p.roi_box, threshold, args.match_iou, min_area)
+            rows = [lesion_row(p.prob, truth, p.roi_box, threshold, args.match_iou, min_area)
                     for p, truth in scored]
-            summary = scoring.summarize_lesion(rows)
+            summary = summarize_lesion(rows)
             grid.append({"threshold": threshold, "min_lesion_area": min_area,
                          "dice_mean": round(summary["dice_mean"], 4),
                          "false_positives_per_image": round(summary["false_positives_per_image"], 3),

@@ -195,7 +195,8 @@ def test_cache_folder_follows_xdg_then_home(tmp_path, monkeypatch):
 def test_concurrent_processes_leave_one_whole_export(tmp_path, cache_home):
     """Two processes (as torchrun ranks) exporting the same checkpoint at once both run, and leave one valid file."""
     path = _save_stage(tmp_path / "best_stage1.pth")
-    code = ("import sys; from mammo.weights import runners; r, s = runners.load_runner(sys.argv[1], 'onnxruntime', 'cpu', threads=1); "
+    code = ("import sys; from mammo.weights import runners; "
+            "r, s = runners.load_runner(sys.argv[1], 'onnxruntime', 'cpu', threads=1); "
             "print(r.path)")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen([sys.executable, "-c", code, str(path)], env=env, stdout=subprocess.PIPE,

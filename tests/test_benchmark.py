@@ -41,7 +41,8 @@ def test_quick_run_writes_json(tmp_path, capsys):
     assert results["memory_large"]["size_hw"] == list(speed.QUICK["large_size"])
     assert set(results["training"]["workers"]) == {"0"}
     train = results["training"]["workers"]["0"]
-    assert train["overhead_percent"] == pytest.approx(100 * (train["loader_step_seconds"] / train["cached_step_seconds"] - 1))
+    assert train["overhead_percent"] == pytest.approx(
+        100 * (train["loader_step_seconds"] / train["cached_step_seconds"] - 1))
     folder = results["folder_throughput"]
     assert folder["n"] == throughput.QUICK["folder_images"] and folder["n_small"] == 2 and folder["repeats"] == 1
     assert folder["image"] == results["cascade"]["image"]
@@ -96,7 +97,8 @@ def test_missing_inputs_are_usage_errors(tmp_path):
         assert benchmark.main(benchmark.get_args_parser().parse_args(argv)) == 2
     # issue 13 asks for at least 12 images in the large folder; fewer only with --quick (and always more than 2)
     for argv in (["--folder-images", "11"], ["--quick", "--folder-images", "2"]):
-        assert benchmark.main(benchmark.get_args_parser().parse_args(argv + ["--output", str(tmp_path / "b.json")])) == 2
+        assert benchmark.main(
+            benchmark.get_args_parser().parse_args(argv + ["--output", str(tmp_path / "b.json")])) == 2
     assert not (tmp_path / "b.json").exists()
 
 
@@ -109,7 +111,8 @@ def test_per_image_time_by_difference():
 
 def test_run_measured_reports_the_childs_own_peak(tmp_path):
     script = tmp_path / "allocate.py"
-    script.write_text("import sys\nblock = bytearray(int(sys.argv[1]) * 2**20)\nblock[::4096] = b'x' * len(block[::4096])\n")
+    script.write_text("import sys\nblock = bytearray(int(sys.argv[1]) * 2**20)\n"
+                      "block[::4096] = b'x' * len(block[::4096])\n")
     env = throughput.child_env(1)
     big = throughput.run_measured(script, ["200"], tmp_path / "big.rss", env)
     small = throughput.run_measured(script, ["1"], tmp_path / "small.rss", env)

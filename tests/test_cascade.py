@@ -9,8 +9,8 @@ import torch
 from mammo import imaging
 from mammo.weights import runners
 from mammo.cascade import Cascade
-from mammo.weights.checkpoints import (TRAINING_STATE_KEYS, load_checkpoint, load_stage, make_checkpoint, save_checkpoint,
-                         without_training_state)
+from mammo.weights.checkpoints import (TRAINING_STATE_KEYS, load_checkpoint, load_stage, make_checkpoint,
+                                       save_checkpoint, without_training_state)
 from mammo.core.labels import FGT
 from mammo.imaging.roi import RoiBox, fgt_roi_box, paste_into_box
 from mammo.nn.models import build_model, default_model_config

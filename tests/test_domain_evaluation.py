@@ -16,7 +16,8 @@ from mammo.cli import evaluate
 from mammo import imaging
 from mammo.core import metrics
 from mammo.imaging import roi
-from mammo.evaluation import scoring
+from mammo.evaluation import predictors, scores
+from mammo.evaluation.cases import Case, exclude_patients, read_patient_list
 
 
 def _run(argv: list[str]) -> int:
@@ -36,7 +37,7 @@ PIXELS[[0, 1, 2, 2], [3, 3, 3, 2]] = 180  # the bright breast pixels: the Otsu F
 
 
 def test_density_row_by_hand():
-    row = scoring.density_row(PIXELS, PRED, DENSE)
+    row = scores.density_row(PIXELS, PRED, DENSE)
     assert row["breast_pixels"] == 9
     assert row["fgt_dice"] == pytest.approx(2 * 2 / (3 + 4))
     assert row["percent_density_pred"] == pytest.approx(100 * 3 / 9)
@@ -52,13 +53,13 @@ def test_density_row_by_hand():
     breast = np.isin(PRED, (1, 2))
     assert cv2.threshold(PIXELS[breast].reshape(1, -1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[0] == 40
     # no predicted breast: mask density undefined, Otsu empty
-    empty = scoring.density_row(PIXELS, np.zeros_like(PRED), DENSE)
+    empty = scores.density_row(PIXELS, np.zeros_like(PRED), DENSE)
     assert math.isnan(empty["percent_density_mask"]) and empty["otsu_fgt_pred_pixels"] == 0
 
 
 def test_summarize_density_by_hand():
-    rows = [scoring.density_row(PIXELS, PRED, DENSE), scoring.density_row(PIXELS, PRED, np.zeros_like(DENSE))]
-    summary = scoring.summarize_density(rows)
+    rows = [scores.density_row(PIXELS, PRED, DENSE), scores.density_row(PIXELS, PRED, np.zeros_like(DENSE))]
+    summary = scores.summarize_density(rows)
     assert summary["n_images"] == 2 and summary["density_images"] == 2
     model = summary["model"]
     # image 2: no dense pixel, 3 FGT predicted -> Dice 0, error 33.3 points
@@ -85,21 +86,21 @@ def test_roi_box_fraction_by_hand():
     assert metrics.box_area(box) == metrics.box_area((6, 4, 11, 8)) == 20
     assert metrics.bounding_box(classes != 0) == (5, 3, 15, 13)
     assert metrics.roi_box_fraction(box, classes != 0) == pytest.approx(0.2)
-    fields = scoring.roi_box_fields(box, classes)
+    fields = scores.roi_box_fields(box, classes)
     assert fields == {"roi_box_fraction": pytest.approx(0.2), "roi_box_area_pixels": 20.0,
                       "breast_box_area_pixels": 100.0}
     pectoral_only = np.zeros((20, 20), np.uint8)
     pectoral_only[0:4, 0:5] = 3  # breast = pectoral only: 4 x 5 box
-    assert scoring.roi_box_fields(roi.RoiBox(0, 0, 2, 5), pectoral_only)["roi_box_fraction"] == pytest.approx(0.5)
+    assert scores.roi_box_fields(roi.RoiBox(0, 0, 2, 5), pectoral_only)["roi_box_fraction"] == pytest.approx(0.5)
     assert math.isnan(metrics.roi_box_fraction(box, np.zeros((20, 20), bool)))
-    assert math.isnan(scoring.roi_box_fields(None, classes)["roi_box_fraction"])
+    assert math.isnan(scores.roi_box_fields(None, classes)["roi_box_fraction"])
     # in a lesion row and its summary (per-image mean, pooled areas, source counts)
     prob, truth = np.zeros((20, 20), np.float32), np.zeros((20, 20), bool)
-    row1 = scoring.lesion_row(prob, truth, box, 0.5, 0.1, 1, classes, "fgt")
-    row2 = scoring.lesion_row(prob, truth, roi.RoiBox(0, 0, 10, 5), 0.5, 0.1, 1, pectoral_only, "breast")
-    row3 = scoring.lesion_row(prob, truth, box, 0.5, 0.1)  # no tissue map: unknown
+    row1 = scores.lesion_row(prob, truth, box, 0.5, 0.1, 1, classes, "fgt")
+    row2 = scores.lesion_row(prob, truth, roi.RoiBox(0, 0, 10, 5), 0.5, 0.1, 1, pectoral_only, "breast")
+    row3 = scores.lesion_row(prob, truth, box, 0.5, 0.1)  # no tissue map: unknown
     assert row1["roi_box_fraction"] == pytest.approx(0.2) and row2["roi_box_fraction"] == pytest.approx(2.5)
-    summary = scoring.summarize_lesion([row1, row2, row3])
+    summary = scores.summarize_lesion([row1, row2, row3])
     assert summary["roi_box_fraction_mean"] == pytest.approx((0.2 + 2.5) / 2)
     assert summary["roi_box_fraction_pooled"] == pytest.approx((20 + 50) / (100 + 20))
     assert summary["roi_box_fraction_images"] == 2
@@ -111,32 +112,32 @@ def test_pectoral_dice_by_hand():
     classes[0:4, 0:4] = 3  # 16 px predicted pectoral
     pectoral = np.zeros((10, 10), bool)
     pectoral[0:4, 2:6] = True  # 16 px, 8 shared
-    predicted = scoring.LesionPrediction(np.zeros((10, 10), np.float32), roi.RoiBox(0, 0, 10, 10), classes, "breast")
+    predicted = predictors.LesionPrediction(np.zeros((10, 10), np.float32), roi.RoiBox(0, 0, 10, 10), classes, "breast")
     truth = np.zeros((10, 10), bool)
-    mlo = scoring.csaw_row(predicted, truth, pectoral, 0.5, 0.1, 1)
+    mlo = scores.csaw_row(predicted, truth, pectoral, 0.5, 0.1, 1)
     assert mlo["has_pectoral"] and mlo["pectoral_dice"] == pytest.approx(2 * 8 / 32)
-    cc = scoring.csaw_row(predicted, truth, np.zeros((10, 10), bool), 0.5, 0.1, 1)
+    cc = scores.csaw_row(predicted, truth, np.zeros((10, 10), bool), 0.5, 0.1, 1)
     assert not cc["has_pectoral"] and math.isnan(cc["pectoral_dice"])
     rows = [{"stem": "001_1", "patient": "001", **mlo}, {"stem": "001_0", "patient": "001", **cc}]
-    summary = scoring.summarize_csaw(rows)
+    summary = scores.summarize_csaw(rows)
     assert summary["pectoral"]["n_images"] == 1 and summary["pectoral"]["per_image"] == {"001_1": pytest.approx(0.5)}
     assert summary["pectoral"]["dice_mean"] == pytest.approx(0.5) and summary["lesion"]["n_images"] == 2
     with pytest.raises(ValueError, match="tissue map"):
-        scoring.csaw_row(scoring.LesionPrediction(predicted.prob, None), truth, pectoral, 0.5, 0.1, 1)
+        scores.csaw_row(predictors.LesionPrediction(predicted.prob, None), truth, pectoral, 0.5, 0.1, 1)
 
 
 def test_patient_lists(tmp_path):
-    assert scoring.read_patient_list("002, 1,P105") == {"2", "1", "P105"}
+    assert read_patient_list("002, 1,P105") == {"2", "1", "P105"}
     listed = tmp_path / "ids.txt"
     listed.write_text("# trained on\nP105\nP2, P3\n")
-    assert scoring.read_patient_list(str(listed)) == {"P105", "P2", "P3"}
+    assert read_patient_list(str(listed)) == {"P105", "P2", "P3"}
     table = tmp_path / "table.csv"
     table.write_text("image_file_path,patient_id,split\na.png,CSAW_000,train\nb.png,CSAW_002,test\n")
-    assert scoring.read_patient_list(str(table)) == {"CSAW_000"}  # the train rows only
-    cases = [scoring.Case("000_0", "/x/000_0.png", "", patient="000"),
-             scoring.Case("002_1", "/x/002_1.png", "", patient="002"),
-             scoring.Case("P105_R_DM_CC", "/x/flipped_P105_R_DM_CC.jpg", "")]
-    kept, dropped = scoring.exclude_patients(cases, {"CSAW_000", "P105"})
+    assert read_patient_list(str(table)) == {"CSAW_000"}  # the train rows only
+    cases = [Case("000_0", "/x/000_0.png", "", patient="000"),
+             Case("002_1", "/x/002_1.png", "", patient="002"),
+             Case("P105_R_DM_CC", "/x/flipped_P105_R_DM_CC.jpg", "")]
+    kept, dropped = exclude_patients(cases, {"CSAW_000", "P105"})
     assert [c.stem for c in kept] == ["002_1"] and dropped == 2
 
 

@@ -14,7 +14,7 @@ from mammo.weights import checkpoints
 from mammo.cli import evaluate
 from mammo import imaging
 from mammo.core import metrics
-from mammo.evaluation import scoring
+from mammo.evaluation import cases
 from mammo.nn.models import build_model, default_model_config
 
 
@@ -51,10 +51,10 @@ def test_lesion_detection_counts_by_hand():
 
 
 def test_acquisition_group():
-    assert scoring.acquisition_group("P105_R_CM_MLO.jpg") == "CM"
-    assert scoring.acquisition_group("flipped_P2_L_DM_CC.jpg") == "DM"
-    assert scoring.acquisition_group("anything.png", "cm") == "CM"
-    assert scoring.acquisition_group("0_R-CC.png") == ""
+    assert cases.acquisition_group("P105_R_CM_MLO.jpg") == "CM"
+    assert cases.acquisition_group("flipped_P2_L_DM_CC.jpg") == "DM"
+    assert cases.acquisition_group("anything.png", "cm") == "CM"
+    assert cases.acquisition_group("0_R-CC.png") == ""
 
 
 # ---------------------------------------------------------------------------------------------- predictions folder
@@ -195,7 +195,8 @@ def test_cascade_mode_torch_and_onnxruntime_agree(tissue_dir, lesion_dir, tmp_pa
                  "--backend", "onnxruntime", "--threads", "1", "--no-plots",
                  "--output-dir", str(tmp_path / "ort2")]) == 0
     again = json.loads((tmp_path / "ort2" / "metrics.json").read_text())
-    assert again["tissue"]["mean"]["dice_4channel"] == pytest.approx(by_torch["tissue"]["mean"]["dice_4channel"], abs=1e-4)
+    assert again["tissue"]["mean"]["dice_4channel"] == pytest.approx(by_torch["tissue"]["mean"]["dice_4channel"],
+                                                                     abs=1e-4)
 
 
 def test_usage_errors(tissue_dir, tmp_path, monkeypatch):
@@ -206,7 +207,8 @@ def test_usage_errors(tissue_dir, tmp_path, monkeypatch):
                  "--output-dir", out]) == 2
     assert _run(["--predictions-dir", out, "--output-dir", out]) == 2  # no ground truth
     assert _run(["--tissue-dir", str(tmp_path), "--predictions-dir", out, "--output-dir", out]) == 2  # bad layout
-    assert _run(["--tissue-dir", str(tissue_dir), "--predictions-dir", str(tmp_path / "none"), "--output-dir", out]) == 2
+    assert _run(["--tissue-dir", str(tissue_dir), "--predictions-dir", str(tmp_path / "none"),
+                 "--output-dir", out]) == 2
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 

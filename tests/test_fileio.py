@@ -9,7 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from mammo.core.fileio import TEMPORARY_PREFIX, atomic_write_bytes, atomic_write_text, atomic_writer, file_sha256, json_safe
+from mammo.core.fileio import (TEMPORARY_PREFIX, atomic_write_bytes, atomic_write_text, atomic_writer, file_sha256,
+                               json_safe)
 
 
 def test_atomic_write_gives_normal_permissions_and_leaves_no_temporary(tmp_path):

@@ -163,7 +163,8 @@ def test_read_errors_name_file_and_reason(tmp_path, tissue_dir):
     (tmp_path / "report.dcm").write_text("a text file renamed .dcm\n")
     cases["renamed text"] = tmp_path / "report.dcm"
     expected_words = {"missing": "not found", "empty": "empty", "corrupt": "corrupt", "unsupported": "unsupported",
-                      "no pixel data": "no pixel data", "folder": "not a regular file", "renamed text": "not a DICOM file"}
+                      "no pixel data": "no pixel data", "folder": "not a regular file",
+                      "renamed text": "not a DICOM file"}
     for case, path in cases.items():
         with pytest.raises(ImageReadError) as info:
             imaging.read_image(path)

@@ -105,7 +105,8 @@ def test_outputs_have_each_inputs_size(kind, checkpoint_dir, loaded, tissue_imag
         source = tmp_path / "odd.png"
         imaging.write_png(source, cv2.resize(_read(tissue_image), (613, 1000), interpolation=cv2.INTER_AREA))
     pixels = _read(source)
-    expected_shape = {"tissue_960x480": (960, 480), "nyu_16bit_2944x1920": (2944, 1920), "odd_1000x613": (1000, 613)}[kind]
+    expected_shape = {"tissue_960x480": (960, 480), "nyu_16bit_2944x1920": (2944, 1920),
+                      "odd_1000x613": (1000, 613)}[kind]
     assert pixels.shape == expected_shape
     out = tmp_path / "out"
     assert ci.main(_args(checkpoint_dir, "--image", str(source), "--output-dir", str(out))) == 0
@@ -353,7 +354,8 @@ def test_usage_errors_exit_2(checkpoint_dir, tissue_image, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "corrupt.pth" in err and "weights_only" not in err  # no advice to unpickle an untrusted file
     if not torch.cuda.is_available():
-        assert ci.main(parser.parse_args(["--checkpoint-dir", str(checkpoint_dir), *base[:-2], "--device", "cuda"])) == 2
+        assert ci.main(parser.parse_args(["--checkpoint-dir", str(checkpoint_dir), *base[:-2],
+                                          "--device", "cuda"])) == 2
     with pytest.raises(SystemExit):
         parser.parse_args(["--threshold", "1.5"])
     assert not (tmp_path / "o").exists()
@@ -395,7 +397,8 @@ def test_dicom_input_gives_the_same_masks_as_its_png(checkpoint_dir, tissue_imag
     shutil.copy(tissue_image, inputs / "scan.png")
     _write_dicom(inputs / "scan_dicom", _read(tissue_image), spacing_mm=(0.1, 0.2))  # no suffix: found by its magic
     out = tmp_path / "out"
-    assert ci.main(_args(checkpoint_dir, "--image-dir", str(inputs), "--output-dir", str(out), "--no-visualization")) == 0
+    assert ci.main(_args(checkpoint_dir, "--image-dir", str(inputs), "--output-dir", str(out),
+                         "--no-visualization")) == 0
     for suffix in ("_tissue_seg.png", "_fgt_mask.png", "_cancer_prob.png"):
         assert np.array_equal(_read(out / f"scan{suffix}"), _read(out / f"scan_dicom{suffix}")), suffix
     png_record = json.loads((out / "scan.json").read_text(encoding="utf-8"))
@@ -562,7 +565,8 @@ def test_progress_lines_keep_the_input_order_with_read_ahead_and_write_behind(ch
         (folder / f"{name}.png").write_bytes(tissue_image.read_bytes()[:300])  # truncated: fails at reading
     imaging.write_png(folder / "f.png", np.full((10, 10), 120, np.uint8))
     lines = []
-    monkeypatch.setattr(predict, "_report", lambda item, index, total: lines.append((index, item.relative, item.status)))
+    monkeypatch.setattr(predict, "_report",
+                        lambda item, index, total: lines.append((index, item.relative, item.status)))
     assert ci.main(_args(checkpoint_dir, "--image-dir", str(folder), "--output-dir", str(tmp_path / "out"),
                          "--no-visualization", "--backend", "torch")) == 1
     assert lines == [(0, "a.png", "ok"), (1, "b.png", "failed"), (2, "c.png", "ok"), (3, "d.png", "failed"),

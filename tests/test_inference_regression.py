@@ -174,9 +174,10 @@ def _run_all(shared_data: Path, tmp_path: Path) -> dict:
     digests = {}
     for name, extra in RUNS.items():
         out_dir = tmp_path / f"out_{name}"
+        # the recorded outputs are the torch backend's
         args = ci.get_args_parser().parse_args(["--checkpoint-dir", str(tmp_path / "checkpoints"), "--image-dir",
-                                                str(inputs), "--output-dir", str(out_dir), "--device", "cpu", "--backend",
-                                                "torch", *extra])  # the recorded outputs are the torch backend's
+                                                str(inputs), "--output-dir", str(out_dir), "--device", "cpu",
+                                                "--backend", "torch", *extra])
         assert ci.main(args) == 1  # the corrupt file fails alone; everything else is written
         digests[name] = _digest(out_dir, tmp_path)
     return digests

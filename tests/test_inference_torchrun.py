@@ -52,7 +52,8 @@ def test_two_gloo_processes_split_a_folder_and_merge_in_input_order(checkpoint_d
         tissue_one = imaging.read_image(tmp_path / "one" / f"{stem}_tissue_seg.png").pixels
         np.testing.assert_array_equal(imaging.read_image(tmp_path / "two" / f"{stem}_tissue_seg.png").pixels,
                                       tissue_one)
-        prob = [imaging.read_image(tmp_path / run / f"{stem}_cancer_prob.png").pixels.astype(int) for run in ("one", "two")]
+        prob = [imaging.read_image(tmp_path / run / f"{stem}_cancer_prob.png").pixels.astype(int)
+                for run in ("one", "two")]
         assert np.abs(prob[0] - prob[1]).max() <= 1  # uint8 probabilities: 1e-4 apart at most before rounding
     assert _rows(tmp_path / "two") == _rows(tmp_path / "one")
     assert [row["input"] for row in _rows(tmp_path / "two")] == sorted([*names, "notes.txt"])

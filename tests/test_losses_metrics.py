@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from mammo.nn.losses import LesionLoss, TissueLoss, l1_penalty
-from mammo.core.metrics import (binary_dice, binary_iou, confusion_counts, density_category, dice_per_class, iou_per_class,
-                     percent_density, pixel_accuracy)
+from mammo.core.metrics import (binary_dice, binary_iou, confusion_counts, density_category, dice_per_class,
+                                iou_per_class, percent_density, pixel_accuracy)
 
 
 # ------------------------------------------------------------------------------------------------------- metrics
@@ -83,7 +83,8 @@ def test_lesion_loss_by_hand_and_on_empty_truth():
     empty = torch.zeros_like(target)
     expected_bce = (math.log(2.0) - math.log(1 - s)) / 2
     assert LesionLoss()(logits, empty).item() == pytest.approx(expected_bce, rel=1e-5)
-    assert LesionLoss()(torch.full_like(logits, 5.0), empty).item() > LesionLoss()(torch.full_like(logits, -5.0), empty).item()
+    assert (LesionLoss()(torch.full_like(logits, 5.0), empty).item()
+            > LesionLoss()(torch.full_like(logits, -5.0), empty).item())
 
 
 def test_losses_run_in_float32_under_autocast():

@@ -172,16 +172,22 @@ def test_a_text_file_as_weights_is_one_line_on_the_command_line(tmp_path, weight
 
 
 def test_lesion_settings_resolution():
-    resolve = release.lesion_settings
-    assert resolve(None, None, None, default_threshold=0.5, default_min_area=10) == (0.5, 10, [])
-    assert resolve({"lesion_threshold": 0.3}, None, None, default_threshold=0.5, default_min_area=10) == (
-        0.3, 10, ["lesion_threshold"])
-    assert resolve({"lesion_threshold": 0.3, "min_lesion_area": 4}, 0.6, None, default_threshold=0.5,
-                   default_min_area=1) == (0.6, 4, ["min_lesion_area"])
-    for bad in ({"lesion_threshold": 1.5}, {"lesion_threshold": "high"}, {"min_lesion_area": 2.5},
-                {"min_lesion_area": -1}):
-        with pytest.raises(release.WeightsFileError):
-            resolve(bad, None, None, default_threshold=0.5, default_min_area=1)
+    """One rule and one range for every script (issue 18): the user's value, else the model's, else 0.5 / 1 px;
+    a threshold in (0, 1) and a whole number of pixels >= 1, from the user and from the model alike."""
+    resolve, Settings = release.resolve_lesion_settings, release.LesionSettings
+    assert resolve(None) == Settings(0.5, 1, ())
+    assert resolve({"lesion_threshold": 0.3}) == Settings(0.3, 1, ("lesion_threshold",))
+    assert resolve({"lesion_threshold": 0.3, "min_lesion_area": 4}, 0.6, None) == Settings(0.6, 4, ("min_lesion_area",))
+    assert resolve({"min_lesion_area": 4.0}, None, 7) == Settings(0.5, 7, ())
+    for bad in ({"lesion_threshold": 1.5}, {"lesion_threshold": 1.0}, {"lesion_threshold": 0},
+                {"lesion_threshold": "high"}, {"min_lesion_area": 2.5}, {"min_lesion_area": -1},
+                {"min_lesion_area": 0}, {"min_lesion_area": True}):
+        with pytest.raises(release.WeightsFileError, match="pass --"):
+            resolve(bad)
+    for threshold, area, flag in ((1.0, None, "--threshold"), (0.0, None, "--threshold"),
+                                  (None, 0, "--min-lesion-area"), (float("nan"), None, "--threshold")):
+        with pytest.raises(ValueError, match=flag):
+            resolve(None, threshold, area)
 
 
 # ------------------------------------------------------------------------------------------------ the runners
@@ -278,7 +284,7 @@ def test_evaluate_uses_the_shipped_weights_and_their_threshold(weights_dir, weig
     evaluation = summary["evaluation"]
     assert evaluation["stage1_weights"] == str(weights_dir / "stage1.safetensors")
     assert evaluation["shipped_default_weights"] == ["stage1", "stage2"]
-    assert evaluation["lesion_threshold"] == 0.5 and evaluation["min_lesion_area_px"] == 10
+    assert evaluation["lesion_threshold"] == 0.5 and evaluation["min_lesion_area_px"] == 1  # one default (issue 18)
     assert summary["tissue"]["n_images"] == 1
 
     monkeypatch.setenv(release.WEIGHTS_DIR_ENV, str(weights_with_threshold))

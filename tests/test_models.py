@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mammo.nn import models
-from mammo.nn.models import (ACAAtrousResUNet, ACAAtrousUNet, ACAModule, ASPP, DoubleConv, Down, Up, UNet, UpACA, build_model,
-                    check_input_size, count_parameters, default_model_config, nearest_valid_size)
+from mammo.nn.models import (ACAAtrousResUNet, ACAAtrousUNet, ACAModule, ASPP, DoubleConv, Down, Up, UNet, UpACA,
+                             build_model, check_input_size, count_parameters, default_model_config, nearest_valid_size)
 
 
 @pytest.fixture(autouse=True)

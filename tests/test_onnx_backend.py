@@ -102,7 +102,8 @@ def test_cli_exports_both_stages_and_cascade_runs_on_them(tissue_dir, tmp_path, 
     checkpoints.save_checkpoint(stage2, tmp_path / "s2.pth")
     out = tmp_path / "onnx"
     args = onnx_backend.get_args_parser().parse_args(
-        ["--stage1-weights", str(tmp_path / "s1.pth"), "--stage2-weights", str(tmp_path / "s2.pth"), "--output-dir", str(out)])
+        ["--stage1-weights", str(tmp_path / "s1.pth"), "--stage2-weights", str(tmp_path / "s2.pth"),
+         "--output-dir", str(out)])
     assert onnx_backend.main(args) == 0
     assert (out / "stage1.onnx").is_file() and (out / "stage2.onnx").is_file()
     assert "max |logit diff|" in capsys.readouterr().out

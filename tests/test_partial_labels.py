@@ -1,4 +1,5 @@
-"""Stage 1 on digital mammograms: partial labels (CSAW-S), the marginal loss, appearance augmentation, source repeats."""
+"""Stage 1 on digital mammograms: partial labels (CSAW-S), the marginal loss, appearance augmentation, source
+repeats."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from segmentation_models_pytorch.losses import DiceLoss
 
 from mammo import imaging
-from mammo.training import trainer
+from mammo.training import inputs as trainer  # repeat_sources, split_table, TrainingInputError
 from conftest import SHARED_DATA
 from mammo.training.datasets import appearance_augmentation, tissue_augmentation
 from mammo.core.labels import ADIPOSE_OR_FGT, IGNORE

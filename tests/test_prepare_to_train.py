@@ -7,6 +7,8 @@ import csv
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -366,7 +368,8 @@ def test_real_tissue_and_cdd_cesm_workspace(tissue_dir, lesion_dir, tmp_path):
     lesion = pd.read_csv(ws / "unified_segmentation_dataset.csv", dtype=str, keep_default_na=False)
     assert list(tissue.columns[:5]) == ["image_file_path", "label_file_path", "patient_id", "source", "split"]
     assert len(tissue) == 60 and len(lesion) == 98
-    assert not any(Path(p).is_absolute() for p in tissue["image_file_path"].tolist() + lesion["image_file_path"].tolist())
+    assert not any(Path(p).is_absolute()
+                   for p in tissue["image_file_path"].tolist() + lesion["image_file_path"].tolist())
     assert set(tissue["split"]) == {"train", "val"} and set(lesion["split"]) == {"train", "val"}
     for df in (tissue, lesion):  # patient-level: no patient on both sides
         assert not set(df[df["split"] == "train"]["patient_id"]) & set(df[df["split"] == "val"]["patient_id"])
@@ -578,3 +581,12 @@ def test_bad_usage_is_refused(tissue_dir, tmp_path, capsys):
     assert run("--lesion-dir", src, "--workspace", src / "ws") == 2
     assert "inside the input folder" in capsys.readouterr().err
     assert not (src / "ws").exists()
+
+
+def test_preparer_loads_neither_torch_nor_albumentations():
+    """The preparer parses file names and tables: importing its command line loads no deep-learning stack."""
+    code = "import sys, mammo.cli.prepare; print(sorted(m for m in ('torch','albumentations') if m in sys.modules))"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

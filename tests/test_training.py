@@ -207,7 +207,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tissue_csv,
 
     monkeypatch.setattr(engine, "l1_penalty", penalty_nan_in_epoch_2)
     out = tmp_path / "nan"
-    assert run(["--train-stage1", "--tissue-csv", str(tissue_csv), *small_args(out, epochs=3)]) == csm.EXIT_NONFINITE_LOSS
+    assert (run(["--train-stage1", "--tissue-csv", str(tissue_csv), *small_args(out, epochs=3)])
+            == csm.EXIT_NONFINITE_LOSS)
     message = capsys.readouterr().err
     assert "epoch 2, step 1" in message and "last good checkpoint" in message and "last_stage1.pth" in message
     assert checkpoints.load_checkpoint(out / "ck1" / "last_stage1.pth")["epoch"] == 1
@@ -243,7 +244,8 @@ def test_bad_tables_offline_weights_and_resume_without_a_run_are_errors_not_trac
     assert run(["--train-stage1", "--tissue-csv", str(tmp_path / "missing.csv"),
                 *small_args(tmp_path / "m")]) == csm.EXIT_INPUT_ERROR
     err = capsys.readouterr().err
-    assert "2 file(s) that do not exist" in err and "gone_1.png" in err and "gone_4_LI.png" in err  # all listed up front
+    # all listed up front
+    assert "2 file(s) that do not exist" in err and "gone_1.png" in err and "gone_4_LI.png" in err
     table.rename(columns={"label_file_path": "label_path"}).to_csv(tmp_path / "badcol.csv", index=False)
     assert run(["--train-stage1", "--tissue-csv", str(tmp_path / "badcol.csv"),
                 *small_args(tmp_path / "c")]) == csm.EXIT_INPUT_ERROR
@@ -278,8 +280,9 @@ class ThresholdTissue(nn.Module):
 
 def fake_stage1(path: Path, fgt_level: float) -> Path:
     model = ThresholdTissue(fgt_level=fgt_level)
-    state = checkpoints.make_checkpoint(stage=1, model=model, model_config={"name": "threshold_test", "fgt_level": fgt_level},
-                                    preprocess_config=imaging.DEFAULT_PREPROCESS, input_size=(64, 64))
+    state = checkpoints.make_checkpoint(stage=1, model=model,
+                                        model_config={"name": "threshold_test", "fgt_level": fgt_level},
+                                        preprocess_config=imaging.DEFAULT_PREPROCESS, input_size=(64, 64))
     return checkpoints.save_checkpoint(state, path)
 
 
@@ -346,8 +349,9 @@ def test_stage2_trains_on_crops_made_by_stage1(tmp_path, lesion_csv, monkeypatch
 def test_stage2_encoder_can_start_from_stage1(tmp_path, tissue_csv):
     args = csm.get_args_parser().parse_args(["--train-stage2", "--encoder", "resnet18"])
     stage1_model = models.build_model(trainer.model_config_for(1, args, None))
-    state = checkpoints.make_checkpoint(stage=1, model=stage1_model, model_config=trainer.model_config_for(1, args, None),
-                                    preprocess_config=imaging.DEFAULT_PREPROCESS, input_size=(64, 64))
+    state = checkpoints.make_checkpoint(stage=1, model=stage1_model,
+                                        model_config=trainer.model_config_for(1, args, None),
+                                        preprocess_config=imaging.DEFAULT_PREPROCESS, input_size=(64, 64))
     path = checkpoints.save_checkpoint(state, tmp_path / "best_stage1.pth")
     stage2_model = models.build_model(trainer.model_config_for(2, args, str(path)))
     encoder1, encoder2 = stage1_model.encoder.state_dict(), stage2_model.encoder.state_dict()

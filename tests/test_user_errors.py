@@ -98,7 +98,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     f["header_only"] = root / "header_only.csv"
     f["header_only"].write_text("image_file_path,label_file_path,split\n", encoding="utf-8")
     f["no_columns"] = _write_table(root / "no_columns.csv",
-                                   [{"image": r["image_file_path"], "label": r["label_file_path"]} for r in tissue_rows])
+                                   [{"image": r["image_file_path"], "label": r["label_file_path"]}
+                                    for r in tissue_rows])
     f["gone_csv"] = _write_table(root / "gone.csv", [{**r, "image_file_path": str(root / f"gone_{i}.png")}
                                                      for i, r in enumerate(tissue_rows)])
     f["text_image"] = root / "text_image.png"
@@ -262,7 +263,8 @@ def test_cascade_inference_gives_the_advice_that_fits(files, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------- one line per mistake
 def _small_training(out: Path) -> list[str]:
     return ["--img-size-stage1", "64", "--img-size-stage2", "32", "--batch-size-stage1", "2",
-            "--batch-size-stage2", "2", "--epochs-stage1", "1", "--epochs-stage2", "1", "--max-batches-per-epoch", "2", "--num-workers", "0",
+            "--batch-size-stage2", "2", "--epochs-stage1", "1", "--epochs-stage2", "1", "--max-batches-per-epoch", "2",
+            "--num-workers", "0",
             "--encoder", ENCODER, "--encoder-weights", "none", "--device", "cpu",
             "--stage1-checkpoint-dir", out / "ck1", "--stage2-checkpoint-dir", out / "ck2", "--logdir", out / "runs"]
 
@@ -455,9 +457,16 @@ def test_numbers_and_describe(tmp_path):
 
 
 @pytest.mark.parametrize("script, argv, expected", [
-    ("cascade_inference", ["--image", "x.png", "--threshold", "1.5"], "argument --threshold: threshold must be in (0, 1]"),
+    ("cascade_inference", ["--image", "x.png", "--threshold", "1.5"],
+     "argument --threshold: threshold must be in (0, 1)"),
     ("cascade_inference", ["--image", "x.png", "--device", "gpu"], "argument --device: device must be auto"),
     ("evaluate", ["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    # one range for the lesion settings of every script (issue 18): a threshold in (0, 1), an area >= 1 px
+    ("cascade_inference", ["--image", "x.png", "--threshold", "1"],
+     "argument --threshold: threshold must be in (0, 1)"),
+    ("evaluate", ["--threshold", "1"], "argument --threshold: threshold must be in (0, 1)"),
+    ("evaluate", ["--min-lesion-area", "0"], "argument --min-lesion-area: must be a positive integer, got 0"),
+    ("cascade_inference", ["--min-lesion-area", "0"], "argument --min-lesion-area: must be a positive integer, got 0"),
     ("prepare_to_train", ["--synthetic", "many"], "argument --synthetic: invalid"),
     ("cascade_segmentation_model", [], "one of the arguments --train-stage1 --train-stage2 --train-both is required"),
     ("benchmark", ["--repeats", "3.5"], "argument --repeats: invalid int value: '3.5'"),

@@ -141,7 +141,8 @@ def xvfb_display(monkeypatch):
     if shutil.which("Xvfb") is None:
         pytest.skip("Xvfb not installed (apt-get install xvfb)")
     read_fd, write_fd = os.pipe()
-    process = subprocess.Popen(["Xvfb", "-displayfd", str(write_fd), "-screen", "0", "1280x1024x24", "-nolisten", "tcp"],
+    process = subprocess.Popen(["Xvfb", "-displayfd", str(write_fd), "-screen", "0", "1280x1024x24",
+                                "-nolisten", "tcp"],
                                pass_fds=(write_fd,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.close(write_fd)
     try:
@@ -215,7 +216,8 @@ def test_viewer_window_with_a_key_source_saves_the_expected_views(xvfb_display, 
     assert "Viewer keys:" in done.stdout and done.stdout.count("saved view:") == 2
     computed = [line for line in done.stdout.splitlines() if line.startswith("COMPUTED")][0]
     assert computed == "COMPUTED [[0, false], [1, false], [1, true]]"  # cached: each (image, CLAHE) computed once
-    expected_state = ViewerState(count=2, show_tissue=False, show_lesion=False, threshold=0.55, message="threshold 0.55")
+    expected_state = ViewerState(count=2, show_tissue=False, show_lesion=False, threshold=0.55,
+                                 message="threshold 0.55")
     saved = cv2.imread(str(tmp_path / "image0_view.png"), cv2.IMREAD_COLOR)
     assert np.array_equal(saved, render(expected_state, _item(0)))  # the saved view is the drawn state
     second = cv2.imread(str(tmp_path / "image1_view.png"), cv2.IMREAD_COLOR)
@@ -232,7 +234,8 @@ def test_real_key_presses_with_xdotool(xvfb_display, tmp_path):
         "sys.exit(viewer.run_viewer(lambda i, a: test_viewer._item(i), viewer.ViewerState(count=2),"
         " save_dir=sys.argv[3], window_name='xdotool viewer test'))"
     )
-    process = subprocess.Popen([sys.executable, "-c", script, str(PROJECT_ROOT), str(Path(__file__).parent), str(tmp_path)],
+    process = subprocess.Popen([sys.executable, "-c", script, str(PROJECT_ROOT), str(Path(__file__).parent),
+                                str(tmp_path)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         found = subprocess.run(["xdotool", "search", "--sync", "--name", "xdotool viewer test"], capture_output=True,
@@ -261,7 +264,8 @@ def test_interactive_inference_under_xvfb(xvfb_display, tmp_path, tissue_dir):
     for stage, classes, size in ((1, 4, (128, 64)), (2, 1, (64, 64))):
         torch.manual_seed(stage)
         config = default_model_config(classes, encoder_name="resnet18", encoder_weights=None)
-        checkpoints.save_checkpoint(checkpoints.make_checkpoint(stage=stage, model=build_model(config), model_config=config,
+        checkpoints.save_checkpoint(checkpoints.make_checkpoint(stage=stage, model=build_model(config),
+                                                        model_config=config,
                                                         preprocess_config=dict(imaging.DEFAULT_PREPROCESS),
                                                         input_size=size), folder / f"best_stage{stage}.pth")
     inputs = tmp_path / "inputs"

@@ -1,6 +1,7 @@
 """Measuring the cascade's speed and memory on this machine: timers, peak memory, FLOPs, the benchmark's parts.
 
-What lives here (the command line that runs them in order and writes ``benchmark.json`` is ``benchmark.py``):
+What lives here (the command line that runs them in order and writes ``benchmark.json`` is
+``mammo/cli/benchmark.py``, whose face is the root ``benchmark.py``):
 
 - timing and the machine: :func:`median_seconds`, :func:`interleaved_seconds` (round-robin, one machine load for
   all), :func:`peak_rss_bytes`, :func:`cpu_name`, :func:`load_average`, :func:`machine_info`, :func:`count_flops`,
@@ -12,15 +13,16 @@ What lives here (the command line that runs them in order and writes ``benchmark
   :func:`run_child` / :func:`child_main` (the whole cascade in a fresh process, for its own peak RSS),
   :func:`measure_training` (a stage-1 training step with the real loader vs batches in memory);
 - the verdict: :data:`TARGETS`, :func:`summarize` and :func:`format_table` (the printed table), the folder-throughput
-  part of both from ``throughput.py`` (whole-process folder runs against a plain tool, issue 13's part 5).
+  part of both from ``mammo/bench/throughput.py`` (whole-process folder runs against a plain tool, issue 13's
+  part 5).
 
-Every runner built from a stage checkpoint comes from ``runners.make_runner`` (torch eager, channels-last, ONNX
-Runtime); only the baseline, which is no checkpoint, is wrapped in ``runners.TorchRunner`` directly.
+Every runner built from a stage checkpoint comes from ``mammo.weights.runners.make_runner`` (torch eager,
+channels-last, ONNX Runtime); only the baseline, which is no checkpoint, is wrapped in ``runners.TorchRunner``
+directly.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -249,7 +251,8 @@ def cascade_image(given: str | None, work: Path, quick: bool) -> tuple[Path, str
         small = cv2.resize(pixels, QUICK["image_size"][::-1], interpolation=cv2.INTER_AREA)
         return imaging.write_png(work / "quick_16bit.png", small), "real NYU image, downscaled (--quick)"
     size = QUICK["image_size"] if quick else (2944, 1920)
-    return imaging.write_png(work / "synthetic_16bit.png", synthetic_16bit(size)), "synthetic 16-bit (no real image found)"
+    written = imaging.write_png(work / "synthetic_16bit.png", synthetic_16bit(size))
+    return written, "synthetic 16-bit (no real image found)"
 
 
 def large_image(source: Path, size_hw: tuple[int, int], work: Path) -> Path:
@@ -321,12 +324,10 @@ def run_child(spec: dict, timeout_s: float = 1800) -> dict:
         spec = dict(spec, result_path=str(Path(folder) / "result.json"), work_dir=folder)
         spec_path = Path(folder) / "spec.json"
         spec_path.write_text(json.dumps(spec))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-        threads = str(spec["threads"])
-        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-        proc = subprocess.run([sys.executable, "-c", "import sys; from mammo.bench import speed; sys.exit(speed.child_main(sys.argv[1]))",
-                               str(spec_path)], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+        env = throughput.child_env(spec["threads"])  # the project on PYTHONPATH, OMP / MKL threads
+        code = "import sys; from mammo.bench import speed; sys.exit(speed.child_main(sys.argv[1]))"
+        proc = subprocess.run([sys.executable, "-c", code, str(spec_path)], cwd=PROJECT_ROOT, env=env,
+                              capture_output=True, text=True, timeout=timeout_s)
         result_path = Path(spec["result_path"])
         if proc.returncode != 0 or not result_path.is_file():
             raise RuntimeError(f"benchmark subprocess ({spec['kind']}) failed with status {proc.returncode}: "
@@ -348,7 +349,8 @@ def child_main(spec_path: str) -> int:
     """
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(int(spec["threads"]))
-    from mammo.inference import predict  # imported in the child only (the parent never loads the cascade), before the first RSS reading
+    # imported in the child only (the parent never loads the cascade), before the first RSS reading
+    from mammo.inference import predict
     from mammo.cascade import load
     from mammo.inference import outputs
 
@@ -409,7 +411,8 @@ def measure_training(tissue_source: str | os.PathLike | None, size_hw: tuple[int
     from mammo.nn.losses import TissueLoss, l1_penalty
 
     if tissue_source is None:
-        tissue_source = _synthetic_tissue_set(Path(tempfile.mkdtemp(prefix="bench_tissue_")), n=max(4, batch_size * (steps + 1)))
+        tissue_source = _synthetic_tissue_set(Path(tempfile.mkdtemp(prefix="bench_tissue_")),
+                                              n=max(4, batch_size * (steps + 1)))
     table = splits.read_tissue_table(tissue_source)
     torch.manual_seed(seed)
     model = build_model(default_model_config(4)).train()
@@ -425,8 +428,7 @@ def measure_training(tissue_source: str | os.PathLike | None, size_hw: tuple[int
     def loader(num_workers: int):
         dataset = datasets.TissueDataset(table, size_hw, augment=engine.SeedableAugment(datasets.tissue_augmentation()))
         sampler = engine.EpochSampler(len(dataset), seed, shuffle=True)
-        args = argparse.Namespace(num_workers=num_workers, worker_start_method="default")
-        return engine.make_loader(dataset, sampler, batch_size, args, train=True, device=torch.device("cpu"))
+        return engine.make_loader(dataset, sampler, batch_size, num_workers, train=True, device=torch.device("cpu"))
 
     def batches(num_workers: int):
         epoch = 0
@@ -492,14 +494,16 @@ def summarize(results: dict) -> dict:
     if cascade_runs:
         best = min(cascade_runs, key=lambda b: cascade_runs[b]["seconds_median"])
         ratio = cascade_runs[best]["ratio_to_baseline"]
-        summary["cascade_over_baseline"] = {"value": ratio, "backend": best, "target_max": TARGETS["cascade_over_baseline_max"],
+        summary["cascade_over_baseline"] = {"value": ratio, "backend": best,
+                                            "target_max": TARGETS["cascade_over_baseline_max"],
                                             "met": ratio <= TARGETS["cascade_over_baseline_max"]}
     fractions = {(stage, backend): item["fraction_of_peak"] for stage, entry in results.get("stages", {}).items()
                  for backend, item in entry.get("backends", {}).items()}
     if fractions:
         # the fastest backend (by total latency of both stages)
         backends = {b for _, b in fractions}
-        total = {b: sum(results["stages"][s]["backends"][b]["seconds_median"] for s in results["stages"]) for b in backends}
+        total = {b: sum(results["stages"][s]["backends"][b]["seconds_median"] for s in results["stages"])
+                 for b in backends}
         fastest = min(total, key=total.get)
         flops = sum(results["stages"][s]["flops"] for s in results["stages"])
         fraction = flops / total[fastest] / 1e9 / results["matmul"]["gflops_median"]
@@ -516,7 +520,8 @@ def summarize(results: dict) -> dict:
     if "memory_large" in results:
         gb = results["memory_large"]["peak_rss_bytes"] / 1e9
         summary["peak_rss_large_gb"] = {"value": gb, "size_hw": results["memory_large"]["size_hw"],
-                                        "target_max": TARGETS["peak_rss_large_gb_max"], "met": gb < TARGETS["peak_rss_large_gb_max"]}
+                                        "target_max": TARGETS["peak_rss_large_gb_max"],
+                                        "met": gb < TARGETS["peak_rss_large_gb_max"]}
     summary.update(throughput.summarize(results))
     return summary
 
@@ -526,17 +531,21 @@ def format_table(results: dict) -> str:
     lines = []
     machine, peak = results["machine"], results["matmul"]
     lines.append(f"machine: {machine['cpu']} | {machine['threads']} thread(s) | torch {machine['torch']} | "
-                 f"onnxruntime {machine['onnxruntime']} | load {machine['load_average_start']} -> {machine.get('load_average_end')}")
-    lines.append(f"fp32 matmul peak (n={peak['n']}): {peak['gflops_median']:.1f} GFLOP/s (best {peak['gflops_best']:.1f})")
+                 f"onnxruntime {machine['onnxruntime']} | load {machine['load_average_start']} -> "
+                 f"{machine.get('load_average_end')}")
+    lines.append(f"fp32 matmul peak (n={peak['n']}): {peak['gflops_median']:.1f} GFLOP/s "
+                 f"(best {peak['gflops_best']:.1f})")
     lines.append("")
     lines.append(f"{'network':<34}{'size':>10}{'GFLOP':>9}{'latency ms':>12}{'GFLOP/s':>10}{'% peak':>8}")
     base = results["baseline"]
-    lines.append(f"{'baseline smp.Unet r34, eager':<34}{'x'.join(map(str, base['size_hw'])):>10}{base['flops'] / 1e9:>9.2f}"
-                 f"{base['seconds_median'] * 1e3:>12.1f}{base['gflops']:>10.1f}{100 * base['fraction_of_peak']:>8.1f}")
+    lines.append(f"{'baseline smp.Unet r34, eager':<34}{'x'.join(map(str, base['size_hw'])):>10}"
+                 f"{base['flops'] / 1e9:>9.2f}{base['seconds_median'] * 1e3:>12.1f}{base['gflops']:>10.1f}"
+                 f"{100 * base['fraction_of_peak']:>8.1f}")
     for name, entry in results["stages"].items():
         for backend, item in entry["backends"].items():
-            lines.append(f"{name + ' ' + backend:<34}{'x'.join(map(str, entry['input_size'])):>10}{entry['flops'] / 1e9:>9.2f}"
-                         f"{item['seconds_median'] * 1e3:>12.1f}{item['gflops']:>10.1f}{100 * item['fraction_of_peak']:>8.1f}")
+            lines.append(f"{name + ' ' + backend:<34}{'x'.join(map(str, entry['input_size'])):>10}"
+                         f"{entry['flops'] / 1e9:>9.2f}{item['seconds_median'] * 1e3:>12.1f}{item['gflops']:>10.1f}"
+                         f"{100 * item['fraction_of_peak']:>8.1f}")
     lines.append("")
     cascade_info = results.get("cascade", {})
     if cascade_info:
@@ -545,22 +554,24 @@ def format_table(results: dict) -> str:
         for backend, item in cascade_info["backends"].items():
             steps = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in item["steps_seconds_median"].items()
                               if k in ("read", "preprocess", "stage1", "stage2", "write"))
-            lines.append(f"  {backend:<12} {item['seconds_median'] * 1e3:8.1f} ms  = {item['ratio_to_baseline']:.2f} x baseline "
+            lines.append(f"  {backend:<12} {item['seconds_median'] * 1e3:8.1f} ms  = "
+                         f"{item['ratio_to_baseline']:.2f} x baseline "
                          f"({item['baseline_seconds_median'] * 1e3:.0f} ms, interleaved)  peak RSS "
                          f"{item['peak_rss_bytes'] / 2**20:.0f} MiB  (ms: {steps})")
     if "memory_large" in results:
         mem = results["memory_large"]
         lines.append(f"peak RSS at {mem['size_hw'][0]}x{mem['size_hw'][1]} 16-bit ({mem['backend']}): "
-                     f"{mem['peak_rss_bytes'] / 2**20:.0f} MiB (after imports {mem['rss_after_imports_bytes'] / 2**20:.0f}, "
-                     f"after loading {mem['rss_after_load_bytes'] / 2**20:.0f}); cascade {mem['seconds_median'] * 1e3:.0f} ms")
+                     f"{mem['peak_rss_bytes'] / 2**20:.0f} MiB (after imports "
+                     f"{mem['rss_after_imports_bytes'] / 2**20:.0f}, after loading "
+                     f"{mem['rss_after_load_bytes'] / 2**20:.0f}); cascade {mem['seconds_median'] * 1e3:.0f} ms")
     if "training" in results:
         train = results["training"]
         lines.append(f"stage-1 training step ({train['batch_size']} x {'x'.join(map(str, train['size_hw']))}): "
                      f"cached {train['cached_step_seconds'] * 1e3:.0f} ms/step")
         for workers, item in train["workers"].items():
             lines.append(f"  loader, {workers} worker(s): {item['loader_step_seconds'] * 1e3:.0f} ms/step vs cached "
-                         f"{item['cached_step_seconds'] * 1e3:.0f} (interleaved), waiting {item['data_wait_seconds'] * 1e3:.0f}"
-                         f" ms/step -> overhead {item['overhead_percent']:+.1f} %")
+                         f"{item['cached_step_seconds'] * 1e3:.0f} (interleaved), waiting "
+                         f"{item['data_wait_seconds'] * 1e3:.0f} ms/step -> overhead {item['overhead_percent']:+.1f} %")
     lines += throughput.table_lines(results)
     lines.append("")
     if results.get("settings", {}).get("quick"):
@@ -571,5 +582,6 @@ def format_table(results: dict) -> str:
         bound = f"<= {item['target_max']}" if "target_max" in item else f">= {item['target_min']}"
         stretch = (f"; stretch <= {item['stretch_max']} -> {'met' if item['stretch_met'] else 'missed'}"
                    if "stretch_max" in item else "")
-        lines.append(f"  {key:<28} {item['value']:.3f} (target {bound}) -> {'met' if item['met'] else 'MISSED'}{stretch}")
+        verdict = "met" if item["met"] else "MISSED"
+        lines.append(f"  {key:<28} {item['value']:.3f} (target {bound}) -> {verdict}{stretch}")
     return "\n".join(lines)

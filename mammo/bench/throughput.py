@@ -1,8 +1,9 @@
 """Folder throughput of ``cascade_inference.py`` against a plain single-network tool, and whole-process peak RSS.
 
-Part 5 of issue 13, measured by ``benchmark.py`` (its ``folder_throughput`` section). Kept apart from ``speed.py``,
-which times networks and the cascade *inside* one process: everything here runs whole processes, as a user does,
-and that module would pass 700 lines with it.
+Part 5 of issue 13, measured by ``mammo/cli/benchmark.py`` (its ``folder_throughput`` section; the root
+``benchmark.py`` is its face). Kept apart from ``mammo/bench/speed.py``, which times networks and the cascade
+*inside* one process: everything here runs whole processes, as a user does, and that module would pass 700 lines
+with it.
 
 The method:
 
@@ -28,7 +29,7 @@ The method:
 Targets (:data:`TARGETS`, from issue 13): per-image time of the cascade with its default backend and every default
 output at most 0.8 x the plain tool's (stretch 0.6 x), on this machine's CPU; peak RSS of one whole
 ``cascade_inference.py --image`` process on a 2944 x 1920 16-bit image under ``--backend onnxruntime`` at most
-1.0 GB (10^9 bytes). Reported by ``benchmark.py``, never asserted by a test.
+1.0 GB (10^9 bytes). Reported by the benchmark, never asserted by a test.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ def child_env(threads: int) -> dict:
     """The environment of every measured process: this one's, with ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` =
     ``threads`` (the same for all contenders) and the project on ``PYTHONPATH``."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT)] + paths)
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     return env
 
@@ -111,7 +113,8 @@ def run_measured(script: Path, args: list[str], rss_file: Path, env: dict, timeo
     proc = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
     seconds = time.perf_counter() - start
     if proc.returncode != 0 or not rss_file.is_file():
-        raise RuntimeError(f"{script.name} {' '.join(args)} failed with status {proc.returncode}: {proc.stderr[-2000:]}")
+        raise RuntimeError(f"{script.name} {' '.join(args)} failed with status {proc.returncode}: "
+                           f"{proc.stderr[-2000:]}")
     return {"seconds": seconds, "peak_rss_bytes": int(rss_file.read_text())}
 
 
@@ -200,6 +203,22 @@ def _check_outputs(label: str, out: Path, count: int) -> str | None:
     return backend
 
 
+def _contender_entry(by_count: dict[int, list[dict]], n: int, small: int) -> dict:
+    """One contender's figures from its :func:`run_measured` results on the ``n`` and ``small`` folders, round by
+    round: per-image milliseconds (median and runs), wall seconds, start-up seconds and peak RSS bytes (see
+    :func:`measure_folder_throughput`)."""
+    t_n = [r["seconds"] for r in by_count[n]]
+    t_small = [r["seconds"] for r in by_count[small]]
+    per_image = [per_image_seconds(a, b, n, small) for a, b in zip(t_n, t_small)]
+    entry = {"per_image_ms": 1e3 * statistics.median(per_image), "per_image_runs_ms": [1e3 * p for p in per_image],
+             "seconds_n_runs": t_n, "seconds_small_runs": t_small,
+             "startup_seconds": statistics.median(b - small * p for b, p in zip(t_small, per_image)),
+             "peak_rss_n_bytes": max(r["peak_rss_bytes"] for r in by_count[n]),
+             "peak_rss_small_bytes": max(r["peak_rss_bytes"] for r in by_count[small])}
+    entry["peak_rss_bytes"] = max(entry["peak_rss_n_bytes"], entry["peak_rss_small_bytes"])
+    return entry
+
+
 def measure_folder_throughput(image: Path, stage_paths: dict[str, Path], work: Path, *, n: int = DEFAULT_FOLDER_IMAGES,
                               repeats: int = DEFAULT_FOLDER_REPEATS, threads: int = 1, plain_size: int = PLAIN_SIZE,
                               warmup: bool = True, backends: list[str] | None = None) -> dict:
@@ -253,18 +272,7 @@ def measure_folder_throughput(image: Path, stage_paths: dict[str, Path], work: P
             for label in contenders:
                 runs[label][count].append(run(label, count))
 
-    entries = {}
-    for label, by_count in runs.items():
-        t_n = [r["seconds"] for r in by_count[n]]
-        t_small = [r["seconds"] for r in by_count[small]]
-        per_image = [per_image_seconds(a, b, n, small) for a, b in zip(t_n, t_small)]
-        entry = {"per_image_ms": 1e3 * statistics.median(per_image), "per_image_runs_ms": [1e3 * p for p in per_image],
-                 "seconds_n_runs": t_n, "seconds_small_runs": t_small,
-                 "startup_seconds": statistics.median(b - small * p for b, p in zip(t_small, per_image)),
-                 "peak_rss_n_bytes": max(r["peak_rss_bytes"] for r in by_count[n]),
-                 "peak_rss_small_bytes": max(r["peak_rss_bytes"] for r in by_count[small])}
-        entry["peak_rss_bytes"] = max(entry["peak_rss_n_bytes"], entry["peak_rss_small_bytes"])
-        entries[label] = entry
+    entries = {label: _contender_entry(by_count, n, small) for label, by_count in runs.items()}
     plain = entries.pop("plain")
     plain["command"] = f"scripts/plain_segmenter.py IMAGE_DIR OUT_DIR --size {plain_size}"
     plain["model"] = f'smp.Unet("resnet34", in_channels=1, classes=4), {plain_size}x{plain_size}, torch eager, fp32'
@@ -299,7 +307,8 @@ def measure_memory(image: Path, stage_paths: dict[str, Path], work: Path, *, bac
     result = {}
     for index in range(2 if warmup else 1):
         out = work / "runs" / f"memory_{backend}_{index}"
-        args = ["--image", str(image), "--output-dir", str(out), "--checkpoint-dir", str(ckpt_dir), "--backend", backend]
+        args = ["--image", str(image), "--output-dir", str(out), "--checkpoint-dir", str(ckpt_dir),
+                "--backend", backend]
         result = run_measured(CASCADE_SCRIPT, args, work / "runs" / f"{out.name}.rss", env)
         if not (out / f"{Path(image).stem}.json").is_file():
             raise RuntimeError(f"cascade ({backend}) wrote no {Path(image).stem}.json in {out}")
@@ -355,12 +364,14 @@ def table_lines(results: dict) -> list[str]:
     lines.append(f"  {'plain tool (smp.Unet r34, eager)':<36}{plain['per_image_ms']:8.0f} ms/image {'':<16}start-up "
                  f"{plain['startup_seconds']:5.1f} s  peak RSS {plain['peak_rss_bytes'] / 2**20:5.0f} MiB")
     for label, item in folder["backends"].items():
-        name = f"cascade {label}" + (f" ({item['resolved_backend']})" if label == "default" and item.get("resolved_backend") else "")
+        resolved = item.get("resolved_backend") if label == "default" else None
+        name = f"cascade {label}" + (f" ({resolved})" if resolved else "")
         lines.append(f"  {name:<36}{item['per_image_ms']:8.0f} ms/image = {item['ratio_to_plain']:5.2f} x plain  "
                      f"start-up {item['startup_seconds']:5.1f} s  peak RSS {item['peak_rss_bytes'] / 2**20:5.0f} MiB")
     memory = folder.get("memory_onnxruntime")
     if memory:
-        lines.append(f"peak RSS of one cascade_inference.py --image process, {'x'.join(map(str, memory['image_size_hw']))}"
+        size = "x".join(map(str, memory["image_size_hw"]))
+        lines.append(f"peak RSS of one cascade_inference.py --image process, {size}"
                      f" 16-bit, --backend {memory['backend']}: {memory['peak_rss_bytes'] / 1e9:.3f} GB "
                      f"({memory['seconds']:.1f} s)")
     return lines

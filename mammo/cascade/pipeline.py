@@ -74,7 +74,8 @@ def predict_tissue_batch(logits_fn: LogitsFn, images_u8: list[np.ndarray], size_
     return results
 
 
-def predict_tissue(logits_fn: LogitsFn, image_u8: np.ndarray, size_hw: tuple[int, int], tta: bool = False) -> tuple[np.ndarray, float]:
+def predict_tissue(logits_fn: LogitsFn, image_u8: np.ndarray, size_hw: tuple[int, int],
+                   tta: bool = False) -> tuple[np.ndarray, float]:
     """Stage 1 on one preprocessed ``(H, W)`` uint8 image: see :func:`predict_tissue_batch`."""
     return predict_tissue_batch(logits_fn, [image_u8], size_hw, tta)[0]
 
@@ -93,7 +94,8 @@ def predict_lesion_batch(logits_fn: LogitsFn, crops_u8: list[np.ndarray], size_h
     nets, geometries = zip(*(imaging.letterbox(crop, size_hw, interpolation="linear") for crop in crops_u8))
     logits = _network_logits(logits_fn, [net.astype(np.float32) / 255.0 for net in nets], tta)[:, 0]
     probs = 1.0 / (1.0 + np.exp(-logits))
-    return [np.clip(imaging.unletterbox(prob.astype(np.float32), geometry, interpolation="linear"), 0.0, 1.0).astype(np.float32)
+    return [np.clip(imaging.unletterbox(prob.astype(np.float32), geometry, interpolation="linear"),
+                    0.0, 1.0).astype(np.float32)
             for prob, geometry in zip(probs, geometries)]
 
 
@@ -114,7 +116,8 @@ def checkpoint_stage(checkpoint: dict) -> int:
 
 def stage_mismatch(found1: int | None, found2: int | None, name1: str | None = None, name2: str | None = None,
                    flags: tuple[str, str] = ("--stage1-weights", "--stage2-weights")) -> str | None:
-    """Why the checkpoints given for stage 1 and stage 2 do not fit, with the advice that fits the case; None if they do.
+    """Why the checkpoints given for stage 1 and stage 2 do not fit, with the advice that fits the case; None if
+    they do.
 
     Args:
         found1, found2: the stage each checkpoint holds (:func:`checkpoint_stage`); ``found2`` None = no stage 2 given.
@@ -202,8 +205,8 @@ class Cascade:
     """Stage 1 -> FGT ROI -> stage 2, rebuilt from the two checkpoints alone.
 
     Args:
-        stage1_checkpoint, stage2_checkpoint: checkpoint dicts (see ``checkpoints.load_checkpoint``); stage 2 may be None
-            to run stage 1 and the ROI only (as stage-2 training does).
+        stage1_checkpoint, stage2_checkpoint: checkpoint dicts (see ``checkpoints.load_checkpoint``); stage 2 may be
+            None to run stage 1 and the ROI only (as stage-2 training does).
         stage1_runner, stage2_runner: logits functions; default ``runners.TorchRunner`` over the checkpoint's model on
             ``device``. Pass ONNX Runtime runners to use that backend.
         device: torch device for the default runners.
@@ -220,7 +223,8 @@ class Cascade:
             of one stage, one of the other stage), or a bad ``adaptive_clahe``.
     """
 
-    def __init__(self, stage1_checkpoint: dict, stage2_checkpoint: dict | None = None, *, stage1_runner: LogitsFn | None = None,
+    def __init__(self, stage1_checkpoint: dict, stage2_checkpoint: dict | None = None, *,
+                 stage1_runner: LogitsFn | None = None,
                  stage2_runner: LogitsFn | None = None, device: torch.device | str = "cpu", tta: bool = False,
                  adaptive_clahe: str = "off", amp: bool = False, channels_last: bool = False,
                  roi_margin: float | None = None, roi_rule: RoiRule | None = None, stage1_name: str | None = None,
@@ -298,7 +302,8 @@ class Cascade:
         if not found:
             return []
         start = time.perf_counter()
-        lesions = predict_lesion_batch(self.stage2, [f.image[f.roi_box.slices()] for f in found], self.stage2_size, self.tta)
+        lesions = predict_lesion_batch(self.stage2, [f.image[f.roi_box.slices()] for f in found], self.stage2_size,
+                                       self.tta)
         stage2_s = (time.perf_counter() - start) / len(found)
         results = []
         for f, lesion in zip(found, lesions):

@@ -26,6 +26,7 @@ import argparse
 import re
 import sys
 
+from mammo.weights import release
 from mammo.weights.runners import BACKENDS
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -43,10 +44,11 @@ def device_name(text: str) -> str:
 
 
 def probability(text: str) -> float:
-    """argparse type of a probability threshold in (0, 1]."""
+    """argparse type of the lesion probability threshold: in (0, 1), the one range of every script
+    (``release.valid_lesion_threshold``)."""
     value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"threshold must be in (0, 1], got {text}")
+    if not release.valid_lesion_threshold(value):
+        raise argparse.ArgumentTypeError(f"threshold must be in (0, 1), got {text}")
     return value
 
 

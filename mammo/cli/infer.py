@@ -9,32 +9,35 @@ Usage::
     torchrun --nproc-per-node 4 cascade_inference.py --checkpoint-dir checkpoints --image-dir archive/ --recursive
 
 Under ``torchrun`` (one machine or several: ``--nnodes``, ``--rdzv-endpoint``) the inputs are split across the
-processes (every N-th input, ``listing.shard``), each process uses one GPU (``cuda:<LOCAL_RANK>``) or an equal
-share of the CPU cores and writes its own images' outputs, and rank 0 merges ``predictions.csv`` and
-``summary.json`` in input order (the processes exchange their tables over gloo). An interrupted run continues
-where it stopped: an input whose ``<stem>.json`` exists is skipped, whatever the number of processes.
+processes (every N-th input, :func:`mammo.inference.listing.shard`), each process uses one GPU
+(``cuda:<LOCAL_RANK>``) or an equal share of the CPU cores and writes its own images' outputs, and rank 0 merges
+``predictions.csv`` and ``summary.json`` in input order (the processes exchange their tables over gloo). An
+interrupted run continues where it stopped: an input whose ``<stem>.json`` exists is skipped, whatever the number of
+processes.
 
 The two checkpoints alone define the networks, their input sizes and the preprocessing (no training flag is
 repeated). A stage given neither ``--stageN-weights`` nor ``--checkpoint-dir`` runs the shipped default model,
-``weights/stageN.safetensors`` (``release.py``; the folder ``$MAMMO_WEIGHTS_DIR`` replaces ``weights/``), and a
-line says so with the model's provenance. The lesion threshold and the smallest lesion component are the user's
-``--threshold`` / ``--min-lesion-area``, else the stage-2 model's ``lesion_threshold`` / ``min_lesion_area`` when it
-carries them, else 0.5 and 1 pixel. Every format ``imaging.read_image`` reads is accepted: PNG / TIFF (8 and 16
-bit), JPEG, BMP, PGM and DICOM (also extensionless DICOM files, recognised by their ``DICM`` magic).
+``weights/stageN.safetensors`` (:mod:`mammo.weights.release`; the folder ``$MAMMO_WEIGHTS_DIR`` replaces
+``weights/``), and a line says so with the model's provenance. The lesion threshold and the smallest lesion component
+are the user's ``--threshold`` / ``--min-lesion-area``, else the stage-2 model's ``lesion_threshold`` /
+``min_lesion_area`` when it carries them, else 0.5 and 1 pixel. Every format :func:`mammo.imaging.read_image` reads
+is accepted: PNG / TIFF (8 and 16 bit), JPEG, BMP, PGM and DICOM (also extensionless DICOM files, recognised by their
+``DICM`` magic).
 
-Pipeline for each image (``cascade.Cascade``; nothing of it is re-implemented here): read -> preprocess (config from
-the stage-1 checkpoint; mirrored so the chest wall is on the left) -> stage 1 at its network size -> tissue classes
-mapped back to the original pixels -> FGT region of interest (box around the predicted FGT grown by the stage-2
-checkpoint's margin, default 10 % per side, at least 64 px; the whole breast when no FGT is found, and the JSON says
-so) -> crop of the full-resolution preprocessed image -> stage 2 -> lesion probability pasted back into the ROI box
-(exactly zero elsewhere) -> every output mirrored back to the input's own orientation and resolution.
+Pipeline for each image (:class:`mammo.cascade.pipeline.Cascade`; nothing of it is re-implemented here): read ->
+preprocess (config from the stage-1 checkpoint; mirrored so the chest wall is on the left) -> stage 1 at its network
+size -> tissue classes mapped back to the original pixels -> FGT region of interest (box around the predicted FGT
+grown by the stage-2 checkpoint's margin, default 10 % per side, at least 64 px; the whole breast when no FGT is
+found, and the JSON says so) -> crop of the full-resolution preprocessed image -> stage 2 -> lesion probability
+pasted back into the ROI box (exactly zero elsewhere) -> every output mirrored back to the input's own orientation
+and resolution.
 
 Outputs for each input ``<stem>`` (in ``--output-dir``; with ``--recursive`` the input's sub-folders are mirrored
 there, so equal stems in different folders do not collide; two inputs with one stem in one folder, e.g. ``a.png``
-and ``a.dcm``, get ``a_png`` / ``a_dcm``): the files of :data:`outputs.OUTPUT_FILES`, listed with their dtypes and
-values by ``--help`` and in the README. For a folder, ``predictions.csv`` (one row per input,
-:data:`outputs.CSV_COLUMNS`) and ``summary.json`` (counts, failures, density distribution, timings) are written too,
-and a summary is printed.
+and ``a.dcm``, get ``a_png`` / ``a_dcm``): the files of :data:`mammo.inference.outputs.OUTPUT_FILES`, listed with
+their dtypes and values by ``--help`` and in the README. For a folder, ``predictions.csv`` (one row per input,
+:data:`mammo.inference.outputs.CSV_COLUMNS`) and ``summary.json`` (counts, failures, density distribution, timings)
+are written too, and a summary is printed.
 
 Safety: an input that cannot be read is skipped with its reason and the rest go on (exit status 1 at the end);
 files that are not images (no image suffix and no image magic bytes, e.g. ``notes.txt``) are listed as
@@ -48,16 +51,17 @@ letterboxed images at once, then stage 2 on their ROI crops); while the networks
 thread reads the next group and another writes the previous group's outputs (PNG encoding, the figure;
 ``--prefetch 1``, the default). ``--no-visualization`` skips the slowest output.
 The default ``--backend auto`` runs both networks under ONNX Runtime on a CPU (the export cached beside the
-checkpoint, see ``runners.py``) and under torch with float16 autocast on CUDA; ``.onnx`` files exported by
-``onnx_backend.py`` are accepted as weights.
+checkpoint, see :mod:`mammo.weights.runners`) and under torch with float16 autocast on CUDA; ``.onnx`` files
+exported by ``onnx_backend.py`` are accepted as weights.
 
 Exit status: 0 every input done (or skipped as ``exists`` / ``not_image``), 1 some inputs failed (each is reported
 with its reason; the others were processed), 2 usage, checkpoint or display error.
 
-This script only parses the command line and wires the modules that do the work: ``record.py`` (the per-image
-measurements and the JSON record with its schema), ``outputs.py`` (the PNG / JSON / CSV files and the figure) and
-``predict.py`` (loading the cascade, running it on files and folders with background reading and writing, the
-summary, the viewer wiring).
+This module (the command line of ``cascade_inference.py``) only parses the command line and wires the modules that
+do the work: :mod:`mammo.cascade.load` (loading the cascade), :mod:`mammo.inference.listing` (the inputs and their
+torchrun shares), :mod:`mammo.inference.record` (the per-image measurements and the JSON record with its schema),
+:mod:`mammo.inference.outputs` (the PNG / JSON / CSV files and the figure) and :mod:`mammo.inference.predict`
+(running the cascade on files and folders with background reading and writing, the summary, the viewer wiring).
 """
 
 from __future__ import annotations
@@ -81,8 +85,6 @@ from mammo.weights import runners
 from mammo.cascade import checks
 
 
-#: Lesion threshold and smallest reported component (pixels) when neither the user nor the stage-2 model gives one.
-DEFAULT_THRESHOLD, DEFAULT_MIN_LESION_AREA = 0.5, 1
 
 
 def _outputs_epilog(width: int = 78) -> str:
@@ -118,14 +120,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     source.add_argument("--image-dir", type=str, default=None, help="a folder of mammograms (default: %(default)s)")
     parser.add_argument("--recursive", action="store_true", help="also read the sub-folders of --image-dir")
     parser.add_argument("--output-dir", type=str, default="predictions", help="where outputs go (default: %(default)s)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip those images)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing outputs (default: skip those images)")
     # the model run
     parser.add_argument("--threshold", type=common.probability, default=None,
-                        help="lesion probability threshold in (0, 1] for the reported components (default: the stage-2 "
-                             f"model's lesion_threshold when it carries one, else {DEFAULT_THRESHOLD})")
+                        help="lesion probability threshold in (0, 1) for the reported components (default: the "
+                             "stage-2 model's lesion_threshold when it carries one, else "
+                             f"{release.DEFAULT_LESION_THRESHOLD})")
     parser.add_argument("--min-lesion-area", type=common.positive_int, default=None,
                         help="smallest lesion component reported, in pixels (default: the stage-2 model's "
-                             f"min_lesion_area when it carries one, else {DEFAULT_MIN_LESION_AREA})")
+                             f"min_lesion_area when it carries one, else {release.DEFAULT_MIN_LESION_AREA_PX})")
     parser.add_argument("--adaptive-clahe", action="store_true",
                         help="when stage 1 is unsure (mean confidence < cascade.ADAPTIVE_CLAHE_CONFIDENCE), re-run it "
                              "with the stronger CLAHE and keep the more confident result (reported per image)")
@@ -205,8 +209,8 @@ def _resolve_weights(args) -> tuple[Path, Path]:
             paths.append(release.default_weights(stage))
             release.read_settings(paths[-1], stage)
         else:
-            raise FileNotFoundError(f"no stage-{stage} checkpoint: pass --stage{stage}-weights FILE or --checkpoint-dir "
-                                    f"DIR ({release.missing_default_note(stage)})")
+            raise FileNotFoundError(f"no stage-{stage} checkpoint: pass --stage{stage}-weights FILE or "
+                                    f"--checkpoint-dir DIR ({release.missing_default_note(stage)})")
     return paths[0], paths[1]
 
 
@@ -247,30 +251,102 @@ def _process_device(device: str, ctx) -> tuple[str, int | None]:
     return ("cpu" if device == "auto" else device), threads
 
 
-def main(args: argparse.Namespace | None = None) -> int:
-    """Run inference as the command line asks; returns 0 (all done), 1 (some inputs failed) or 2 (usage error)."""
-    args = get_args_parser().parse_args() if args is None else args
+def _input_problem(args: argparse.Namespace) -> str | None:
+    """Why ``--image`` / ``--image-dir`` / ``--output-dir`` cannot be used (the usage error's message), or None."""
     if not args.image and not args.image_dir:
-        return common.usage_error("pass --image FILE or --image-dir DIR")
+        return "pass --image FILE or --image-dir DIR"
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
-        return common.usage_error(f"--output-dir {output_dir} is a file, not a folder; choose a folder (it is created if "
-                            "missing)")
+        return f"--output-dir {output_dir} is a file, not a folder; choose a folder (it is created if missing)"
     if args.image:
         source = Path(args.image)
         if not source.is_file():
             hint = " (a folder: use --image-dir)" if source.is_dir() else ""
-            return common.usage_error(f"--image {source} is not a file{hint}")
+            return f"--image {source} is not a file{hint}"
         if not listing.looks_like_image(source):
-            return common.usage_error(f"--image {source} is {checks.describe(source)}, not a mammogram; pass a PNG, "
-                                   "JPEG, TIFF, BMP, PGM or DICOM file")
+            return (f"--image {source} is {checks.describe(source)}, not a mammogram; pass a PNG, JPEG, TIFF, BMP, "
+                    "PGM or DICOM file")
     else:
         source = Path(args.image_dir)
         if not source.is_dir():
-            return common.usage_error(f"--image-dir {source} is not a folder")
+            return f"--image-dir {source} is not a folder"
         if output_dir.resolve() == source.resolve():
-            return common.usage_error(f"--output-dir {output_dir} is the input folder; outputs would mix with the inputs. "
-                                "Choose another folder")
+            return (f"--output-dir {output_dir} is the input folder; outputs would mix with the inputs. Choose another "
+                    "folder")
+    return None
+
+
+def _list_items(args: argparse.Namespace, source: Path, output_dir: Path) -> list[listing.InputItem] | None:
+    """The run's inputs: ``--image`` alone, or the files of ``--image-dir``; None (after saying so on stderr) when the
+    folder holds no image file."""
+    if args.image:
+        return [listing.InputItem(source, source.name, output_dir, source.stem)]
+    items = listing.list_inputs(source, args.recursive, output_dir)
+    if not any(item.status == "pending" for item in items):
+        print(f"error: no image files in {source}" + ("" if args.recursive else " (sub-folders need --recursive)"),
+              file=sys.stderr)
+        return None
+    return items
+
+
+def _run(args: argparse.Namespace, items: list[listing.InputItem], loaded: load.LoadedCascade,
+         ctx) -> tuple[list[listing.InputItem], float, bool]:
+    """Process this process's share of ``items`` (all of them without torchrun) and, under torchrun, gather every
+    rank's on rank 0.
+
+    Returns:
+        ``(items, elapsed_s, reports)``: ``reports`` is True where this process prints and writes the run's report
+        (``items`` then the whole run in input order), False on the other ranks (``items`` their own share).
+    """
+    protected = {item.path.resolve() for item in items}
+    if ctx is not None:
+        from mammo.core import distributed
+
+        ctx = distributed.init_distributed("cpu", backend="gloo")  # the ranks exchange only their tables
+    own = listing.shard(items, ctx.rank, ctx.world_size) if ctx is not None else list(enumerate(items))
+    mine = [item for _, item in own]
+    for item in ([] if args.overwrite else listing.mark_existing(mine)):
+        print(f"{item.relative}: outputs exist, skipped (pass --overwrite to redo)")
+    start = time.perf_counter()
+    predict.process(mine, loaded, threshold=args.threshold, min_area_px=args.min_lesion_area,
+                    prob_encoding=args.prob_encoding, visualization=not args.no_visualization,
+                    overwrite=args.overwrite, batch_size=args.batch_size, prefetch=bool(args.prefetch),
+                    protected=protected, dicom_seg=not args.no_dicom_seg,
+                    color_map=args.color_map)
+    elapsed = time.perf_counter() - start
+    if ctx is None:
+        return items, elapsed, True
+    shards = distributed.gather_objects((own, elapsed), ctx)
+    distributed.cleanup(ctx)
+    if not ctx.is_main:
+        return mine, elapsed, False
+    return listing.merge_shards([part for part, _ in shards]), max(seconds for _, seconds in shards), True
+
+
+def _report_run(args: argparse.Namespace, items: list[listing.InputItem], elapsed: float,
+                loaded: load.LoadedCascade, output_dir: Path) -> None:
+    """Print one image's findings, or write a folder's ``predictions.csv`` and ``summary.json`` and print it."""
+    if args.image:
+        item = items[0]
+        if item.record is not None and item.status == "ok":
+            print("\n".join(f"  {line}" for line in item.record["findings"]))
+            print(f"  outputs in {item.out_dir} ({item.stem}_*)")
+        return
+    summary = predict.summarize(items, elapsed, loaded, threshold=args.threshold, batch_size=args.batch_size,
+                                prefetch=bool(args.prefetch), arguments=dict(vars(args)))
+    csv_path = outputs.write_csv(outputs.free_name(output_dir / "predictions.csv", args.overwrite), items)
+    summary_path = outputs.write_json(outputs.free_name(output_dir / "summary.json", args.overwrite), summary)
+    _print_summary(summary, csv_path, summary_path)
+
+
+def main(args: argparse.Namespace | None = None) -> int:
+    """Run inference as the command line asks; returns 0 (all done), 1 (some inputs failed) or 2 (usage error)."""
+    args = get_args_parser().parse_args() if args is None else args
+    problem = _input_problem(args)
+    if problem is not None:
+        return common.usage_error(problem)
+    output_dir = Path(args.output_dir)
+    source = Path(args.image) if args.image else Path(args.image_dir)
     try:
         ctx = _torchrun_context()
     except ValueError as error:
@@ -284,11 +360,11 @@ def main(args: argparse.Namespace | None = None) -> int:
         loaded = load.load_cascade(stage1_path, stage2_path, device=device, backend=args.backend,
                                         tta=args.tta, adaptive_clahe=args.adaptive_clahe, amp=args.amp,
                                         threads=threads)
-        args.threshold, args.min_lesion_area, from_model = release.lesion_settings(
-            loaded.cascade.stage2_checkpoint, args.threshold, args.min_lesion_area,
-            default_threshold=DEFAULT_THRESHOLD, default_min_area=DEFAULT_MIN_LESION_AREA)
+        lesion = release.resolve_lesion_settings(loaded.cascade.stage2_checkpoint, args.threshold,
+                                                 args.min_lesion_area)
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         return common.usage_error(str(error))
+    args.threshold, args.min_lesion_area, from_model = lesion.threshold, lesion.min_area_px, list(lesion.from_model)
     if ctx is None or ctx.rank == 0:
         for line in shipped:
             print(line)
@@ -299,53 +375,15 @@ def main(args: argparse.Namespace | None = None) -> int:
     for note in loaded.notes:
         print(f"note: {note}", file=sys.stderr)
 
-    if args.image:
-        items = [listing.InputItem(source, source.name, output_dir, source.stem)]
-    else:
-        items = listing.list_inputs(source, args.recursive, output_dir)
-        if not any(item.status == "pending" for item in items):
-            print(f"error: no image files in {source}" + ("" if args.recursive else " (sub-folders need --recursive)"),
-                  file=sys.stderr)
-            return 2
-
+    items = _list_items(args, source, output_dir)
+    if items is None:
+        return 2
     if args.interactive:
         return predict.interactive(items, loaded, threshold=args.threshold, adaptive_clahe=args.adaptive_clahe,
-                                     save_dir=args.output_dir)
-
-    protected = {item.path.resolve() for item in items}
-    if ctx is not None:
-        from mammo.core import distributed
-
-        ctx = distributed.init_distributed("cpu", backend="gloo")  # the ranks exchange only their tables
-    own = listing.shard(items, ctx.rank, ctx.world_size) if ctx is not None else list(enumerate(items))
-    mine = [item for _, item in own]
-    for item in ([] if args.overwrite else listing.mark_existing(mine)):
-        print(f"{item.relative}: outputs exist, skipped (pass --overwrite to redo)")
-    start = time.perf_counter()
-    predict.process(mine, loaded, threshold=args.threshold, min_area_px=args.min_lesion_area,
-                      prob_encoding=args.prob_encoding, visualization=not args.no_visualization,
-                      overwrite=args.overwrite, batch_size=args.batch_size, prefetch=bool(args.prefetch),
-                      protected=protected, dicom_seg=not args.no_dicom_seg,
-                      color_map=args.color_map)
-    elapsed = time.perf_counter() - start
-    if ctx is not None:
-        shards = distributed.gather_objects((own, elapsed), ctx)
-        distributed.cleanup(ctx)
-        if not ctx.is_main:
-            return 1 if any(item.status == "failed" for item in mine) else 0
-        items = listing.merge_shards([part for part, _ in shards])
-        elapsed = max(seconds for _, seconds in shards)
-
-    if args.image:
-        item = items[0]
-        if item.record is not None and item.status == "ok":
-            print("\n".join(f"  {line}" for line in item.record["findings"]))
-            print(f"  outputs in {item.out_dir} ({item.stem}_*)")
-    else:
-        summary = predict.summarize(items, elapsed, loaded, args)
-        csv_path = outputs.write_csv(outputs.free_name(output_dir / "predictions.csv", args.overwrite), items)
-        summary_path = outputs.write_json(outputs.free_name(output_dir / "summary.json", args.overwrite), summary)
-        _print_summary(summary, csv_path, summary_path)
+                                   save_dir=args.output_dir)
+    items, elapsed, reports = _run(args, items, loaded, ctx)
+    if reports:
+        _report_run(args, items, elapsed, loaded, output_dir)
     return 1 if any(item.status == "failed" for item in items) else 0
 
 

@@ -22,8 +22,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """Command-line flags of the ONNX export."""
     parser = common.ArgumentParser(description="Export the cascade's stage checkpoints to ONNX (dynamic batch).",
                                 add_help=add_help)
-    parser.add_argument("--stage1-weights", type=str, default=None, help="stage-1 checkpoint (.pth) (default: %(default)s)")
-    parser.add_argument("--stage2-weights", type=str, default=None, help="stage-2 checkpoint (.pth) (default: %(default)s)")
+    parser.add_argument("--stage1-weights", type=str, default=None,
+                        help="stage-1 checkpoint (.pth) (default: %(default)s)")
+    parser.add_argument("--stage2-weights", type=str, default=None,
+                        help="stage-2 checkpoint (.pth) (default: %(default)s)")
     parser.add_argument("--output-dir", type=str, required=True, help="folder for stage1.onnx / stage2.onnx")
     parser.add_argument("--opset", type=int, default=ONNX_OPSET,
                         help="ONNX opset version, 9 to 20 (default: %(default)s)")
@@ -41,9 +43,10 @@ OPSET_RANGE = (9, 20)
 
 
 def main(args: argparse.Namespace | None = None) -> int:
-    """Export the given stage checkpoints to ONNX and check parity; returns 0, or 2 for bad input (one line on stderr
-    naming the file or flag: a missing file, a folder, a text file or image instead of a checkpoint, checkpoints of the
-    wrong stages, an output folder that is a file, outputs that exist without ``--overwrite``, an opset out of range)."""
+    """Export the given stage checkpoints to ONNX and check parity; returns 0, or 2 for bad input (one line on
+    stderr naming the file or flag: a missing file, a folder, a text file or image instead of a checkpoint,
+    checkpoints of the wrong stages, an output folder that is a file, outputs that exist without ``--overwrite``,
+    an opset out of range)."""
     args = get_args_parser().parse_args() if args is None else args
     try:
         checks.number(args.opset, "--opset", *OPSET_RANGE)

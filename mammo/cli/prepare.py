@@ -1,13 +1,15 @@
 """Turn public mammography dataset downloads into one training workspace, and say what could not be used.
 
-This script owns the command line and wires the library modules together; the work lives in:
+This module owns the command line (``prepare_to_train.py`` is its face) and wires the library modules together;
+the work lives in :mod:`mammo.prepare`:
 
-- ``sources/``: one module per kind of input, each turning its files into samples: ``cbis_ddsm.py``,
-  ``mini_ddsm.py``, ``folders.py`` (tissue-label folders; ``images/`` + ``masks/`` folders), ``archives.py`` (zips
-  and the download), ``synthetic_source.py``, and ``common.py`` (the sample contract, the report, file-name
-  parsing, mask fitting). Each source module's docstring lists its dataset's quirks and the assumptions made.
-- ``workspace.py``: writing images and masks (cached by a manifest), the tables and their patient-level splits,
-  the report and the archive; its docstring explains how runs stay safe and resumable.
+- ``mammo/prepare/sources/``: one module per kind of input, each turning its files into samples: ``cbis_ddsm.py``,
+  ``mini_ddsm.py``, ``csaw_s.py``, ``folders.py`` (tissue-label folders; ``images/`` + ``masks/`` folders),
+  ``archives.py`` (zips and the download), ``synthetic_source.py``, and ``common.py`` (the sample contract, the
+  report, file-name parsing, mask fitting). Each source module's docstring lists its dataset's quirks and the
+  assumptions made.
+- ``mammo/prepare/workspace.py``: writing images and masks (cached by a manifest), the tables and their
+  patient-level splits, the report and the archive; its docstring explains how runs stay safe and resumable.
 
 Sources (any combination):
 
@@ -17,30 +19,34 @@ Sources (any combination):
 - The DDSM tissue-label set of Tiryaki & Kaplanoglu (``--tissue-dir`` with the ``fgt_seg`` / ``fgt_seg_labels``
   layout, a zip, or ``--tissue-url``).
 - Any ``images/`` + ``masks/`` pair folder (``--lesion-dir``), e.g. the CDD-CESM files in ``../shared/data``.
-- ``--synthetic N``: a small procedural set (``synthetic.py``) for smoke tests; never a stand-in for real data.
+- CSAW-S (``--csaw-dir``: ``images/`` + ``masks/``): partial tissue labels for stage 1; the ``--csaw-holdout``
+  patients get split ``test``.
+- ``--synthetic N``: a small procedural set (``mammo/data/synthetic.py``) for smoke tests; never a stand-in for
+  real data.
 
 Workspace written (``--workspace``; every path in the CSVs is relative to the workspace, so it can be moved):
 
 - ``tissue/<source>/images/<name>.png`` + ``tissue/<source>/labels/<name>_LI.png`` (DDSM encoding kept:
   64 background, 128 adipose, 192 FGT, 255 pectoral) and ``tissue_dataset.csv`` (columns
-  :data:`workspace.TISSUE_COLUMNS`).
+  :data:`mammo.prepare.workspace.TISSUE_COLUMNS`).
 - ``lesion/<source>/images/<name>.png`` + ``lesion/<source>/masks/<name>_mask.png`` (one 0/255 mask per image,
   all its lesions merged; no mask file and an empty ``roi_mask_file_path`` for a lesion-free image) and
-  ``unified_segmentation_dataset.csv`` (columns :data:`workspace.LESION_COLUMNS`). Laterality is ``L``/``R``,
-  view ``CC``/``MLO``; ``acquisition`` is ``DM``/``CM`` for CDD-CESM (low-energy vs contrast-enhanced: report
-  them apart), ``augmentation`` is ``flipped``/``mirrored`` for CDD-CESM's augmented copies.
+  ``unified_segmentation_dataset.csv`` (columns :data:`mammo.prepare.workspace.LESION_COLUMNS`). Laterality is
+  ``L``/``R``, view ``CC``/``MLO``; ``acquisition`` is ``DM``/``CM`` for CDD-CESM (low-energy vs
+  contrast-enhanced: report them apart), ``augmentation`` is ``flipped``/``mirrored`` for CDD-CESM's augmented
+  copies.
 - ``prepare_report.json``: counts per source and split, every skipped row with its reason, notes (swapped
   crop/mask paths, resized masks), elapsed time. ``--archive`` zips the finished workspace.
 - The CSVs list the samples of the latest run: pass every source in one run (finished images are reused).
 - Caches that training never reads: ``_extracted/`` (zips extracted once, checked against the zip's size and
   mtime), ``_downloads/`` and ``.prepare_manifest.json`` (what each output was made from).
 
-Images are converted to PNG with the suite's one reader (``imaging.read_image``: 16-bit stays 16-bit, DICOM
-decoded with its LUTs). Splits are patient-level (``datasets.split_by_patient``, ``--val-fraction``, ``--seed``);
-CBIS-DDSM "Test" rows and tissue images under a ``test`` folder get split ``test``.
+Images are converted to PNG with the suite's one reader (``mammo.imaging.read_image``: 16-bit stays 16-bit, DICOM
+decoded with its LUTs). Splits are patient-level (``mammo.data.splits.split_by_patient``, ``--val-fraction``,
+``--seed``); CBIS-DDSM "Test" rows and tissue images under a ``test`` folder get split ``test``.
 
 Inputs are only read (the workspace may not lie inside an input folder), every output is written atomically,
-and a re-run reuses finished work and gives identical CSVs (see ``workspace.py``).
+and a re-run reuses finished work and gives identical CSVs (see ``mammo/prepare/workspace.py``).
 
 Example::
 
@@ -57,6 +63,7 @@ import sys
 import time
 import zipfile
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mammo.cli import common
@@ -69,9 +76,9 @@ from mammo.prepare.sources.csaw_s import csaw_samples
 from mammo.prepare.sources.folders import lesion_dir_samples, pair_folders, tissue_folders, tissue_samples
 from mammo.prepare.sources.mini_ddsm import find_mini_tables, mini_records, mini_samples
 from mammo.prepare.sources.synthetic_source import synthetic_samples
-from mammo.prepare.workspace import (LESION_COLUMNS, TISSUE_COLUMNS, Manifest, archive_workspace, assign_splits, csv_bytes,
-                       drop_duplicate_outputs, inside, make_table, print_summary, process_samples,
-                       remove_stale_temporaries, report_record, table_conflict)
+from mammo.prepare.workspace import (LESION_COLUMNS, TISSUE_COLUMNS, Manifest, archive_workspace, assign_splits,
+                                     csv_bytes, drop_duplicate_outputs, inside, make_table, print_summary,
+                                     process_samples, remove_stale_temporaries, report_record, table_conflict)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -176,7 +183,7 @@ def _check_inputs(args: argparse.Namespace) -> None:
     written, a negative tolerance or count.
 
     Raises:
-        FileNotFoundError, ValueError (``checks.UserInputError``, ``tables.TableError``): one line naming the
+        FileNotFoundError, ValueError (``checks.UserInputError``, ``mammo.data.tables.TableError``): one line naming the
             file or flag, what is wrong and the fix.
     """
     checks.number(args.mask_aspect_tolerance, "--mask-aspect-tolerance", 0)
@@ -216,44 +223,52 @@ def _check_inputs(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# main
+# main and its steps
 # ----------------------------------------------------------------------------------------------------------------
-def main(args: argparse.Namespace | None = None) -> int:
-    """Build the workspace. Returns 0 on success, 1 when a source could not be used at all, 2 on bad usage (one line
-    on stderr naming the file or flag, what is wrong and the fix, before any work: :func:`_check_inputs`)."""
-    args = get_args_parser().parse_args() if args is None else args
-    start = time.perf_counter()
-    workspace: Path = args.workspace
-    tissue_dirs = list(args.tissue_dir or [])
-    lesion_dirs = list(args.lesion_dir or [])
-    mini_dirs: list[tuple[Path, bool]] = [(d, False) for d in args.mini_ddsm_dir or []]
-    cbis_dirs: list[tuple[Path, list[Path]]] = []
+@dataclass
+class _Folders:
+    """The input folders of each source: those given, then the zips extracted into the workspace."""
+
+    tissue: list[Path] = field(default_factory=list)
+    lesion: list[Path] = field(default_factory=list)
+    #: (folder, whether it is the Data-MoreThanTwoMasks part)
+    mini: list[tuple[Path, bool]] = field(default_factory=list)
+    #: (image root, its description CSVs; none: the CSVs found in the folder)
+    cbis: list[tuple[Path, list[Path]]] = field(default_factory=list)
+
+
+def _usage_problem(args: argparse.Namespace) -> str | None:
+    """The first bad-usage message, before any work (no source, ``--cbis-csv`` without its images, a bad
+    ``--val-fraction``, a flag or path refused by :func:`_check_inputs`, a workspace inside an input), else None."""
     if args.cbis_csv and not (args.cbis_dir or args.cbis_zip or args.zips_dir):
-        return common.usage_error(f"--cbis-csv {args.cbis_csv[0]} needs --cbis-dir (the folder the CSV's image paths are "
-                               "relative to) or a CBIS-DDSM zip (--cbis-zip or --zips-dir)")
+        return (f"--cbis-csv {args.cbis_csv[0]} needs --cbis-dir (the folder the CSV's image paths are relative to) "
+                "or a CBIS-DDSM zip (--cbis-zip or --zips-dir)")
     if not any([args.zips_dir, args.cbis_zip, args.mini1_zip, args.mini2_zip, args.tissue_zip, args.tissue_url,
-                args.cbis_dir, mini_dirs, tissue_dirs, lesion_dirs, args.csaw_dir, args.synthetic]):
-        return common.usage_error("no source given. Pass downloaded zips (--zips-dir), extracted folders (--cbis-dir, "
-                               "--mini-ddsm-dir, --tissue-dir, --lesion-dir) or --synthetic N for a smoke-test set.")
+                args.cbis_dir, args.mini_ddsm_dir, args.tissue_dir, args.lesion_dir, args.csaw_dir, args.synthetic]):
+        return ("no source given. Pass downloaded zips (--zips-dir), extracted folders (--cbis-dir, "
+                "--mini-ddsm-dir, --tissue-dir, --lesion-dir) or --synthetic N for a smoke-test set.")
     if not 0 <= args.val_fraction < 1:
-        return common.usage_error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+        return f"--val-fraction must be in [0, 1), got {args.val_fraction}"
     try:
         _check_inputs(args)
     except (FileNotFoundError, ValueError) as error:
-        return common.usage_error(checks.one_line(error))
-    inputs = [p for p in [args.zips_dir, args.cbis_dir, *(d for d, _ in mini_dirs), *tissue_dirs, *lesion_dirs,
-                          *(args.csaw_dir or [])] if p is not None]
+        return checks.one_line(error)
+    inputs = [p for p in [args.zips_dir, args.cbis_dir, *(args.mini_ddsm_dir or []), *(args.tissue_dir or []),
+                          *(args.lesion_dir or []), *(args.csaw_dir or [])] if p is not None]
     for p in inputs:
-        if inside(workspace, p):
-            return common.usage_error(f"the workspace {workspace} lies inside the input folder {p}; inputs are never "
-                                   "written to. Choose a workspace outside it.")
-    workspace.mkdir(parents=True, exist_ok=True)
-    removed = remove_stale_temporaries(workspace)
-    if removed:
-        print(f"removed {removed} temporary file(s) left by an interrupted run")
-    report = Report()
+        if inside(args.workspace, p):
+            return (f"the workspace {args.workspace} lies inside the input folder {p}; inputs are never written to. "
+                    "Choose a workspace outside it.")
+    return None
 
-    # 1. zips and downloads -> extracted folders (cached in the workspace)
+
+def _zips_by_kind(args: argparse.Namespace, workspace: Path, report: Report) -> dict[str, list[Path]]:
+    """The zips of each kind ("cbis", "mini1", "mini2", "tissue"): ``--zips-dir``'s by name (an unrecognised name is
+    reported as skipped; a kind given by its own flag wins), the explicit flags, the ``--tissue-url`` download.
+
+    Raises:
+        RuntimeError: the download failed.
+    """
     zips: dict[str, list[Path]] = defaultdict(list)
     explicit = {"cbis": args.cbis_zip, "mini1": args.mini1_zip, "mini2": args.mini2_zip, "tissue": args.tissue_zip}
     if args.zips_dir:
@@ -269,11 +284,16 @@ def main(args: argparse.Namespace | None = None) -> int:
         if z is not None:
             zips[kind].append(z)
     if args.tissue_url:
-        try:
-            zips["tissue"].append(download(args.tissue_url, workspace / "_downloads"))
-        except RuntimeError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+        zips["tissue"].append(download(args.tissue_url, workspace / "_downloads"))
+    return zips
+
+
+def _source_folders(args: argparse.Namespace, zips: dict[str, list[Path]], workspace: Path,
+                    report: Report) -> _Folders:
+    """The folders given, plus each zip extracted into ``workspace / "_extracted"`` (a zip that cannot be extracted
+    is a report error); ``--cbis-dir`` comes after the extracted CBIS-DDSM folders."""
+    folders = _Folders(tissue=list(args.tissue_dir or []), lesion=list(args.lesion_dir or []),
+                       mini=[(d, False) for d in args.mini_ddsm_dir or []])
     for kind in ("cbis", "mini1", "mini2", "tissue"):
         for z in zips.get(kind, []):
             try:
@@ -282,46 +302,57 @@ def main(args: argparse.Namespace | None = None) -> int:
                 report.error(f"cannot extract {z}: {exc}")
                 continue
             if kind == "cbis":
-                cbis_dirs.append((folder, [c for c in args.cbis_csv or [] if c.is_file()]))
+                folders.cbis.append((folder, [c for c in args.cbis_csv or [] if c.is_file()]))
             elif kind == "tissue":
-                tissue_dirs.append(folder)
+                folders.tissue.append(folder)
             else:
-                mini_dirs.append((folder, kind == "mini2"))
-    if args.cbis_csv and not args.cbis_dir and not cbis_dirs:
-        return common.usage_error("--cbis-csv needs --cbis-dir (the folder the CSV's image paths are relative to) or a "
-                               "CBIS-DDSM zip")
+                folders.mini.append((folder, kind == "mini2"))
     if args.cbis_dir:
-        cbis_dirs.append((args.cbis_dir, [_cbis_csv_path(c, args.cbis_dir) for c in args.cbis_csv or []]))
+        folders.cbis.append((args.cbis_dir, [_cbis_csv_path(c, args.cbis_dir) for c in args.cbis_csv or []]))
+    return folders
 
-    # 2. samples of every source
+
+def _csaw_holdout(text: str) -> set[str]:
+    """``--csaw-holdout``'s patient ids: comma-separated, blanks dropped; "none" (any case) for no id."""
+    if text.strip().lower() == "none":
+        return set()
+    return {p.strip() for p in text.split(",") if p.strip()}
+
+
+def _collect_samples(args: argparse.Namespace, folders: _Folders, report: Report) -> tuple[list[Sample], list[Sample]]:
+    """The tissue and the lesion samples of every source, one sample per output name
+    (``workspace.drop_duplicate_outputs``)."""
     tissue: list[Sample] = []
     lesion: list[Sample] = []
     tol = args.mask_aspect_tolerance
-    for d in tissue_dirs:
+    for d in folders.tissue:
         tissue += tissue_samples(d, "ddsm_tissue", report)
-    for d in lesion_dirs:
+    for d in folders.lesion:
         lesion += lesion_dir_samples(d, report, tol)
-    holdout = set() if args.csaw_holdout.strip().lower() == "none" else {
-        p.strip() for p in args.csaw_holdout.split(",") if p.strip()}
+    holdout = _csaw_holdout(args.csaw_holdout)
     for d in args.csaw_dir or []:
         tissue += csaw_samples(d, holdout, report)
-    for d, csvs in cbis_dirs:
+    for d, csvs in folders.cbis:
         csvs = csvs or find_cbis_csvs(d)
         if not csvs:
             report.error(f"CBIS-DDSM folder {d}: no description CSV found (pass --cbis-csv)")
             continue
         lesion += cbis_samples(d, csvs, args.abnormality, tol, report)
-    if mini_dirs:
-        records = [r for d, mttm in mini_dirs for r in mini_records(d, report, mttm)]
+    if folders.mini:
+        records = [r for d, mttm in folders.mini for r in mini_records(d, report, mttm)]
         lesion += mini_samples(records, args.include_normals, tol, report)
     if args.synthetic:
         syn = synthetic_samples(args.synthetic, args.seed)
         tissue += [s for s in syn if s.kind == "tissue"]
         lesion += [s for s in syn if s.kind == "lesion"]
-    tissue = drop_duplicate_outputs(tissue, report)
-    lesion = drop_duplicate_outputs(lesion, report)
+    return drop_duplicate_outputs(tissue, report), drop_duplicate_outputs(lesion, report)
 
-    # 3. write images, then the tables
+
+def _write_workspace(args: argparse.Namespace, tissue: list[Sample], lesion: list[Sample], report: Report,
+                     start: float) -> int:
+    """Write the images, the tables, ``prepare_report.json`` and the ``--archive``; ``start``: the run's
+    ``time.perf_counter()``. Returns main's exit code (2 when a table holds other rows and no ``--overwrite``)."""
+    workspace: Path = args.workspace
     manifest = Manifest(workspace / ".prepare_manifest.json")
     tissue_rows = process_samples(tissue, workspace, manifest, report, "tissue")
     lesion_rows = process_samples(lesion, workspace, manifest, report, "lesion")
@@ -331,14 +362,14 @@ def main(args: argparse.Namespace | None = None) -> int:
                                                       (lesion_df, "unified_segmentation_dataset.csv")) if len(df)]
     conflicts = [text for text in (table_conflict(df, path, args.overwrite) for df, path in tables) if text]
     if conflicts:
-        return common.usage_error("; ".join(conflicts) + "; nothing was replaced (images prepared so far stay cached in "
-                               "the workspace)")
+        return common.usage_error("; ".join(conflicts) + "; nothing was replaced (images prepared so far stay cached "
+                                  "in the workspace)")
     for df, path in tables:
         atomic_write_bytes(path, csv_bytes(df))
 
     report_data = report_record(vars(args), tissue_df, lesion_df, report, time.perf_counter() - start)
     atomic_write_bytes(workspace / "prepare_report.json",
-                        json.dumps(report_data, indent=1, ensure_ascii=False).encode("utf-8"))
+                       json.dumps(report_data, indent=1, ensure_ascii=False).encode("utf-8"))
     print_summary(report_data)
     if args.archive:
         target = _archive_path(args)
@@ -350,6 +381,33 @@ def main(args: argparse.Namespace | None = None) -> int:
         print("error: no sample could be prepared; see prepare_report.json for the reasons", file=sys.stderr)
         return 1
     return 1 if report.errors else 0
+
+
+def main(args: argparse.Namespace | None = None) -> int:
+    """Build the workspace. Returns 0 on success, 1 when a source could not be used at all, 2 on bad usage (one line
+    on stderr naming the file or flag, what is wrong and the fix, before any work: :func:`_usage_problem`)."""
+    args = get_args_parser().parse_args() if args is None else args
+    start = time.perf_counter()
+    problem = _usage_problem(args)
+    if problem:
+        return common.usage_error(problem)
+    workspace: Path = args.workspace
+    workspace.mkdir(parents=True, exist_ok=True)
+    removed = remove_stale_temporaries(workspace)
+    if removed:
+        print(f"removed {removed} temporary file(s) left by an interrupted run")
+    report = Report()
+    try:  # 1. zips and downloads -> extracted folders (cached in the workspace)
+        zips = _zips_by_kind(args, workspace, report)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    folders = _source_folders(args, zips, workspace, report)
+    if args.cbis_csv and not args.cbis_dir and not folders.cbis:
+        return common.usage_error("--cbis-csv needs --cbis-dir (the folder the CSV's image paths are relative to) or "
+                                  "a CBIS-DDSM zip")
+    tissue, lesion = _collect_samples(args, folders, report)  # 2. samples of every source
+    return _write_workspace(args, tissue, lesion, report, start)  # 3. images, then the tables and the report
 
 
 if __name__ == "__main__":

@@ -5,19 +5,25 @@ mammograms. Stage 2 learns lesions on the crops that the trained stage 1 gives (
 the FGT box with its margin), cached under ``<stage2-checkpoint-dir>/roi_crops/<key>/`` (a new stage 1 gives new
 crops).
 
-This script is the command line only: its flags (:func:`get_args_parser`), their checks and which stages to run
-(:func:`main`). The work is done by:
+This module is the command line only: its flags (:func:`get_args_parser`), their checks (:func:`_check_args`), the
+frozen :class:`~mammo.training.config.TrainConfig` built from them once (:func:`config_from_args`; nothing below
+``mammo/cli/`` sees the argparse namespace) and which stages to run (:func:`main`). The work is done by:
 
-- ``training.py``: one stage from the arguments (data tables and splits, output folders, ``--resume`` /
-  ``--overwrite``, model, optimizer, scheduler, the epoch loop with early stopping);
-- ``engine.py``: seeding and RNG state, the seeded epoch order and augmentation, ``train_one_epoch``,
-  ``evaluate``, checkpoint writing and rotation, TensorBoard / ``metrics.jsonl`` logging, the epoch summary line;
-- ``roi_crops.py``: the stage-2 ROI crops made by the trained stage 1, and their cache;
-- ``distributed.py`` (torchrun set-up), ``checkpoints.py`` (the checkpoint format), ``common.py`` (shared flags).
+- ``mammo/training/trainer.py``: one stage from the config (output folders, ``--resume`` / ``--overwrite``, model,
+  optimizer, scheduler, the epoch loop with early stopping);
+- ``mammo/training/inputs.py``: everything a run reads or writes, checked before training (``check_inputs``), the
+  data tables and their train / validation split, the stages' settings (``stage_spec``);
+- ``mammo/training/engine.py``: seeding and RNG state, the seeded epoch order and augmentation,
+  ``train_one_epoch``, ``evaluate``, checkpoint writing and rotation, TensorBoard / ``metrics.jsonl`` logging, the
+  epoch summary line;
+- ``mammo/training/roi_crops.py``: the stage-2 ROI crops made by the trained stage 1, and their cache;
+- ``mammo/training/datasets.py`` and ``mammo/data/splits.py`` (datasets; tables and patient splits),
+  ``mammo/core/distributed.py`` (torchrun set-up), ``mammo/weights/checkpoints.py`` (the checkpoint format),
+  ``mammo/cascade/checks.py`` (a user's paths and numbers), ``mammo/cli/common.py`` (shared flags).
 
 Recipe: AdamW, cosine warm restarts, Dice + cross-entropy (stage 1) / Dice + BCE (stage 2) plus an L1 weight
-penalty (details in ``training.py``); the best checkpoint is the one with the highest validation Dice of FGT
-(stage 1) or of the lesion (stage 2). Validation Dice is pooled over the whole validation split (sum of
+penalty (details in ``mammo/training/trainer.py``); the best checkpoint is the one with the highest validation Dice
+of FGT (stage 1) or of the lesion (stage 2). Validation Dice is pooled over the whole validation split (sum of
 intersections over sum of sizes, ``metrics.dice_from_counts``) on hard predictions at the network's input size
 (letterboxed images; stage 2 on the ROI crops).
 
@@ -25,7 +31,8 @@ Outputs (rank 0 only):
 
 - ``<stageN-checkpoint-dir>/best_stageN.pth``, ``stageN_epoch{E}.pth`` (the last ``--keep-epoch-checkpoints``),
   ``last_stageN.pth`` (what ``--resume`` continues from: weights, optimizer, scheduler, AMP scaler, RNG states,
-  early-stopping counter). The format is ``checkpoints.make_checkpoint``'s, written atomically, readable with
+  early-stopping counter, and the arguments as a dict: ``engine.plain_args``). The format is
+  ``checkpoints.make_checkpoint``'s, written atomically, readable with
   ``torch.load(weights_only=True)``; ``checkpoints.load_stage`` rebuilds the model from it with no training flag.
 - ``<logdir>/stageN/``: TensorBoard events (``train/loss``, ``train/seg_loss``, ``train/l1_penalty``, ``val/loss``,
   ``val/dice_<class>``, ``val/pixel_accuracy`` (stage 1), ``lr``, ``time/train_s``, ``time/epoch_s`` (training +
@@ -64,9 +71,11 @@ from mammo.core import distributed
 from mammo.imaging import roi
 from mammo.weights import runners
 from mammo.cascade import checks
-from mammo.training.engine import NonFiniteLossError
+from mammo.training.config import DataConfig, LoopConfig, NetworkConfig, SplitConfig, StageConfig, TrainConfig
+from mammo.training.engine import NonFiniteLossError, plain_args
 from mammo.nn.models import MODEL_REGISTRY
-from mammo.training.trainer import TrainingInputError, check_inputs, stage_spec, train_stage
+from mammo.training.inputs import TrainingInputError, check_inputs, stage_spec
+from mammo.training.trainer import train_stage
 
 #: Exit statuses of :func:`main`.
 EXIT_OK, EXIT_INPUT_ERROR, EXIT_NONFINITE_LOSS = 0, 2, 3
@@ -102,14 +111,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     data.add_argument("--val-fraction", type=float, default=None,
                       help="re-split by patient with this fraction of images in validation (default: use the "
                            "table's train/val split column, else 0.2)")
-    data.add_argument("--fold", type=int, default=None, help="k-fold cross-validation: the validation fold, 0-based (default: %(default)s)")
-    data.add_argument("--folds", type=int, default=None, help="k-fold cross-validation: number of folds, with --fold (default: %(default)s)")
+    data.add_argument("--fold", type=int, default=None,
+                      help="k-fold cross-validation: the validation fold, 0-based (default: %(default)s)")
+    data.add_argument("--folds", type=int, default=None,
+                      help="k-fold cross-validation: number of folds, with --fold (default: %(default)s)")
 
     recipe = parser.add_argument_group("recipe")
     recipe.add_argument("--epochs-stage1", type=int, default=30, help="stage-1 epochs (default: %(default)s)")
     recipe.add_argument("--epochs-stage2", type=int, default=150, help="stage-2 epochs (default: %(default)s)")
-    recipe.add_argument("--lr-stage1", type=float, default=1e-3, help="stage-1 AdamW learning rate (default: %(default)s)")
-    recipe.add_argument("--lr-stage2", type=float, default=3e-4, help="stage-2 AdamW learning rate (default: %(default)s)")
+    recipe.add_argument("--lr-stage1", type=float, default=1e-3,
+                        help="stage-1 AdamW learning rate (default: %(default)s)")
+    recipe.add_argument("--lr-stage2", type=float, default=3e-4,
+                        help="stage-2 AdamW learning rate (default: %(default)s)")
     recipe.add_argument("--batch-size-stage1", type=int, default=8,
                         help="stage-1 images per batch and process (>= 2: BatchNorm) (default: %(default)s)")
     recipe.add_argument("--batch-size-stage2", type=int, default=12,
@@ -126,7 +139,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="stage-1 cosine warm-restart period T_0 in epochs (default: %(default)s)")
     recipe.add_argument("--t0-stage2", type=int, default=15,
                         help="stage-2 cosine warm-restart period T_0 in epochs (default: %(default)s)")
-    recipe.add_argument("--t-mult", type=int, default=2, help="factor of each next restart period (default: %(default)s)")
+    recipe.add_argument("--t-mult", type=int, default=2,
+                        help="factor of each next restart period (default: %(default)s)")
     recipe.add_argument("--appearance-augmentation", choices=("on", "off"), default="on",
                         help="stage 1: intensity curves, CLAHE and blur/sharpening that span screen-film and digital "
                              "mammograms (datasets.appearance_augmentation) (default: %(default)s)")
@@ -227,23 +241,63 @@ def _check_args(args: argparse.Namespace) -> None:
         raise TrainingInputError(str(error)) from None
 
 
+def _optional_path(value) -> Path | None:
+    """A path flag's value as a ``Path``; None stays None."""
+    return None if value is None else Path(value)
+
+
+def _stage_config(args: argparse.Namespace, stage: int) -> StageConfig:
+    """The ``--*-stageN`` flags of one stage."""
+    def flag(name: str):
+        return getattr(args, name.format(stage))
+    return StageConfig(epochs=flag("epochs_stage{}"), lr=flag("lr_stage{}"), batch_size=flag("batch_size_stage{}"),
+                       img_size=tuple(flag("img_size_stage{}")), t0=flag("t0_stage{}"),
+                       checkpoint_dir=Path(flag("stage{}_checkpoint_dir")))
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The frozen :class:`~mammo.training.config.TrainConfig` of checked flags (:func:`_check_args`), built once;
+    its ``arguments`` are the flags as plain JSON types (``engine.plain_args``), as ``args.json`` and the
+    checkpoints store them."""
+    stages = tuple(stage for stage, wanted in ((1, args.train_stage1 or args.train_both),
+                                                (2, args.train_stage2 or args.train_both)) if wanted)
+    data = DataConfig(tissue_csv=_optional_path(args.tissue_csv), tissue_data_dir=_optional_path(args.tissue_data_dir),
+                      cancer_csv=_optional_path(args.cancer_csv),
+                      stage1_checkpoint=_optional_path(args.stage1_checkpoint or None),
+                      appearance_augmentation=args.appearance_augmentation == "on")
+    network = NetworkConfig(model=args.model, encoder=args.encoder, encoder_weights=args.encoder_weights,
+                            stage2_init_from_stage1=bool(args.stage2_init_from_stage1), sync_bn=bool(args.sync_bn))
+    rule = roi.RoiRule(margin_fraction=float(args.roi_margin), breast_margin_fraction=float(args.roi_breast_margin),
+                       min_fgt_fraction=float(args.roi_min_fgt), clip_to_breast=bool(args.roi_clip_to_breast))
+    return TrainConfig(
+        stages=stages, stage1=_stage_config(args, 1), stage2=_stage_config(args, 2), data=data, network=network,
+        split=SplitConfig(seed=args.seed, val_fraction=args.val_fraction, fold=args.fold, folds=args.folds,
+                          source_repeat=tuple(args.source_repeat or ())),
+        loop=LoopConfig(amp=bool(args.amp), l1_lambda=args.l1_lambda, max_batches_per_epoch=args.max_batches_per_epoch),
+        roi_rule=rule,
+        logdir=Path(args.logdir), deterministic=bool(args.deterministic), num_workers=args.num_workers,
+        worker_start_method=args.worker_start_method, weight_decay=args.weight_decay, t_mult=args.t_mult,
+        patience=args.patience, keep_epoch_checkpoints=args.keep_epoch_checkpoints, image_every=args.image_every,
+        resume=bool(args.resume), overwrite=bool(args.overwrite), arguments=plain_args(vars(args)))
+
+
 def main(args: argparse.Namespace | None = None) -> int:
     """Train the stages the flags ask for. Returns 0 on success, 2 for bad input, 3 for a non-finite loss.
 
     Bad input (flags, tables, files, checkpoints, output folders) is found before anything is trained
-    (``training.check_inputs``) and printed as one line on stderr: ``error: <what, which file, the fix>``.
+    (``mammo.training.inputs.check_inputs``) and printed as one line on stderr: ``error: <what, which file, the fix>``.
     """
     args = get_args_parser().parse_args() if args is None else args
     try:
         _check_args(args)
+        config = config_from_args(args)
         device = runners.resolve_device(args.device)
-        if args.resume:
-            stages = [s for s, wanted in ((1, args.train_stage1 or args.train_both), (2, args.train_stage2 or args.train_both)) if wanted]
-            lasts = [stage_spec(s, args).path("last") for s in stages]
+        if config.resume:
+            lasts = [stage_spec(s, config).path("last") for s in config.stages]
             if not any(path.is_file() for path in lasts):
                 raise TrainingInputError(f"--resume: nothing to resume from ({', '.join(map(str, lasts))} not found); "
                                          "check --stage1-checkpoint-dir / --stage2-checkpoint-dir, or drop --resume")
-        check_inputs(args)
+        check_inputs(config)
     except (TrainingInputError, RuntimeError) as error:
         return common.usage_error(checks.one_line(error))
     deterministic_before = torch.are_deterministic_algorithms_enabled()
@@ -252,10 +306,8 @@ def main(args: argparse.Namespace | None = None) -> int:
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
     try:
-        if args.train_stage1 or args.train_both:
-            train_stage(1, args, ctx, device)
-        if args.train_stage2 or args.train_both:
-            train_stage(2, args, ctx, device)
+        for stage in config.stages:
+            train_stage(stage, config, ctx, device)
         return EXIT_OK
     except TrainingInputError as error:
         return common.usage_error(checks.one_line(error))

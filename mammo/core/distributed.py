@@ -67,8 +67,8 @@ def init_distributed(device_type: str, timeout: datetime.timedelta = DEFAULT_TIM
     """Initialise the default process group when started by torchrun with more than one process.
 
     Args:
-        device_type: ``"cuda"`` (NCCL, or gloo without NCCL; the process's GPU is ``cuda:<LOCAL_RANK>``, made current here) or ``"cpu"``
-            (gloo).
+        device_type: ``"cuda"`` (NCCL, or gloo without NCCL; the process's GPU is ``cuda:<LOCAL_RANK>``, made current
+            here) or ``"cpu"`` (gloo).
         timeout: collective timeout.
         backend: force a process-group backend; ``"gloo"`` for runs that exchange only Python objects (inference
             merging its tables), whatever the device.

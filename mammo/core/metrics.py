@@ -51,7 +51,8 @@ def confusion_counts(pred, target, num_classes: int) -> np.ndarray:
 
 def dice_from_counts(intersection, pred_sum, truth_sum) -> np.ndarray:
     """Dice ``2|P∩T| / (|P| + |T|)`` from counts (arrays broadcast), 1.0 where both are empty."""
-    intersection, denominator = np.asarray(intersection, float), np.asarray(pred_sum, float) + np.asarray(truth_sum, float)
+    intersection, denominator = (np.asarray(intersection, float),
+                                 np.asarray(pred_sum, float) + np.asarray(truth_sum, float))
     return np.where(denominator > 0, 2 * intersection / np.maximum(denominator, 1e-12), 1.0)
 
 
@@ -168,7 +169,8 @@ def lesion_detection(pred, truth, iou_threshold: float = LESION_MATCH_IOU, conne
     if pred.shape != truth.shape or pred.ndim != 2:
         raise ValueError(f"lesion_detection needs two 2-D masks of one shape, got {pred.shape} and {truth.shape}")
     if not 0 < iou_threshold <= 1 or connectivity not in (4, 8):
-        raise ValueError(f"iou_threshold must be in (0, 1] and connectivity 4 or 8, got {iou_threshold}, {connectivity}")
+        raise ValueError(f"iou_threshold must be in (0, 1] and connectivity 4 or 8, "
+                         f"got {iou_threshold}, {connectivity}")
     n_truth, truth_labels = _components(truth, connectivity, min_area_px)
     n_pred, pred_labels = _components(pred, connectivity, min_area_px)
     # joint histogram of (truth label, prediction label): row 0 / column 0 are the backgrounds

@@ -91,7 +91,8 @@ def patient_id_from_name(name: str | os.PathLike) -> str:
     return base
 
 
-_TABLE_FIX = "pass the workspace table written by prepare_to_train.py (tissue_dataset.csv / unified_segmentation_dataset.csv)"
+_TABLE_FIX = ("pass the workspace table written by prepare_to_train.py "
+              "(tissue_dataset.csv / unified_segmentation_dataset.csv)")
 
 
 def _fill_patient_ids(df: pd.DataFrame) -> pd.DataFrame:

@@ -1,6 +1,6 @@
 """Figures of the evaluation: the per-image Dice distributions and the worst cases with their overlays.
 
-What lives here (the numbers are ``scoring.py``, the command line ``evaluate.py``): :class:`Thumb` and
+What lives here (the numbers are ``scores.py``, the command line ``evaluate.py``): :class:`Thumb` and
 :func:`case_thumb` (small copies of one case, kept while scoring so no image is read twice), :func:`keep_worst`,
 :func:`plot_dice_distribution` (``plots/dice_distribution.png``), :func:`plot_density_scatter`
 (``plots/density_scatter.png``) and :func:`plot_worst_cases`
@@ -21,7 +21,8 @@ from mammo import imaging
 from mammo.imaging import roi
 from mammo.core.labels import TISSUE_CLASS_NAMES
 
-_TISSUE_COLOURS = np.array([[0, 0, 0], [255, 215, 0], [220, 20, 60], [30, 144, 255]], np.uint8)  # bg, adipose, FGT, pectoral
+# background, adipose, FGT, pectoral
+_TISSUE_COLOURS = np.array([[0, 0, 0], [255, 215, 0], [220, 20, 60], [30, 144, 255]], np.uint8)
 
 
 def _thumbnail(array: np.ndarray, max_side: int, nearest: bool) -> np.ndarray:
@@ -152,7 +153,7 @@ def _save_figure(fig, path: Path) -> Path:
 
 
 def plot_density_scatter(density_rows: list[dict], path: Path) -> Path:
-    """Predicted vs mask percent density per image (``scoring.density_row`` rows), the model and the Otsu baseline,
+    """Predicted vs mask percent density per image (``scores.density_row`` rows), the model and the Otsu baseline,
     with the identity line; axes in %."""
     import matplotlib
 

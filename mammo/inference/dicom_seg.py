@@ -20,11 +20,15 @@ system: the SEG frames have the source's rows and columns, pixel for pixel, and 
 image through the Derivation Image Sequence (Source Image Sequence, Spatial Locations Preserved YES); the source is
 also listed in the Referenced Series Sequence. The SEG carries the source's Study Instance UID, patient and study
 attributes, and its Frame of Reference UID when the source has one. Its Pixel Measures (shared functional group)
-give the source's pixel spacing in mm (see :func:`imaging.dicom_pixel_spacing`: Pixel Spacing, else Imager Pixel
+give the source's pixel spacing in mm (see :func:`mammo.imaging.dicom_pixel_spacing`: Pixel Spacing, else Imager Pixel
 Spacing over the magnification factor, ...); they are left out when the source states no spacing. How highdicom
 handles sources without a patient coordinate system: ``highdicom.seg.Segmentation`` (its ``source_images`` /
 ``pixel_array`` parameters) and highdicom pull request #183, "Allow segmentations of images without a frame of
 reference UID".
+
+What lives here: :func:`write_dicom_seg` (one SEG file from a source DICOM and its two masks), the segments and
+their codes (:data:`SEGMENTS`, :data:`SEGMENT_COLORS_RGB`, :data:`LESION_SEGMENT`) and the fixed texts of the SEG
+(:data:`ALGORITHM_NAME`, :data:`MANUFACTURER`, ...). :mod:`mammo.inference.outputs` calls it for each DICOM input.
 
 This module needs ``highdicom`` (``requirements.txt``) and does no inference; the caller passes the masks.
 """
@@ -98,8 +102,9 @@ SEGMENTS: dict[int, tuple[str, Any, Any, Any]] = {
 }
 
 #: Recommended Display CIELab Value (0062,000D) of each segment, given here in RGB. The tissue colours are those of
-#: ``outputs.TISSUE_COLORS_RGB`` (adipose yellow, FGT magenta, pectoral blue; repeated, not imported, because
-#: ``outputs`` imports torch; a test keeps them equal); the lesion is red, as its contour in the figure.
+#: :data:`mammo.inference.outputs.TISSUE_COLORS_RGB` (adipose yellow, FGT magenta, pectoral blue; repeated, not
+#: imported, because ``outputs`` imports torch; a test keeps them equal); the lesion is red, as its contour in the
+#: figure.
 SEGMENT_COLORS_RGB: dict[int, tuple[int, int, int]] = {
     labels.ADIPOSE: (240, 200, 60), labels.FGT: (220, 40, 150), labels.PECTORAL: (60, 120, 255),
     LESION_SEGMENT: (255, 0, 0),
@@ -199,6 +204,97 @@ def _check_masks(tissue_classes: np.ndarray, lesion_mask: np.ndarray, shape: tup
     return tissue_classes, lesion_mask
 
 
+def _check_request(source: Dataset | str | os.PathLike, name: str, out_path: Path, *, overwrite: bool,
+                   threshold: float | None, min_area_px: int | None, texts: dict[str, str]) -> Dataset:
+    """The source dataset (read from its file when ``source`` is a path), once the request is known to be valid.
+
+    ``texts``: ``{argument name: text}`` of the LO elements (at most 64 characters each). Raises as
+    :func:`write_dicom_seg`.
+    """
+    source_file = Path(name) if not isinstance(source, Dataset) or getattr(source, "filename", None) else None
+    if source_file is not None and source_file.exists() and out_path.exists() and \
+            out_path.resolve() == source_file.resolve():
+        raise ValueError(f"{name}: out_path is the source file itself; the source is never overwritten")
+    ds = source if isinstance(source, Dataset) else _read_source(Path(source))
+    if out_path.exists() and not overwrite:
+        raise FileExistsError(f"{out_path} exists; not overwritten (remove it or pass overwrite=True)")
+    if threshold is not None and not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+        raise ValueError(f"{name}: threshold {threshold} is not a probability in [0, 1]")
+    if min_area_px is not None and int(min_area_px) < 1:
+        raise ValueError(f"{name}: min_area_px {min_area_px} is not a pixel count >= 1")
+    for what, text in texts.items():
+        if len(text) > 64:
+            raise ValueError(f"{name}: {what} has {len(text)} characters, at most 64 fit its DICOM element (LO)")
+    return ds
+
+
+def _stacked_segments(tissue_classes: np.ndarray, lesion_mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``(1, H, W, 4)`` uint8, one channel per segment (number - 1): highdicom's layout for overlapping BINARY
+    segments."""
+    stacked = np.zeros((1, *shape, len(SEGMENTS)), dtype=np.uint8)
+    for number in (labels.ADIPOSE, labels.FGT, labels.PECTORAL):
+        stacked[0, :, :, number - 1] = tissue_classes == number
+    stacked[0, :, :, LESION_SEGMENT - 1] = lesion_mask
+    return stacked
+
+
+def _segment_descriptions(threshold: float | None, min_area_px: int | None,
+                          algorithm_version: str) -> list[hd.seg.SegmentDescription]:
+    """The four segments' descriptions (:data:`SEGMENTS`, in segment order), each naming this suite as its AUTOMATIC
+    algorithm; the lesion segment's parameters and description state the threshold and smallest component."""
+    family = codes.cid7162.ArtificialIntelligence  # DCM 123110 "Artificial Intelligence", CID 7162 Algorithm Family
+    lesion_parameters = {} if threshold is None else {"lesion_probability_threshold": f"{threshold:g}"}
+    if min_area_px is not None:
+        lesion_parameters["min_lesion_area_px"] = str(int(min_area_px))
+    descriptions = []
+    for number, (label, category, property_type, region) in SEGMENTS.items():
+        algorithm = hd.AlgorithmIdentificationSequence(
+            name=ALGORITHM_NAME, family=family, version=algorithm_version,
+            parameters=(lesion_parameters or None) if number == LESION_SEGMENT else None)
+        description = hd.seg.SegmentDescription(
+            segment_number=number, segment_label=label, segmented_property_category=category,
+            segmented_property_type=property_type, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm, anatomic_regions=None if region is None else [region],
+            display_color=hd.color.CIELabColor.from_rgb(*SEGMENT_COLORS_RGB[number]))
+        if number == LESION_SEGMENT:
+            description.SegmentDescription = ("stage-2 lesion probability" + (
+                f" >= {threshold:g}" if threshold is not None else " above the run's threshold") + (
+                f", components >= {int(min_area_px)} px" if min_area_px is not None else ""))
+        else:
+            description.SegmentDescription = f"stage-1 tissue class {number} ({labels.TISSUE_CLASS_NAMES[number]})"
+        descriptions.append(description)
+    return descriptions
+
+
+def _build_seg(ds: Dataset, meta: Dataset, stacked: np.ndarray, descriptions: list, name: str, *,
+               algorithm_version: str, series_description: str, series_number: int) -> hd.seg.Segmentation:
+    """The SEG dataset of ``meta`` (the source's metadata copy), with the source's Patient Orientation and Body Part
+    Examined. Raises ValueError (naming the source) when highdicom refuses the source."""
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=[meta], pixel_array=stacked, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=series_number,
+            sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER,
+            manufacturer_model_name=ALGORITHM_NAME, software_versions=algorithm_version,
+            device_serial_number=DEVICE_SERIAL_NUMBER, content_label=CONTENT_LABEL,
+            content_description="tissue classes and lesion mask", omit_empty_frames=False,
+            series_description=series_description)
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise ValueError(f"{name}: highdicom cannot build a SEG for this source ({type(exc).__name__}: {exc})") from exc
+    # Patient Orientation (0020,0020), General Image module: Type 2C, required when the image has no Image
+    # Orientation (Patient) (PS3.3 C.7.6.1), which is the case when the SEG has no Plane Orientation; highdicom does
+    # not set it. The SEG's pixel grid is the source's, so the source's value (e.g. A\FR) holds for the SEG too;
+    # empty when the source states none.
+    if "PlaneOrientationSequence" not in seg.SharedFunctionalGroupsSequence[0]:
+        seg.PatientOrientation = ds.get("PatientOrientation", None)
+    # Body Part Examined (0018,0015), General Series (PS3.3 C.7.3.1), so that a viewer can group the SEG with its
+    # image. Laterality (0020,0060) is not copied: dciodvfy reports it as present when its Type 2C condition is
+    # unsatisfied (the SEG IOD has no Image Laterality to trigger it); the laterality stays in the referenced image.
+    if ds.get("BodyPartExamined", None):
+        seg.BodyPartExamined = ds.BodyPartExamined
+    return seg
+
+
 def write_dicom_seg(source: Dataset | str | os.PathLike, tissue_classes: np.ndarray, lesion_mask: np.ndarray,
                     out_path: str | os.PathLike, *, overwrite: bool = False, threshold: float | None = None,
                     min_area_px: int | None = None, algorithm_version: str = DEFAULT_ALGORITHM_VERSION,
@@ -210,10 +306,11 @@ def write_dicom_seg(source: Dataset | str | os.PathLike, tissue_classes: np.ndar
     (highdicom's ``omit_empty_frames=False``), so segment ``n`` is always frame ``n``. Each segment names this suite
     as its AUTOMATIC algorithm (Segment Algorithm Type, PS3.3 C.8.20.2; Algorithm Family "Artificial Intelligence",
     CID 7162); the lesion segment's Algorithm Parameters state the threshold. A new Series and SOP Instance UID is
-    made on each call. The file is written atomically (``fileio.atomic_write_bytes``), Explicit VR Little Endian.
+    made on each call. The file is written atomically (:func:`mammo.core.fileio.atomic_write_bytes`), Explicit VR
+    Little Endian.
 
     Shape:
-        - tissue_classes: ``(Rows, Columns)`` of the source, integer (uint8) class ids 0..3 (``labels``).
+        - tissue_classes: ``(Rows, Columns)`` of the source, integer (uint8) class ids 0..3 (:mod:`mammo.core.labels`).
         - lesion_mask: ``(Rows, Columns)`` bool (or integer 0 / 1): the lesion probability at the chosen threshold.
 
     Args:
@@ -244,76 +341,15 @@ def write_dicom_seg(source: Dataset | str | os.PathLike, tissue_classes: np.ndar
     """
     name = _source_name(source)
     out_path = Path(out_path)
-    source_file = Path(name) if not isinstance(source, Dataset) or getattr(source, "filename", None) else None
-    if source_file is not None and source_file.exists() and out_path.exists() and \
-            out_path.resolve() == source_file.resolve():
-        raise ValueError(f"{name}: out_path is the source file itself; the source is never overwritten")
-    ds = source if isinstance(source, Dataset) else _read_source(Path(source))
-    if out_path.exists() and not overwrite:
-        raise FileExistsError(f"{out_path} exists; not overwritten (remove it or pass overwrite=True)")
-    if threshold is not None and not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
-        raise ValueError(f"{name}: threshold {threshold} is not a probability in [0, 1]")
-    if min_area_px is not None and int(min_area_px) < 1:
-        raise ValueError(f"{name}: min_area_px {min_area_px} is not a pixel count >= 1")
-    for what, text in (("series_description", series_description), ("algorithm_version", algorithm_version)):
-        if len(text) > 64:
-            raise ValueError(f"{name}: {what} has {len(text)} characters, at most 64 fit its DICOM element (LO)")
-
+    ds = _check_request(source, name, out_path, overwrite=overwrite, threshold=threshold, min_area_px=min_area_px,
+                        texts={"series_description": series_description, "algorithm_version": algorithm_version})
     meta = _source_metadata(ds, name)
     shape = (int(meta.Rows), int(meta.Columns))
     tissue_classes, lesion_mask = _check_masks(tissue_classes, lesion_mask, shape, name)
-
-    # Stacked-segments array (1 frame, H, W, 4 segments): highdicom's layout for overlapping BINARY segments.
-    stacked = np.zeros((1, *shape, len(SEGMENTS)), dtype=np.uint8)
-    for number in (labels.ADIPOSE, labels.FGT, labels.PECTORAL):
-        stacked[0, :, :, number - 1] = tissue_classes == number
-    stacked[0, :, :, LESION_SEGMENT - 1] = lesion_mask
-
-    family = codes.cid7162.ArtificialIntelligence  # DCM 123110 "Artificial Intelligence", CID 7162 Algorithm Family
-    lesion_parameters = {} if threshold is None else {"lesion_probability_threshold": f"{threshold:g}"}
-    if min_area_px is not None:
-        lesion_parameters["min_lesion_area_px"] = str(int(min_area_px))
-    descriptions = []
-    for number, (label, category, property_type, region) in SEGMENTS.items():
-        algorithm = hd.AlgorithmIdentificationSequence(
-            name=ALGORITHM_NAME, family=family, version=algorithm_version,
-            parameters=(lesion_parameters or None) if number == LESION_SEGMENT else None)
-        description = hd.seg.SegmentDescription(
-            segment_number=number, segment_label=label, segmented_property_category=category,
-            segmented_property_type=property_type, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm, anatomic_regions=None if region is None else [region],
-            display_color=hd.color.CIELabColor.from_rgb(*SEGMENT_COLORS_RGB[number]))
-        if number == LESION_SEGMENT:
-            description.SegmentDescription = ("stage-2 lesion probability" + (
-                f" >= {threshold:g}" if threshold is not None else " above the run's threshold") + (
-                f", components >= {int(min_area_px)} px" if min_area_px is not None else ""))
-        else:
-            description.SegmentDescription = f"stage-1 tissue class {number} ({labels.TISSUE_CLASS_NAMES[number]})"
-        descriptions.append(description)
-
-    try:
-        seg = hd.seg.Segmentation(
-            source_images=[meta], pixel_array=stacked, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=series_number,
-            sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER,
-            manufacturer_model_name=ALGORITHM_NAME, software_versions=algorithm_version,
-            device_serial_number=DEVICE_SERIAL_NUMBER, content_label=CONTENT_LABEL,
-            content_description="tissue classes and lesion mask", omit_empty_frames=False,
-            series_description=series_description)
-    except (ValueError, TypeError, AttributeError, KeyError) as exc:
-        raise ValueError(f"{name}: highdicom cannot build a SEG for this source ({type(exc).__name__}: {exc})") from exc
-    # Patient Orientation (0020,0020), General Image module: Type 2C, required when the image has no Image
-    # Orientation (Patient) (PS3.3 C.7.6.1), which is the case when the SEG has no Plane Orientation; highdicom does
-    # not set it. The SEG's pixel grid is the source's, so the source's value (e.g. A\FR) holds for the SEG too;
-    # empty when the source states none.
-    if "PlaneOrientationSequence" not in seg.SharedFunctionalGroupsSequence[0]:
-        seg.PatientOrientation = ds.get("PatientOrientation", None)
-    # Body Part Examined (0018,0015), General Series (PS3.3 C.7.3.1), so that a viewer can group the SEG with its
-    # image. Laterality (0020,0060) is not copied: dciodvfy reports it as present when its Type 2C condition is
-    # unsatisfied (the SEG IOD has no Image Laterality to trigger it); the laterality stays in the referenced image.
-    if ds.get("BodyPartExamined", None):
-        seg.BodyPartExamined = ds.BodyPartExamined
-
+    seg = _build_seg(ds, meta, _stacked_segments(tissue_classes, lesion_mask, shape),
+                     _segment_descriptions(threshold, min_area_px, algorithm_version), name,
+                     algorithm_version=algorithm_version, series_description=series_description,
+                     series_number=series_number)
     # A DICOM Part 10 file (128-byte preamble, "DICM", file meta information; PS3.10 7.1), written atomically.
     stream = io.BytesIO()
     pydicom.dcmwrite(stream, seg, enforce_file_format=True)

@@ -4,9 +4,10 @@ What lives here: the tissue colours (:data:`TISSUE_COLORS_RGB`, :func:`colorize_
 (:func:`output_paths`), the four-panel figure (:func:`make_visualization`), :func:`write_outputs` (one image's PNGs,
 figure and JSON, the JSON last), :func:`write_json`, and the folder tables: :data:`CSV_COLUMNS` with
 :func:`write_csv`, and :func:`free_name` (a timestamped name instead of overwriting ``predictions.csv`` /
-``summary.json``). Every file is written atomically (``fileio``).
+``summary.json``). Every file is written atomically (:mod:`mammo.core.fileio`).
 
-The record itself (its fields and measurements) is ``record.py``; running the cascade on files is ``inference.py``.
+The record itself (its fields and measurements) is :mod:`mammo.inference.record`; the DICOM Segmentation is
+:mod:`mammo.inference.dicom_seg`; running the cascade on files is :mod:`mammo.inference.predict`.
 """
 
 from __future__ import annotations
@@ -151,7 +152,8 @@ def make_visualization(pixels: np.ndarray, result: cascade.CascadeResult, thresh
 
     box = result.roi_box
     corners = ((int(box.x0 * scale), int(box.y0 * scale)),
-               (max(int(box.x0 * scale), int(round(box.x1 * scale)) - 1), max(int(box.y0 * scale), int(round(box.y1 * scale)) - 1)))
+               (max(int(box.x0 * scale), int(round(box.x1 * scale)) - 1),
+                max(int(box.y0 * scale), int(round(box.y1 * scale)) - 1)))
     fgt = _blend(base, classes == labels.FGT, palette_bgr[labels.FGT], 0.55)
     heat = _blend(base, prob > 0, _HEAT_BGR, np.clip(prob, 0.0, 1.0) * 0.6)
     contours, _ = cv2.findContours((result.lesion_prob >= threshold).astype(np.uint8), cv2.RETR_EXTERNAL,
@@ -196,7 +198,8 @@ def write_outputs(prediction: Prediction, out_dir: str | os.PathLike, stem: str,
     ``record["outputs"]``.
 
     Args:
-        prediction: from :func:`inference.run_image` (or :func:`record.build_prediction`).
+        prediction: from :func:`mammo.inference.predict.run_image` (or
+            :func:`mammo.inference.record.build_prediction`).
         out_dir: folder for this image's outputs (created).
         stem: file name stem of the outputs.
         threshold: contour level of the figure (should equal the record's lesion threshold).
@@ -218,7 +221,7 @@ def write_outputs(prediction: Prediction, out_dir: str | os.PathLike, stem: str,
     start = time.perf_counter()
     paths = output_paths(out_dir, stem)
     protected_set = {Path(p).resolve() for p in protected}
-    for key, path in paths.items():
+    for path in paths.values():
         if path.resolve() in protected_set:
             raise ValueError(f"output {path} would overwrite an input file; choose another --output-dir")
     if paths["json"].exists() and not overwrite:
@@ -233,7 +236,8 @@ def write_outputs(prediction: Prediction, out_dir: str | os.PathLike, stem: str,
     if visualization:
         title = (f"{record['input']['relative_path']}: density {record['density']['percent']:.1f} % "
                  f"({record['density']['category']}), {record['lesions']['count']} lesion candidate(s)")
-        atomic_write_bytes(paths["visualization"], make_visualization(prediction.image.pixels, result, threshold, title))
+        atomic_write_bytes(paths["visualization"],
+                           make_visualization(prediction.image.pixels, result, threshold, title))
     seg_written = dicom_seg and prediction.image.source_format == "dicom" and write_dicom_seg_output(
         prediction, paths["dicom_seg"], threshold=threshold)
     written = {"tissue_seg_color": color_map, "visualization": visualization, "dicom_seg": seg_written}
@@ -261,7 +265,8 @@ def write_dicom_seg_output(prediction: Prediction, path: Path, *, threshold: flo
 
     record, result = prediction.record, prediction.result
     identities = record.get("checkpoints", {})
-    version = "stage1 {} stage2 {}".format(*(identities.get(f"stage{n}", {}).get("sha256_16", "?")[:12] for n in (1, 2)))
+    version = "stage1 {} stage2 {}".format(*(identities.get(f"stage{n}", {}).get("sha256_16", "?")[:12]
+                                             for n in (1, 2)))
     min_area_px = int(record["lesions"]["min_area_px"])
     lesions = lesion_mask(result.lesion_prob, threshold, min_area_px, box=result.roi_box)
     try:
@@ -303,7 +308,8 @@ def _row(item: InputItem) -> dict:
 
 
 def free_name(path: Path, overwrite: bool) -> Path:
-    """``path``; when it exists and ``overwrite`` is False, a free ``<stem>_<YYYYmmdd-HHMMSS>[_N]<suffix>`` beside it."""
+    """``path``; when it exists and ``overwrite`` is False, a free ``<stem>_<YYYYmmdd-HHMMSS>[_N]<suffix>`` beside
+    it."""
     if overwrite or not path.exists():
         return path
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")

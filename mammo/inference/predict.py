@@ -1,23 +1,24 @@
 """Running the cascade on files: one image, a folder with background reading and writing, the viewer.
 
-What lives here: one file -> :func:`run_image` (a ``record.Prediction``) or :func:`predict_image` (its record
-only); a folder's inputs (listed by :mod:`mammo.inference.listing`) -> :func:`process` (groups of images per network
-call, the next group read and the last one written in background threads, one progress line per input, a bad
-file failing alone) and :func:`summarize` (``summary.json``); :func:`interactive` wires the OpenCV viewer
-(``viewer.py``) to the cascade.
+What lives here: one file -> :func:`run_image` (a :class:`mammo.inference.record.Prediction`) or
+:func:`predict_image` (its record only); a folder's inputs (listed by :mod:`mammo.inference.listing`) ->
+:func:`process` (groups of images per network call, the next group read and the last one written in background
+threads, one progress line per input in input order, a bad file failing alone) and :func:`summarize`
+(``summary.json``); :func:`interactive` wires the OpenCV viewer (:mod:`mammo.inference.viewer`) to the cascade.
 
-The record and its measurements are ``record.py``; the files written and the figure are ``outputs.py``; the
-command line is ``cascade_inference.py``.
+The cascade is loaded by :mod:`mammo.cascade.load`; the record and its measurements are :mod:`mammo.inference.record`;
+the files written and the figure are :mod:`mammo.inference.outputs`; the command line is ``cascade_inference.py``
+(:mod:`mammo.cli.infer`).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -40,17 +41,19 @@ def _timed_read(path: Path) -> tuple[imaging.MammogramImage, float]:
 def run_image(loaded: LoadedCascade, path: str | os.PathLike, *, threshold: float = 0.5, min_area_px: int = 1,
               image: imaging.MammogramImage | None = None, read_s: float | None = None,
               relative_path: str | None = None, prob_encoding: str = "uint8") -> Prediction:
-    """Run the cascade on one file and build its record (the arrays are kept for :func:`outputs.write_outputs`).
+    """Run the cascade on one file and build its record (the arrays are kept for
+    :func:`mammo.inference.outputs.write_outputs`).
 
     Args:
-        loaded: from :func:`load_cascade`.
+        loaded: from :func:`mammo.cascade.load.load_cascade`.
         path: the input file.
         threshold: lesion probability threshold for the components.
         min_area_px: smallest component reported, pixels.
         image: the file already read (prefetching); read here when None.
         read_s: seconds the read took (when ``image`` is given).
         relative_path: the input's name as reported (default: the file name).
-        prob_encoding: the ``cancer_prob`` PNG encoding recorded (see :data:`mammo.inference.probability.PROB_ENCODINGS`).
+        prob_encoding: the ``cancer_prob`` PNG encoding recorded (see
+            :data:`mammo.inference.probability.PROB_ENCODINGS`).
 
     Raises:
         imaging.ImageReadError: the file cannot be read.
@@ -110,17 +113,95 @@ def _read_group(paths: list[Path]) -> list:
     return out
 
 
+class _Progress:
+    """The progress lines of a folder run, printed in input order (``_report``).
+
+    A file that fails to read is known before the image ahead of it has been written behind, so its line waits until
+    that one's is out.
+    """
+
+    def __init__(self, total: int):
+        self.total = total
+        self.finished: dict[int, InputItem] = {}  # done items whose line waits for an earlier input's
+        self.next_line = 0
+
+    def done(self, index: int, item: InputItem) -> None:
+        """``item`` (the ``index``-th pending input) is done or failed: print every line now due."""
+        self.finished[index] = item
+        while self.next_line in self.finished:
+            _report(self.finished.pop(self.next_line), self.next_line, self.total)
+            self.next_line += 1
+
+
+class _Writes:
+    """One group's outputs written behind the next group's network run (on ``pool``), or at once without a pool.
+
+    ``write(prediction, item)`` writes one image's files and returns its record.
+    """
+
+    def __init__(self, write: Callable[[Prediction, InputItem], dict], progress: _Progress,
+                 pool: ThreadPoolExecutor | None):
+        self.write, self.progress, self.pool = write, progress, pool
+        self.in_flight: list = []  # (index, item, future, start) of writes running in the background
+
+    def _settle(self, index: int, item: InputItem, get_record: Callable[[], dict], start: float) -> None:
+        try:
+            item.record = get_record()
+            item.status, item.seconds = "ok", time.perf_counter() - start
+        except (*_INPUT_ERRORS, FileExistsError) as error:
+            _fail(item, error)
+        self.progress.done(index, item)
+
+    def submit(self, index: int, item: InputItem, prediction: Prediction, start: float) -> None:
+        """Write ``item``'s outputs (in the background with a pool); ``start``: when its group began, for its time."""
+        if self.pool is not None:
+            self.in_flight.append((index, item, self.pool.submit(self.write, prediction, item), start))
+            return
+        self._settle(index, item, lambda: self.write(prediction, item), start)
+
+    def finish(self) -> None:
+        """Wait for the writes in the background and settle their items, in the order they were submitted."""
+        while self.in_flight:
+            index, item, future, start = self.in_flight.pop(0)
+            self._settle(index, item, future.result, start)
+
+
+def _predict_group(loaded: LoadedCascade, pending: list[InputItem], readable: list, progress: _Progress,
+                   **options) -> list[Prediction | None]:
+    """The predictions of one group's readable images (``readable``: ``(index, (image, read_s))`` pairs) in one
+    network call; when that fails, image by image, and an image at fault fails alone (None in its place).
+    ``options``: ``threshold``, ``min_area_px`` and ``prob_encoding`` of
+    :func:`mammo.inference.record.build_prediction`."""
+    try:
+        network_start = time.perf_counter()
+        results = loaded.cascade.run_batch([image.pixels for _, (image, _) in readable])
+        cascade_s = (time.perf_counter() - network_start) / max(1, len(readable))
+        return [build_prediction(loaded, pending[i].path, image, result, read_s=read_s, cascade_s=cascade_s,
+                                 relative_path=pending[i].relative, batch_size=len(readable), **options)
+                for (i, (image, read_s)), result in zip(readable, results)]
+    except _INPUT_ERRORS:  # find the image at fault: run the group's images one by one
+        predictions = []
+        for i, (image, read_s) in readable:
+            try:
+                predictions.append(run_image(loaded, pending[i].path, image=image, read_s=read_s,
+                                             relative_path=pending[i].relative, **options))
+            except _INPUT_ERRORS as error:
+                _fail(pending[i], error)
+                progress.done(i, pending[i])
+                predictions.append(None)
+        return predictions
+
+
 def process(items: list[InputItem], loaded: LoadedCascade, *, threshold: float = 0.5, min_area_px: int = 1,
             prob_encoding: str = "uint8", visualization: bool = True, overwrite: bool = False, batch_size: int = 1,
             prefetch: bool = True, protected: set = frozenset(), dicom_seg: bool = True,
             color_map: bool = False) -> None:
     """Run every pending item, ``batch_size`` images per network call; fills status / reason / record / seconds.
 
-    ``threshold`` / ``min_area_px`` / ``prob_encoding`` go to :func:`record.build_prediction`; ``visualization``,
-    ``overwrite``, ``protected`` (input paths, never written), ``dicom_seg`` and ``color_map`` to
-    :func:`outputs.write_outputs`.
-    Each input gets
-    one progress line when it is done (stdout) or failed (stderr, with the reason), in input order.
+    ``threshold`` / ``min_area_px`` / ``prob_encoding`` go to :func:`mammo.inference.record.build_prediction`;
+    ``visualization``, ``overwrite``, ``protected`` (input paths, never written), ``dicom_seg`` and ``color_map`` to
+    :func:`mammo.inference.outputs.write_outputs`. Each input gets one progress line when it is done (stdout) or failed
+    (stderr, with the reason), in input order.
 
     With ``prefetch`` a reader thread reads the next group while the networks run on this one, and a writer
     thread writes the outputs of this group (PNG encoding, the matplotlib figure) while the next one runs. At most one
@@ -133,38 +214,18 @@ def process(items: list[InputItem], loaded: LoadedCascade, *, threshold: float =
     groups = [list(range(i, min(i + size, total))) for i in range(0, total, size)]
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read") if prefetch else None
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") if prefetch else None
-    in_flight: list = []  # (index, item, future, start) of writes running in the background
-    finished: dict[int, InputItem] = {}  # done items whose progress line waits for an earlier input's
-    next_line = 0
+    progress = _Progress(total)
 
-    def report(index: int, item: InputItem) -> None:
-        """Print the progress lines in input order: a file that fails to read is known before the image ahead of it
-        has been written behind, so its line waits until that one's is out."""
-        nonlocal next_line
-        finished[index] = item
-        while next_line in finished:
-            _report(finished.pop(next_line), next_line, total)
-            next_line += 1
+    def write(prediction: Prediction, item: InputItem) -> dict:
+        return write_outputs(prediction, item.out_dir, item.stem, threshold=threshold, prob_encoding=prob_encoding,
+                             visualization=visualization, overwrite=overwrite, protected=protected,
+                             dicom_seg=dicom_seg, color_map=color_map)
 
     def read(group: list[int]):
         paths = [pending[i].path for i in group]
         return reader.submit(_read_group, paths) if reader else None
 
-    def finish_writes() -> None:
-        while in_flight:
-            index, item, future, start = in_flight.pop(0)
-            try:
-                item.record = future.result()
-                item.status, item.seconds = "ok", time.perf_counter() - start
-            except (*_INPUT_ERRORS, FileExistsError) as error:
-                _fail(item, error)
-            report(index, item)
-
-    def write(prediction: Prediction, item: InputItem):
-        return write_outputs(prediction, item.out_dir, item.stem, threshold=threshold, prob_encoding=prob_encoding,
-                             visualization=visualization, overwrite=overwrite, protected=protected,
-                             dicom_seg=dicom_seg, color_map=color_map)
-
+    writes = _Writes(write, progress, writer)
     try:
         future = read(groups[0]) if groups else None
         for number, group in enumerate(groups):
@@ -175,89 +236,73 @@ def process(items: list[InputItem], loaded: LoadedCascade, *, threshold: float =
             for i, got in zip(group, current):
                 if isinstance(got, Exception):
                     _fail(pending[i], got)
-                    report(i, pending[i])
-            try:
-                network_start = time.perf_counter()
-                results = loaded.cascade.run_batch([image.pixels for _, (image, _) in readable])
-                cascade_s = (time.perf_counter() - network_start) / max(1, len(readable))
-                predictions = [build_prediction(loaded, pending[i].path, image, result, read_s=read_s, cascade_s=cascade_s,
-                                                threshold=threshold, min_area_px=min_area_px,
-                                                relative_path=pending[i].relative, prob_encoding=prob_encoding,
-                                                batch_size=len(readable))
-                               for (i, (image, read_s)), result in zip(readable, results)]
-            except _INPUT_ERRORS:  # find the image at fault: run the group's images one by one
-                predictions = []
-                for i, (image, read_s) in readable:
-                    try:
-                        predictions.append(run_image(loaded, pending[i].path, threshold=threshold,
-                                                     min_area_px=min_area_px, image=image, read_s=read_s,
-                                                     relative_path=pending[i].relative, prob_encoding=prob_encoding))
-                    except _INPUT_ERRORS as error:
-                        _fail(pending[i], error)
-                        report(i, pending[i])
-                        predictions.append(None)
-            finish_writes()
+                    progress.done(i, pending[i])
+            predictions = _predict_group(loaded, pending, readable, progress, threshold=threshold,
+                                         min_area_px=min_area_px, prob_encoding=prob_encoding)
+            writes.finish()
             for (i, _), prediction in zip(readable, predictions):
-                if prediction is None:
-                    continue
-                if writer is not None:
-                    in_flight.append((i, pending[i], writer.submit(write, prediction, pending[i]), start))
-                    continue
-                try:
-                    pending[i].record = write(prediction, pending[i])
-                    pending[i].status, pending[i].seconds = "ok", time.perf_counter() - start
-                except (*_INPUT_ERRORS, FileExistsError) as write_error:
-                    _fail(pending[i], write_error)
-                report(i, pending[i])
-        finish_writes()
+                if prediction is not None:
+                    writes.submit(i, pending[i], prediction, start)
+        writes.finish()
     finally:
         for pool in (reader, writer):
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
 
 
-def summarize(items: list[InputItem], elapsed_s: float, loaded: LoadedCascade, args: argparse.Namespace) -> dict:
+def summarize(items: list[InputItem], elapsed_s: float, loaded: LoadedCascade, *, threshold: float,
+              batch_size: int, prefetch: bool, arguments: dict) -> dict:
     """The run summary (``summary.json``): counts by status, failures with reasons, density and lesion overview.
 
-    ``args`` is the command line's namespace: its threshold, batch size and prefetch are reported, and all of it is
-    recorded under ``arguments``.
+    Args:
+        items: every input of the run, processed (:func:`process`) or skipped.
+        elapsed_s: the run's wall time, seconds.
+        loaded: the cascade that ran (its device, backend and checkpoint identities are reported).
+        threshold: the lesion probability threshold the records used.
+        batch_size, prefetch: how the run fed the networks (:func:`process`), reported in words.
+        arguments: the run's settings as the command line gave them, recorded as they are under ``arguments``.
     """
     counts: dict[str, int] = {}
     for item in items:
         counts[item.status] = counts.get(item.status, 0) + 1
     done = [item for item in items if item.record is not None]
     densities = [item.record["density"]["percent"] for item in done]
-    categories = {c: sum(1 for item in done if item.record["density"]["category"] == c) for c in metrics.DENSITY_CATEGORIES}
+    categories = {c: sum(1 for item in done if item.record["density"]["category"] == c)
+                  for c in metrics.DENSITY_CATEGORIES}
     processed = [item.seconds for item in items if item.status == "ok" and item.seconds is not None]
     return {
         "inputs": len(items),
         "counts": counts,
         "failed": [{"input": item.relative, "reason": item.reason} for item in items if item.status == "failed"],
-        "not_images": [{"input": item.relative, "reason": item.reason} for item in items if item.status == "not_image"],
+        "not_images": [{"input": item.relative, "reason": item.reason}
+                       for item in items if item.status == "not_image"],
         "existing_outputs_kept": [item.relative for item in items if item.status == "exists"],
-        "density_percent": ({"mean": round(float(np.mean(densities)), 3), "median": round(float(np.median(densities)), 3),
+        "density_percent": ({"mean": round(float(np.mean(densities)), 3),
+                             "median": round(float(np.median(densities)), 3),
                              "min": round(float(np.min(densities)), 3), "max": round(float(np.max(densities)), 3)}
                             if densities else None),
         "density_categories": categories,
         "images_with_lesion_candidates": sum(1 for item in done if item.record["lesions"]["count"] > 0),
-        "lesion_threshold": args.threshold,
+        "lesion_threshold": threshold,
         "elapsed_s": round(elapsed_s, 3),
         "mean_s_per_processed_image": round(float(np.mean(processed)), 3) if processed else None,
-        "batching": f"{args.batch_size} image(s) per network call"
-                    + ("; the next group is read and the last one written in background threads" if args.prefetch else ""),
+        "batching": f"{batch_size} image(s) per network call"
+                    + ("; the next group is read and the last one written in background threads" if prefetch else ""),
         "device": loaded.device, "backend": loaded.backend,
         "checkpoints": loaded.identities,
-        "arguments": {k: v for k, v in vars(args).items()},
+        "arguments": dict(arguments),
     }
 
 
 # --------------------------------------------------------------------------------------------------- the viewer
 def interactive(items: list[InputItem], loaded: LoadedCascade, *, threshold: float = 0.5, adaptive_clahe: bool = False,
                 save_dir: str | os.PathLike = "predictions", key_source=None) -> int:
-    """Open the viewer (viewer.py) over the pending inputs; results are computed when an image is shown.
+    """Open the viewer (:mod:`mammo.inference.viewer`) over the pending inputs; results are computed when an image
+    is shown.
 
     ``threshold`` and ``adaptive_clahe`` are the viewer's starting values; saved views go to ``save_dir``;
-    ``key_source`` replaces the keyboard (see ``viewer.run_viewer``). Returns the viewer's exit status.
+    ``key_source`` replaces the keyboard (see :func:`mammo.inference.viewer.run_viewer`). Returns the viewer's exit
+    status.
     """
     entries = [item for item in items if item.status == "pending"]
     cascades = {False: with_adaptive_clahe(loaded.cascade, "off"), True: with_adaptive_clahe(loaded.cascade, "auto")}
@@ -273,7 +318,8 @@ def interactive(items: list[InputItem], loaded: LoadedCascade, *, threshold: flo
         return viewer.ViewItem(name=item.relative, stem=item.stem, image=display_image(image.pixels),
                                tissue_classes=result.tissue_classes, lesion_prob=result.lesion_prob,
                                roi_box=(box.y0, box.x0, box.y1, box.x1), roi_source=result.roi_source,
-                               density_percent=record["density"]["percent"], density_category=record["density"]["category"],
+                               density_percent=record["density"]["percent"],
+                               density_category=record["density"]["category"],
                                adaptive_clahe_used=result.adaptive_clahe_used)
 
     state = viewer.ViewerState(count=len(entries), threshold=threshold, adaptive_clahe=bool(adaptive_clahe))

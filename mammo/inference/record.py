@@ -7,8 +7,9 @@ lesion components (:func:`lesion_components`), the ROI sentence (:func:`roi_expl
 warnings (:func:`plausibility_warnings`) and the plain-language findings; and :func:`build_prediction`, which turns
 one cascade result into a :class:`Prediction` (the record plus the arrays the outputs are drawn from).
 
-Nothing here reads or writes files: running the cascade on files is ``inference.py``, writing PNG / JSON / CSV and
-drawing is ``outputs.py``.
+Nothing here reads or writes files: running the cascade on files is :mod:`mammo.inference.predict`, writing PNG /
+JSON / CSV and drawing is :mod:`mammo.inference.outputs`; the probability PNG's encodings are
+:mod:`mammo.inference.probability`.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ RECORD_SPEC: dict[str, Any] = {
     "roi": {"box": _BOX_SPEC, "source": str, "margin_fraction": _FLOAT, "min_side_px": int, "explanation": str},
     "tissue": {"class_names": list, "areas_px": dict, "areas_mm2": (dict, _NoneType), "confidence": _FLOAT},
     "density": {"percent": _FLOAT, "category": str, "category_description": str, "thresholds_percent": list,
-                "definition_and_source": str, "caveat": str, "dense_percent": (float, int, _NoneType), "dense_definition": str},
+                "definition_and_source": str, "caveat": str, "dense_percent": (float, int, _NoneType),
+                "dense_definition": str},
     "lesions": {"threshold": _FLOAT, "connectivity": int, "min_area_px": int, "count": int, "listed": int,
                 "max_probability": _FLOAT, "total_area_px": int, "total_area_mm2": (float, int, _NoneType),
                 "components": list},
@@ -305,7 +307,8 @@ class Prediction:
 def build_prediction(loaded: LoadedCascade, path: Path, image: imaging.MammogramImage, result: cascade.CascadeResult,
                      *, read_s: float, cascade_s: float, threshold: float = 0.5, min_area_px: int = 1,
                      relative_path: str | None = None, prob_encoding: str = "uint8", batch_size: int = 1) -> Prediction:
-    """The JSON record of one image from its cascade result (see :func:`inference.run_image` for the arguments).
+    """The JSON record of one image from its cascade result (see :func:`mammo.inference.predict.run_image` for the
+    arguments).
 
     ``cascade_s`` is the cascade's seconds for this image (its share of the batch when ``batch_size`` > 1).
     """
@@ -347,7 +350,8 @@ def build_prediction(loaded: LoadedCascade, path: Path, image: imaging.Mammogram
     warnings = plausibility_warnings(height, width)
     record["input"]["notes"] += [f"warning: {text}" for text in warnings]
     record["findings"] = _findings(record) + [f"Warning: {text}." for text in warnings]
-    timings = {"read": read_s, **result.timings_s, "cascade_total": cascade_s, "postprocess": time.perf_counter() - start}
+    timings = {"read": read_s, **result.timings_s, "cascade_total": cascade_s,
+               "postprocess": time.perf_counter() - start}
     record["timings_s"] = {k: round(float(v), 4) for k, v in timings.items()}
     return Prediction(record, image, result)
 

@@ -18,6 +18,11 @@ start, :data:`KEY_GUIDE`):
 ``q`` / Esc         quit (closing the window also quits)
 ==================  ==========================================================
 
+What lives here: the viewer's state and items (:class:`ViewerState`, :class:`ViewItem`), the keys
+(:data:`KEY_GUIDE`, :func:`handle_key`, :func:`key_guide_text`), drawing (:func:`render`), :func:`save_view`,
+:func:`display_problem` and :func:`run_viewer`. The viewer knows nothing of the cascade: it is given a ``compute``
+function, which :func:`mammo.inference.predict.interactive` wires to the cascade.
+
 The key handling is a pure function, :func:`handle_key` (state, key) -> (new state, action), and drawing is
 :func:`render` (state, item) -> BGR image, so both are tested without a window. :func:`run_viewer` owns the
 window; ``key_source`` replaces the keyboard with a sequence of keys (tests drive a real window under Xvfb with it).
@@ -66,7 +71,7 @@ KEY_ESC = 27
 #: Threshold step and limits of the ``+`` / ``-`` keys (probability units).
 THRESHOLD_STEP, THRESHOLD_MIN, THRESHOLD_MAX = 0.05, 0.05, 0.95
 
-#: Tissue colours (RGB) of classes 0..3 when the caller gives none (outputs.TISSUE_COLORS_RGB).
+#: Tissue colours (RGB) of classes 0..3 when the caller gives none (:data:`mammo.inference.outputs.TISSUE_COLORS_RGB`).
 DEFAULT_TISSUE_COLORS_RGB = ((0, 0, 0), (240, 200, 60), (220, 40, 150), (60, 120, 255))
 
 #: Largest rendered view (height, width) in pixels; bigger images are shrunk for display (and saved views).
@@ -109,7 +114,7 @@ class ViewItem:
         tissue_classes: ``(H, W)`` uint8 classes 0..3.
         lesion_prob: ``(H, W)`` float32 in [0, 1].
         roi_box: ``(y0, x0, y1, x1)`` half-open, pixels. roi_source: "fgt", "breast" or "image".
-        density_percent, density_category: from metrics.
+        density_percent, density_category: from :mod:`mammo.core.metrics`.
         adaptive_clahe_used: whether the stronger CLAHE result was kept.
         error: set (and the arrays None) when the image could not be processed.
     """
@@ -211,7 +216,8 @@ def render(state: ViewerState, item: ViewItem, tissue_colors_rgb=DEFAULT_TISSUE_
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     gray = cv2.resize(item.image, size, interpolation=cv2.INTER_AREA) if scale < 1 else item.image
     view = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
-    classes = cv2.resize(item.tissue_classes, size, interpolation=cv2.INTER_NEAREST) if scale < 1 else item.tissue_classes
+    classes = (cv2.resize(item.tissue_classes, size, interpolation=cv2.INTER_NEAREST) if scale < 1
+               else item.tissue_classes)
     if state.show_tissue:
         palette = np.array([c[::-1] for c in tissue_colors_rgb], np.uint8)  # BGR
         colored = palette[np.clip(classes, 0, len(palette) - 1)]
@@ -233,7 +239,8 @@ def render(state: ViewerState, item: ViewItem, tissue_colors_rgb=DEFAULT_TISSUE_
             contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
             cv2.drawContours(view, contours, -1, (0, 0, 255), 2, cv2.LINE_AA)
     if view.shape[1] < MIN_VIEW_WIDTH_PX:  # room for the status text beside narrow images
-        view = cv2.copyMakeBorder(view, 0, 0, 0, MIN_VIEW_WIDTH_PX - view.shape[1], cv2.BORDER_CONSTANT, value=(40, 40, 40))
+        view = cv2.copyMakeBorder(view, 0, 0, 0, MIN_VIEW_WIDTH_PX - view.shape[1], cv2.BORDER_CONSTANT,
+                                  value=(40, 40, 40))
     bar = np.zeros((STATUS_BAR_PX, view.shape[1], 3), np.uint8)
     clahe = "on" + (" (used)" if item.adaptive_clahe_used else " (not used)") if state.adaptive_clahe else "off"
     onoff = {True: "on", False: "off"}
@@ -294,6 +301,25 @@ def display_problem() -> str | None:
     return None
 
 
+def _cached_items(compute: Callable[[int, bool], ViewItem]) -> Callable[[ViewerState], ViewItem]:
+    """``item_for(state)``: the :class:`ViewItem` of the state's image and adaptive CLAHE switch, computed once per
+    ``(index, adaptive_clahe)``; an exception in ``compute`` becomes an error card (the viewer survives one bad file).
+    """
+    cache: dict[tuple[int, bool], ViewItem] = {}
+
+    def item_for(current: ViewerState) -> ViewItem:
+        key = (current.index, current.adaptive_clahe)
+        if key not in cache:
+            try:
+                cache[key] = compute(*key)
+            except Exception as error:  # shown in the window: the viewer must survive one bad file
+                cache[key] = ViewItem(name=f"image {current.index + 1}", stem=f"image{current.index + 1}",
+                                      error=f"{type(error).__name__}: {error}")
+        return cache[key]
+
+    return item_for
+
+
 def run_viewer(compute: Callable[[int, bool], ViewItem], state: ViewerState, *, save_dir: str | os.PathLike,
                key_source: Iterable[int | str] | None = None, window_name: str = "Mammogram cascade",
                tissue_colors_rgb=DEFAULT_TISSUE_COLORS_RGB, print_fn: Callable[[str], None] = print,
@@ -325,18 +351,7 @@ def run_viewer(compute: Callable[[int, bool], ViewItem], state: ViewerState, *, 
             print(f"error: --interactive: {problem}", file=sys.stderr)
             return 2
     print_fn(key_guide_text())
-    cache: dict[tuple[int, bool], ViewItem] = {}
-
-    def item_for(current: ViewerState) -> ViewItem:
-        key = (current.index, current.adaptive_clahe)
-        if key not in cache:
-            try:
-                cache[key] = compute(*key)
-            except Exception as error:  # shown in the window: the viewer must survive one bad file
-                cache[key] = ViewItem(name=f"image {current.index + 1}", stem=f"image{current.index + 1}",
-                                      error=f"{type(error).__name__}: {error}")
-        return cache[key]
-
+    item_for = _cached_items(compute)
     keys = iter(key_source) if key_source is not None else None
     cv2.namedWindow(window_name, cv2.WINDOW_NORMAL | cv2.WINDOW_KEEPRATIO)
     try:

@@ -79,7 +79,8 @@ class DoubleConv(nn.Sequential):
         ]
         if dropout > 0:
             layers.append(nn.Dropout2d(dropout))
-        layers += [nn.Conv2d(mid, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
+        layers += [nn.Conv2d(mid, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
+                   nn.ReLU(inplace=True)]
         super().__init__(*layers)
 
 
@@ -102,7 +103,8 @@ class Up(nn.Module):
     Shape: decoder ``(N, in_channels, h, w)`` and skip ``(N, skip_channels, H, W)`` -> ``(N, out_channels, H, W)``.
     """
 
-    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, bilinear: bool = True, dropout: float = 0.0):
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, bilinear: bool = True,
+                 dropout: float = 0.0):
         super().__init__()
         self.bilinear = bilinear
         if not bilinear:
@@ -152,7 +154,8 @@ class ACAModule(nn.Module):
             nn.Conv2d(hidden, 1, 1),
             nn.Sigmoid(),
         )
-        self.fuse = nn.Sequential(nn.Conv2d(skip_channels, skip_channels, 1, bias=False), nn.BatchNorm2d(skip_channels), nn.ReLU(inplace=True))
+        self.fuse = nn.Sequential(nn.Conv2d(skip_channels, skip_channels, 1, bias=False),
+                                  nn.BatchNorm2d(skip_channels), nn.ReLU(inplace=True))
 
     def forward(self, skip: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         joint = torch.cat([skip, gate], dim=1)
@@ -182,7 +185,8 @@ class ASPP(nn.Module):
         )
         self.norm = nn.Sequential(nn.BatchNorm2d(out_channels * len(rates)), nn.ReLU(inplace=True))
         self.project = nn.Sequential(
-            nn.Conv2d(out_channels * len(rates), out_channels, 1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)
+            nn.Conv2d(out_channels * len(rates), out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -198,7 +202,8 @@ class UpACA(nn.Module):
     Shape: decoder ``(N, in_channels, h, w)`` and skip ``(N, skip_channels, H, W)`` -> ``(N, out_channels, H, W)``.
     """
 
-    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, reduction: int = ACA_REDUCTION, dropout: float = 0.0):
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, reduction: int = ACA_REDUCTION,
+                 dropout: float = 0.0):
         super().__init__()
         self.aca = ACAModule(skip_channels, in_channels, reduction)
         self.conv = DoubleConv(in_channels + skip_channels, out_channels, dropout=dropout)
@@ -233,7 +238,8 @@ class UNet(_SizeChecked):
     Shape: ``(N, in_channels, H, W)`` -> ``(N, classes, H, W)``, H and W multiples of 32.
     """
 
-    def __init__(self, in_channels: int = 1, classes: int = 4, base_channels: int = 32, bilinear: bool = True, dropout: float = 0.0):
+    def __init__(self, in_channels: int = 1, classes: int = 4, base_channels: int = 32, bilinear: bool = True,
+                 dropout: float = 0.0):
         super().__init__()
         widths = [base_channels * 2**min(i, 4) for i in range(6)]  # 32, 64, 128, 256, 512, 512
         self.inc = DoubleConv(in_channels, widths[0])
@@ -262,8 +268,8 @@ class ACAAtrousUNet(_SizeChecked):
     Shape: ``(N, in_channels, H, W)`` -> ``(N, classes, H, W)``, H and W multiples of 32.
     """
 
-    def __init__(self, in_channels: int = 1, classes: int = 4, base_channels: int = 32, rates: Sequence[int] = ASPP_RATES,
-                 reduction: int = ACA_REDUCTION, dropout: float = 0.0):
+    def __init__(self, in_channels: int = 1, classes: int = 4, base_channels: int = 32,
+                 rates: Sequence[int] = ASPP_RATES, reduction: int = ACA_REDUCTION, dropout: float = 0.0):
         super().__init__()
         widths = [base_channels * 2**min(i, 4) for i in range(6)]
         self.inc = DoubleConv(in_channels, widths[0])
@@ -317,13 +323,15 @@ class ACAAtrousResUNet(_SizeChecked):
     """
 
     def __init__(self, encoder_name: str = "resnet34", encoder_weights: str | None = None, in_channels: int = 1,
-                 classes: int = 4, rates: Sequence[int] = ASPP_RATES, reduction: int = ACA_REDUCTION, dropout: float = 0.0):
+                 classes: int = 4, rates: Sequence[int] = ASPP_RATES, reduction: int = ACA_REDUCTION,
+                 dropout: float = 0.0):
         super().__init__()
         self.encoder = make_encoder(encoder_name, encoder_weights, in_channels)
         channels = list(self.encoder.out_channels)  # (C0, 64, 64, 128, 256, 512) for resnet34
         self.aspp = ASPP(channels[5], channels[4], rates)
         self.decoder = nn.ModuleList(
-            UpACA(channels[5 - j] if j else channels[4], channels[4 - j], channels[4 - j], reduction, dropout if j == 0 else 0.0)
+            UpACA(channels[5 - j] if j else channels[4], channels[4 - j], channels[4 - j], reduction,
+                  dropout if j == 0 else 0.0)
             for j in range(4)
         )
         # j=0: ASPP output (256) with skip 256 -> 256; j=1: 256 + 128 -> 128; j=2: 128 + 64 -> 64; j=3: 64 + 64 -> 64

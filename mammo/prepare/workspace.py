@@ -1,8 +1,8 @@
 """Writing the preparer's workspace: images and masks, the CSV tables and their splits, the report, the archive.
 
-- :func:`process_samples` writes (or reuses) the PNGs of each :class:`sources.common.Sample` and keeps the
-  :class:`Manifest` (``.prepare_manifest.json``) up to date; :func:`drop_duplicate_outputs` keeps one sample per
-  output name.
+- :func:`process_samples` writes (or reuses) the PNGs of each :class:`mammo.prepare.sources.common.Sample` and
+  keeps the :class:`Manifest` (``.prepare_manifest.json``) up to date; :func:`drop_duplicate_outputs` keeps one
+  sample per output name.
 - Tables: :func:`make_table` (columns :data:`TISSUE_COLUMNS` / :data:`LESION_COLUMNS`, sorted rows),
   :func:`assign_splits` (patient-level train/val), :func:`csv_bytes`, :func:`table_conflict` (no silent
   replacement of other rows without ``--overwrite``).

@@ -1,6 +1,8 @@
-"""The training engine, apart from the command line: seeding, the epoch's data order, one epoch, validation, saving.
+"""The training engine: seeding, the epoch's data order, one epoch, validation, saving.
 
-What lives here (``training.py`` puts it together into one stage, ``cascade_segmentation_model.py`` is the CLI):
+What lives here (``mammo/training/trainer.py`` puts it together into one stage from a
+``mammo.training.config.TrainConfig``; ``mammo/cli/train.py`` is the command line). Every function takes plain values
+or a part of the config (:class:`~mammo.training.config.LoopConfig`), never the command line's namespace:
 
 - seeding and RNG state: :func:`seed_everything` (once per process, ``seed + rank``), :func:`rng_state` /
   :func:`set_rng_state` (stored in ``last_stageN.pth`` for ``--resume``), :func:`item_seed`;
@@ -11,7 +13,8 @@ What lives here (``training.py`` puts it together into one stage, ``cascade_segm
 - one epoch's outputs (rank 0): :func:`save_epoch` (last / best / epoch checkpoints, keeping the newest
   ``--keep-epoch-checkpoints``; only ``last`` keeps the optimizer, scheduler, scaler and RNG states),
   :func:`log_epoch` (TensorBoard scalars and panels, ``metrics.jsonl``), :func:`print_epoch` (the one summary line);
-  :class:`StageSpec` names what differs between the stages.
+  :class:`StageSpec` names what differs between the stages; :func:`plain_args` turns the command line into the
+  plain JSON dict stored in ``args.json`` and in every checkpoint.
 
 Reproducibility: the training order of epoch ``e`` is a permutation drawn from ``torch.Generator`` seeded with
 ``seed + e`` and the augmentation of each item is seeded from ``(seed, epoch, index)``, so an epoch does not depend
@@ -20,7 +23,6 @@ on what earlier epochs consumed (with any number of loader workers).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -28,7 +30,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import cv2
 import numpy as np
@@ -41,6 +43,7 @@ from mammo.weights import checkpoints
 from mammo.core import distributed
 from mammo.nn.losses import l1_penalty
 from mammo.core.metrics import dice_from_counts
+from mammo.training.config import LoopConfig
 
 
 class NonFiniteLossError(RuntimeError):
@@ -76,7 +79,8 @@ def rng_state() -> dict:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": [int(version), [int(v) for v in internal], gauss],
-        "numpy": [str(name), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)],
+        "numpy": [str(name), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss),
+                  float(cached)],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -191,24 +195,29 @@ class EpochSampler(Sampler):
         return len(range(self.rank, self.size, self.world_size))
 
 
-def make_loader(dataset: Dataset, sampler: EpochSampler, batch_size: int, args: argparse.Namespace,
-                train: bool, device: torch.device) -> DataLoader:
-    """DataLoader over :class:`SeededItems`; training drops the last partial batch (BatchNorm never sees one image)."""
+def make_loader(dataset: Dataset, sampler: EpochSampler, batch_size: int, num_workers: int,
+                train: bool, device: torch.device, start_method: str = "default") -> DataLoader:
+    """DataLoader over :class:`SeededItems`; training drops the last partial batch (BatchNorm never sees one image).
+
+    Args:
+        num_workers: worker processes (0: items are made in this process); workers persist across epochs.
+        start_method: how workers start: ``default`` (the platform's), ``spawn``, ``fork`` or ``forkserver``.
+    """
     kwargs: dict[str, Any] = {}
-    if args.num_workers > 0:
+    if num_workers > 0:
         kwargs.update(persistent_workers=True, worker_init_fn=_worker_init, prefetch_factor=2)
-        if args.worker_start_method != "default":
-            kwargs["multiprocessing_context"] = args.worker_start_method
-    return DataLoader(SeededItems(dataset), batch_size=batch_size, sampler=sampler, num_workers=args.num_workers,
+        if start_method != "default":
+            kwargs["multiprocessing_context"] = start_method
+    return DataLoader(SeededItems(dataset), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=device.type == "cuda", drop_last=train, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------------------
-def _capped_steps(loader: DataLoader, args: argparse.Namespace) -> int:
-    """Batches one pass runs: all of ``loader``, or at most ``--max-batches-per-epoch`` (0 = no cap)."""
-    return len(loader) if not args.max_batches_per_epoch else min(len(loader), args.max_batches_per_epoch)
+def _capped_steps(loader: DataLoader, max_batches: int) -> int:
+    """Batches one pass runs: all of ``loader``, or at most ``max_batches`` (0 = no cap)."""
+    return len(loader) if not max_batches else min(len(loader), max_batches)
 
 
 def _device_batches(loader: DataLoader, steps: int,
@@ -226,9 +235,10 @@ def _finite_or_raise(loss: torch.Tensor, ctx: distributed.DistContext, device: t
 
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-                    device: torch.device, epoch: int, args: argparse.Namespace, scaler: torch.amp.GradScaler,
+                    device: torch.device, epoch: int, loop: LoopConfig, scaler: torch.amp.GradScaler,
                     ctx: distributed.DistContext, stage: int, epochs: int) -> dict:
-    """One pass over the training loader; returns averages over all processes.
+    """One pass over the training loader (at most ``loop.max_batches_per_epoch`` batches, 0 = all; autocast with
+    ``loop.amp``; L1 penalty weight ``loop.l1_lambda``); returns averages over all processes.
 
     Returns:
         ``{"loss", "seg_loss", "l1_penalty", "lr", "steps", "images", "seconds"}``: ``loss = seg_loss + l1_penalty``
@@ -241,14 +251,14 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
     start = time.perf_counter()
     lr = float(optimizer.param_groups[0]["lr"])
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # seg_loss * n, l1 * n, n
-    steps = _capped_steps(loader, args)
+    steps = _capped_steps(loader, loop.max_batches_per_epoch)
     bar = tqdm(total=steps, desc=f"stage {stage} epoch {epoch}/{epochs}", disable=None if ctx.is_main else True,
                leave=False, dynamic_ncols=True)
     step = 0
     for step, images, masks in _device_batches(loader, steps, device):
-        with torch.autocast(device.type, enabled=args.amp):
+        with torch.autocast(device.type, enabled=loop.amp):
             seg_loss = criterion(model(images), masks)
-        l1 = l1_penalty(model, args.l1_lambda).to(device)
+        l1 = l1_penalty(model, loop.l1_lambda).to(device)
         loss = seg_loss + l1
         _finite_or_raise(loss, ctx, device, f"stage {stage}, epoch {epoch}, step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -275,8 +285,11 @@ def _panel(image: torch.Tensor, truth: torch.Tensor, prediction: torch.Tensor) -
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, criterion: nn.Module, loader: DataLoader, device: torch.device, num_classes: int,
-             args: argparse.Namespace, ctx: distributed.DistContext, panels: int = 0) -> dict:
+             loop: LoopConfig, ctx: distributed.DistContext, panels: int = 0) -> dict:
     """Validation loss and pooled per-class Dice of hard predictions, summed over all processes.
+
+    At most ``loop.max_batches_per_epoch`` batches (0 = all), autocast with ``loop.amp``; ``panels`` image panels
+    from the first batches.
 
     Stage 1 (``num_classes`` 4): argmax classes; stage 2 (``num_classes`` 1): lesion where the logit > 0
     (probability > 0.5). Counts (intersection, predicted, true pixels per class) are summed over the whole split and
@@ -291,9 +304,9 @@ def evaluate(model: nn.Module, criterion: nn.Module, loader: DataLoader, device:
     confusion = torch.zeros(classes * classes, dtype=torch.int64, device=device)
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss * n, n
     shown: list[torch.Tensor] = []
-    steps = _capped_steps(loader, args)
+    steps = _capped_steps(loader, loop.max_batches_per_epoch)
     for _, images, masks in _device_batches(loader, steps, device):
-        with torch.autocast(device.type, enabled=args.amp):
+        with torch.autocast(device.type, enabled=loop.amp):
             logits = model(images)
         loss = criterion(logits, masks)
         if num_classes == 1:
@@ -323,7 +336,7 @@ def evaluate(model: nn.Module, criterion: nn.Module, loader: DataLoader, device:
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class StageSpec:
-    """What differs between the two stages (built from the arguments by ``training.stage_spec``)."""
+    """What differs between the two stages (built from the config by ``mammo.training.trainer.stage_spec``)."""
 
     stage: int
     class_names: tuple[str, ...]
@@ -350,8 +363,9 @@ class StageSpec:
         return self.checkpoint_dir / names[kind]
 
 
-def plain_args(args: argparse.Namespace) -> dict:
-    """The arguments as plain JSON types (Path -> str, tuple -> list), for checkpoints and args.json."""
+def plain_args(values: Mapping[str, Any]) -> dict:
+    """The command line's values (``vars`` of its namespace) as plain JSON types (Path -> str, tuple -> list), for
+    checkpoints and args.json: the same keys, values converted."""
     def plain(value):
         if isinstance(value, Path):
             return str(value)
@@ -362,13 +376,16 @@ def plain_args(args: argparse.Namespace) -> dict:
         if value is None or isinstance(value, (bool, int, float, str)):
             return value
         return str(value)
-    return {k: plain(v) for k, v in vars(args).items()}
+    return {k: plain(v) for k, v in values.items()}
 
 
-def save_epoch(spec: StageSpec, args: argparse.Namespace, model: nn.Module, model_config: dict,
-               preprocess_config: dict, optimizer, scheduler, scaler, epoch: int, best: float, since_best: int,
-               stopped: bool, improved: bool, val_stats: dict, roi: dict | None) -> None:
+def save_epoch(spec: StageSpec, model: nn.Module, model_config: dict, preprocess_config: dict, optimizer, scheduler,
+               scaler, epoch: int, best: float, since_best: int, stopped: bool, improved: bool, val_stats: dict,
+               roi: dict | None, *, arguments: Mapping[str, Any], keep_epochs: int) -> None:
     """Write last / epoch / best checkpoints (atomically) and prune old epoch checkpoints (rank 0).
+
+    ``arguments`` (plain JSON types, :func:`plain_args`) is stored as the checkpoint's ``args``; the newest
+    ``keep_epochs`` epoch checkpoints are kept (0: none is written).
 
     ``last_stageN.pth`` holds the training state as well (optimizer, scheduler, scaler, RNG: what ``--resume``
     needs); ``best_stageN.pth`` and ``stageN_epoch{E}.pth`` hold the weights and settings only
@@ -377,13 +394,13 @@ def save_epoch(spec: StageSpec, args: argparse.Namespace, model: nn.Module, mode
     state = checkpoints.make_checkpoint(
         stage=spec.stage, model=model, model_config=model_config, preprocess_config=preprocess_config,
         input_size=spec.size_hw, epoch=epoch, best_metric=best, metric_name=spec.metric_name, optimizer=optimizer,
-        lr_scheduler=scheduler, scaler=scaler, rng_state=rng_state(), args=plain_args(args), roi=roi)
+        lr_scheduler=scheduler, scaler=scaler, rng_state=rng_state(), args=dict(arguments), roi=roi)
     state["epochs_since_best"] = int(since_best)
     state["early_stopped"] = bool(stopped)
     state["val_metrics"] = {f"val/dice_{name}": float(d) for name, d in zip(spec.class_names, val_stats["dice"])}
     state["val_metrics"]["val/loss"] = float(val_stats["loss"])
     lean = checkpoints.without_training_state(state)
-    if args.keep_epoch_checkpoints > 0:
+    if keep_epochs > 0:
         checkpoints.save_checkpoint(lean, spec.path("epoch", epoch))
     if improved:
         checkpoints.save_checkpoint(lean, spec.path("best"))
@@ -393,7 +410,7 @@ def save_epoch(spec: StageSpec, args: argparse.Namespace, model: nn.Module, mode
         suffix = path.stem.rsplit("epoch", 1)[-1]
         if suffix.isdigit():
             numbered.append((int(suffix), path))
-    for _, path in sorted(numbered)[: max(len(numbered) - args.keep_epoch_checkpoints, 0)]:
+    for _, path in sorted(numbered)[: max(len(numbered) - keep_epochs, 0)]:
         path.unlink(missing_ok=True)
 
 

@@ -9,7 +9,9 @@ new crops). The stage-1 network comes from ``runners.load_runner``, like every o
 
 Cache folder: ``images/*.png`` (8-bit preprocessed crops), ``masks/*_mask.png`` (0/255), ``crop_report.json`` (rows
 cropped, rows skipped with the reason) and ``crops.csv`` (written last: its presence marks the cache complete).
-:func:`roi_coverage` measures how much of the lesions the ROI keeps.
+:func:`build_roi_crops` makes or reuses it (each process crops its share, :func:`_crop_share` / :func:`_write_crop`;
+rank 0 merges, :func:`_merge_shares`); :func:`roi_coverage` measures how much of the lesions the ROI keeps. Used by
+``mammo/training/trainer.py`` for stage 2.
 """
 
 from __future__ import annotations
@@ -119,53 +121,13 @@ def build_roi_crops(stage1_path: Path, table: pd.DataFrame, cache_root: Path, ru
     if not info["reused"]:
         stage1_runner, _ = runners.load_runner(stage1_path, "torch", device)
         runner = cascade.Cascade(checkpoint, None, stage1_runner=stage1_runner, roi_rule=rule)
-        rows, skipped = [], []
-        mine = range(ctx.rank, len(table), ctx.world_size)
-        for i in tqdm(mine, desc="stage-2 ROI crops", disable=None if ctx.is_main else True, leave=False):
-            record = table.iloc[i].to_dict()
-            try:
-                pixels = imaging.read_image(record["image_file_path"]).pixels
-                mask = _read_merged_mask(record["roi_mask_file_path"], pixels.shape)
-                found = runner.tissue_and_roi(pixels)
-            except (imaging.ImageReadError, ValueError, OSError) as error:
-                skipped.append({"row": int(i), "image_file_path": record["image_file_path"], "reason": str(error)})
-                continue
-            if found.flipped:
-                mask = np.ascontiguousarray(mask[:, ::-1])
-            box = found.roi_box
-            stem = Path(record["image_file_path"]).stem
-            image_rel = f"images/{i:05d}_{stem}.png"
-            imaging.write_png(folder / image_rel, np.ascontiguousarray(found.image[box.slices()]))
-            mask_rel = ""
-            if str(record["roi_mask_file_path"]).strip():
-                mask_rel = f"masks/{i:05d}_{stem}_mask.png"
-                imaging.write_png(folder / mask_rel, (mask[box.slices()] * 255).astype(np.uint8))
-            rows.append({**record, "row": int(i), "original_image_file_path": record["image_file_path"],
-                         "original_roi_mask_file_path": record["roi_mask_file_path"],
-                         "image_file_path": image_rel, "roi_mask_file_path": mask_rel,
-                         "roi_y0": box.y0, "roi_x0": box.x0, "roi_y1": box.y1, "roi_x1": box.x1,
-                         "roi_source": found.roi_source, "flipped": bool(found.flipped),
-                         "stage1_confidence": float(found.confidence),
-                         "lesion_pixels_inside": int(mask[box.slices()].sum()), "lesion_pixels_total": int(mask.sum())})
-        part = folder / f".part{ctx.rank}.json"
-        atomic_write_text(part, json.dumps({"rows": rows, "skipped": skipped}))
+        rows, skipped = _crop_share(runner, table, folder, ctx)
+        atomic_write_text(folder / f".part{ctx.rank}.json", json.dumps({"rows": rows, "skipped": skipped}))
         distributed.barrier(ctx)
         if ctx.is_main:
-            rows, skipped = [], []
-            for rank in range(ctx.world_size):
-                piece = json.loads((folder / f".part{rank}.json").read_text(encoding="utf-8"))
-                rows += piece["rows"]
-                skipped += piece["skipped"]
-            rows.sort(key=lambda r: r["row"])
-            skipped.sort(key=lambda r: r["row"])
             report = {"key": key, "stage1_checkpoint": str(stage1_path), "stage1_sha256": sha,
-                      "roi_rule": rule.to_dict(), "rows": len(rows), "skipped": skipped}
-            atomic_write_text(folder / "crop_report.json", json.dumps(report, indent=2))
-            if rows:
-                frame = pd.DataFrame(rows).drop(columns=["row"])
-                atomic_write_text(crops_csv, frame.to_csv(index=False))  # written last: marks the cache complete
-            for rank in range(ctx.world_size):
-                (folder / f".part{rank}.json").unlink(missing_ok=True)
+                      "roi_rule": rule.to_dict()}
+            _merge_shares(folder, ctx.world_size, report)
         distributed.barrier(ctx)
     report_path = folder / "crop_report.json"
     if report_path.is_file():
@@ -174,6 +136,70 @@ def build_roi_crops(stage1_path: Path, table: pd.DataFrame, cache_root: Path, ru
         raise RoiCropError(f"no lesion image could be cropped ({len(info['skipped'])} skipped; reasons in "
                            f"{report_path}); check --cancer-csv")
     return splits.read_lesion_table(crops_csv), info
+
+
+def _crop_share(runner: cascade.Cascade, table: pd.DataFrame, folder: Path,
+                ctx: distributed.DistContext) -> tuple[list[dict], list[dict]]:
+    """Crop this process's rows of ``table`` (every ``world_size``-th from ``rank``) into ``folder``; returns
+    ``(rows, skipped)``: one crop-table row per cropped image, ``{"row", "image_file_path", "reason"}`` per row that
+    could not be read (the image, a mask, or stage 1 on it)."""
+    rows, skipped = [], []
+    mine = range(ctx.rank, len(table), ctx.world_size)
+    for i in tqdm(mine, desc="stage-2 ROI crops", disable=None if ctx.is_main else True, leave=False):
+        record = table.iloc[i].to_dict()
+        try:
+            pixels = imaging.read_image(record["image_file_path"]).pixels
+            mask = _read_merged_mask(record["roi_mask_file_path"], pixels.shape)
+            found = runner.tissue_and_roi(pixels)
+        except (imaging.ImageReadError, ValueError, OSError) as error:
+            skipped.append({"row": int(i), "image_file_path": record["image_file_path"], "reason": str(error)})
+            continue
+        rows.append(_write_crop(folder, int(i), record, found, mask))
+    return rows, skipped
+
+
+def _write_crop(folder: Path, i: int, record: dict, found, mask: np.ndarray) -> dict:
+    """Write row ``i``'s crop (``images/{i:05d}_<stem>.png``, the preprocessed 8-bit image in the ROI box) and, when
+    the row names masks, its mask crop (``masks/{i:05d}_<stem>_mask.png``, 0/255) under ``folder``; ``found`` is
+    ``Cascade.tissue_and_roi``'s result and ``mask`` the ``(H, W)`` 0/1 union of the row's masks (mirrored here like
+    the image). Returns the crop-table row (paths relative to ``folder``)."""
+    if found.flipped:
+        mask = np.ascontiguousarray(mask[:, ::-1])
+    box = found.roi_box
+    stem = Path(record["image_file_path"]).stem
+    image_rel = f"images/{i:05d}_{stem}.png"
+    imaging.write_png(folder / image_rel, np.ascontiguousarray(found.image[box.slices()]))
+    mask_rel = ""
+    if str(record["roi_mask_file_path"]).strip():
+        mask_rel = f"masks/{i:05d}_{stem}_mask.png"
+        imaging.write_png(folder / mask_rel, (mask[box.slices()] * 255).astype(np.uint8))
+    return {**record, "row": i, "original_image_file_path": record["image_file_path"],
+            "original_roi_mask_file_path": record["roi_mask_file_path"],
+            "image_file_path": image_rel, "roi_mask_file_path": mask_rel,
+            "roi_y0": box.y0, "roi_x0": box.x0, "roi_y1": box.y1, "roi_x1": box.x1,
+            "roi_source": found.roi_source, "flipped": bool(found.flipped),
+            "stage1_confidence": float(found.confidence),
+            "lesion_pixels_inside": int(mask[box.slices()].sum()), "lesion_pixels_total": int(mask.sum())}
+
+
+def _merge_shares(folder: Path, world_size: int, report: dict) -> None:
+    """Rank 0: merge the processes' ``.part{rank}.json`` files into ``crop_report.json`` (``report`` plus the row
+    count and the skipped rows) and ``crops.csv`` (written last, only when some row was cropped: it marks the cache
+    complete), then delete the parts."""
+    rows, skipped = [], []
+    for rank in range(world_size):
+        piece = json.loads((folder / f".part{rank}.json").read_text(encoding="utf-8"))
+        rows += piece["rows"]
+        skipped += piece["skipped"]
+    rows.sort(key=lambda r: r["row"])
+    skipped.sort(key=lambda r: r["row"])
+    report = {**report, "rows": len(rows), "skipped": skipped}
+    atomic_write_text(folder / "crop_report.json", json.dumps(report, indent=2))
+    if rows:
+        frame = pd.DataFrame(rows).drop(columns=["row"])
+        atomic_write_text(folder / "crops.csv", frame.to_csv(index=False))  # written last: marks the cache complete
+    for rank in range(world_size):
+        (folder / f".part{rank}.json").unlink(missing_ok=True)
 
 
 def roi_coverage(table: pd.DataFrame) -> float:

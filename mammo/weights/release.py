@@ -65,6 +65,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from mammo.core import fileio
@@ -336,41 +337,72 @@ def default_weights_note(path: str | os.PathLike, stage: int | None = None) -> s
     return f"using the shipped default model {display_path(path)} ({', '.join(details) or 'no provenance recorded'})"
 
 
-def lesion_settings(checkpoint: dict | None, threshold: float | None, min_area: int | None, *,
-                    default_threshold: float, default_min_area: int) -> tuple[float, int, list[str]]:
-    """The lesion probability threshold and smallest component (pixels) a run uses: the user's value, else the
-    stage-2 model's (``lesion_threshold`` / ``min_lesion_area`` in its checkpoint or model file), else the script's
-    default.
+#: The stage-2 post-processing of a run when neither the user nor the stage-2 model file gives a value: lesion
+#: probability threshold 0.5 (the usual cut of a sigmoid output) and smallest lesion component 1 pixel (every
+#: component counts). One pair for inference and evaluation: until issue 18 evaluation used 10 px and other ranges.
+DEFAULT_LESION_THRESHOLD, DEFAULT_MIN_LESION_AREA_PX = 0.5, 1
+
+#: The one valid range of each setting, as the messages write it.
+THRESHOLD_RANGE_TEXT, MIN_AREA_RANGE_TEXT = "a probability in (0, 1)", "a whole number of pixels >= 1"
+
+
+def valid_lesion_threshold(value: object) -> bool:
+    """Whether ``value`` can be a lesion probability threshold: a real number strictly between 0 and 1 (0 would keep
+    every pixel, 1 only saturated ones)."""
+    return (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            and 0.0 < value < 1.0)
+
+
+def valid_min_lesion_area(value: object) -> bool:
+    """Whether ``value`` can be the smallest lesion component: a whole number of pixels >= 1."""
+    return (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            and float(value).is_integer() and value >= 1)
+
+
+@dataclass(frozen=True)
+class LesionSettings:
+    """The stage-2 post-processing a run uses.
+
+    Attributes:
+        threshold: lesion probability threshold in (0, 1): a pixel with p >= threshold is lesion.
+        min_area_px: smallest lesion component counted, pixels (>= 1; 8-connected components).
+        from_model: the model-file keys the values came from (``"lesion_threshold"``, ``"min_lesion_area"``).
+    """
+
+    threshold: float
+    min_area_px: int
+    from_model: tuple[str, ...] = ()
+
+
+def resolve_lesion_settings(checkpoint: dict | None, threshold: float | None = None,
+                            min_area: int | None = None) -> LesionSettings:
+    """The lesion threshold and smallest component of a run, resolved in one place for every script: the user's
+    value, else the stage-2 model's (``lesion_threshold`` / ``min_lesion_area`` in its checkpoint or model file),
+    else :data:`DEFAULT_LESION_THRESHOLD` / :data:`DEFAULT_MIN_LESION_AREA_PX`.
 
     Args:
-        checkpoint: the stage-2 checkpoint dict (or ONNX settings), or None (no stage 2 model).
-        threshold, min_area: the user's values (None: not given).
-        default_threshold, default_min_area: the script's defaults.
-
-    Returns:
-        ``(threshold, min_area, keys)``: ``keys`` names the values taken from the model (``["lesion_threshold"]``,
-        ...), empty when none was.
+        checkpoint: the stage-2 checkpoint dict (or ONNX settings), or None (no stage-2 model).
+        threshold, min_area: the user's values (None: not given); the command lines check them with the same rules
+            (:func:`valid_lesion_threshold`, :func:`valid_min_lesion_area`) when parsing.
 
     Raises:
-        WeightsFileError: the model's value is not a probability in (0, 1] / not an integer >= 0.
+        ValueError: a user value outside its range (the message names the flag).
+        WeightsFileError: the model's value is outside its range (the message says to pass the flag).
     """
-    taken = []
     checkpoint = checkpoint or {}
-    if threshold is None and checkpoint.get("lesion_threshold") is not None:
-        value = checkpoint["lesion_threshold"]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                math.isfinite(value) and 0 < value <= 1):
-            raise WeightsFileError(f"the stage-2 model's lesion_threshold {value!r} is not a probability in (0, 1]; "
-                                   "pass --threshold")
-        threshold = float(value)
-        taken.append("lesion_threshold")
-    if min_area is None and checkpoint.get("min_lesion_area") is not None:
-        value = checkpoint["min_lesion_area"]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                math.isfinite(value) and value >= 0 and float(value).is_integer()):
-            raise WeightsFileError(f"the stage-2 model's min_lesion_area {value!r} is not a whole number of pixels "
-                                   ">= 0; pass --min-lesion-area")
-        min_area = int(value)
-        taken.append("min_lesion_area")
-    return (default_threshold if threshold is None else threshold,
-            default_min_area if min_area is None else min_area, taken)
+    given = {"lesion_threshold": threshold, "min_lesion_area": min_area}
+    rules = {"lesion_threshold": ("--threshold", valid_lesion_threshold, THRESHOLD_RANGE_TEXT),
+             "min_lesion_area": ("--min-lesion-area", valid_min_lesion_area, MIN_AREA_RANGE_TEXT)}
+    taken = []
+    for key, (flag, valid, text) in rules.items():
+        if given[key] is not None:
+            if not valid(given[key]):
+                raise ValueError(f"{flag} {given[key]!r} is not {text}")
+        elif checkpoint.get(key) is not None:
+            if not valid(checkpoint[key]):
+                raise WeightsFileError(f"the stage-2 model's {key} {checkpoint[key]!r} is not {text}; pass {flag}")
+            given[key] = checkpoint[key]
+            taken.append(key)
+    threshold, min_area = given["lesion_threshold"], given["min_lesion_area"]
+    return LesionSettings(float(DEFAULT_LESION_THRESHOLD if threshold is None else threshold),
+                          int(DEFAULT_MIN_LESION_AREA_PX if min_area is None else min_area), tuple(taken))

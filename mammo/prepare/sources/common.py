@@ -1,15 +1,15 @@
-"""What every dataset source shares, and what the workspace writer (``workspace.py``) consumes.
+"""What every dataset source shares, and what the workspace writer (``mammo/prepare/workspace.py``) consumes.
 
 - :class:`Sample` (one output image + label or mask: its CSV metadata, its input files, how to build it),
   :class:`Built` (what building returns), :class:`SkipSample` (why an input item cannot be used),
   :class:`Report` (a run's skipped items, notes and errors) and :data:`PREPARER_VERSION` (part of every cache key).
-  They live here rather than in ``workspace.py`` so that imports run one way: each source and ``workspace.py``
-  import this module, which imports neither.
+  They live here rather than in ``mammo/prepare/workspace.py`` so that imports run one way: each source and the
+  workspace writer import this module, which imports neither.
 - Constants shared by the sources: :data:`IMAGE_SUFFIXES`, :data:`TISSUE_LABEL_INTENSITIES`,
   :data:`DEFAULT_MASK_ASPECT_TOLERANCE`, the CDD-CESM name pattern :data:`CDD_NAME`.
 - Table cells and file names: :func:`clean_path_field`, :func:`normalise_laterality` (both through
-  ``tables.normalise_cell``, the suite's one cell normaliser), :func:`parse_image_name` (patient, laterality, view
-  from a file stem), :func:`safe_name` (output file stems).
+  ``mammo.data.tables.normalise_cell``, the suite's one cell normaliser), :func:`parse_image_name` (patient,
+  laterality, view from a file stem), :func:`safe_name` (output file stems).
 - Masks: :func:`is_binary`, :func:`fit_mask` (resize onto the image within an aspect-ratio tolerance),
   :func:`pick_pathology` (one pathology for several abnormalities).
 """

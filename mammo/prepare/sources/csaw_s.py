@@ -5,7 +5,7 @@ processed) and ``masks/<stem>_<label>.png`` (0/255, the image's size) for ``pect
 ``cancer``, ``nipple`` and ``text``. The masks do not give dense-tissue (FGT) pixels: ``mammary_gland`` is the
 glandular *region* the annotator drew, which holds FGT and fat. So each image becomes a *partial* stage-1 label map
 (:func:`partial_tissue_label`), written with the DDSM intensities plus the partial codes of
-``labels.PARTIAL_LABEL_VALUES``; ``losses.TissueLoss`` trains on it with a marginal loss.
+``mammo.core.labels.PARTIAL_LABEL_VALUES``; ``mammo.nn.losses.TissueLoss`` trains on it with a marginal loss.
 
 Split: a fixed patient split. The patients in ``holdout`` get split "test" (never trained on, kept for evaluation);
 the others "train". The stage-1 validation split (which picks the best epoch) stays the screen-film set's.

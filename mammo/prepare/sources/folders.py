@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from mammo import imaging
-from mammo.prepare.sources.common import (CDD_NAME, IMAGE_SUFFIXES, TISSUE_LABEL_INTENSITIES, Built, Report, Sample, SkipSample,
-                            fit_mask, parse_image_name, safe_name)
+from mammo.prepare.sources.common import (CDD_NAME, IMAGE_SUFFIXES, TISSUE_LABEL_INTENSITIES, Built, Report, Sample,
+                                          SkipSample, fit_mask, parse_image_name, safe_name)
 
 
 def _find_by_stem(folder: Path) -> dict[str, Path]:

@@ -4,11 +4,11 @@ Columns ``fullPath``, ``fileName``, ``View``, ``Side``, ``Status`` (Normal/Benig
 ``Tumour_Contour2`` [, ``Tumour_Contour3`` ... in Data-MoreThanTwoMasks], ``Age``, ``Density``: paths use
 backslashes (made ``/``) and are resolved relative to the spreadsheet's folder, then to the ``--mini-ddsm-dir``,
 then by file name anywhere below it; ``-`` or an empty cell means "no contour"; every ``Tumour_Contour*`` column
-is merged. The spreadsheets are read by ``tables.read_table`` (every header and cell normalised; ``A.PNG`` in a
-cell finds ``A.png``). Assumed (not verifiable offline): the first sheet holds the table, ``fileName`` looks like
-``A_0002_1.LEFT_CC.png`` (patient = ``A_0002``), and an image listed in both tables keeps the entry with more
-contours. Images without a contour (Normal cases and the unmarked side of a Benign/Cancer case: DDSM outlines
-every abnormality it records) are kept as lesion-free samples (pathology ``NORMAL``) only with
+is merged. The spreadsheets are read by ``mammo.data.tables.read_table`` (every header and cell normalised;
+``A.PNG`` in a cell finds ``A.png``). Assumed (not verifiable offline): the first sheet holds the table,
+``fileName`` looks like ``A_0002_1.LEFT_CC.png`` (patient = ``A_0002``), and an image listed in both tables keeps
+the entry with more contours. Images without a contour (Normal cases and the unmarked side of a Benign/Cancer
+case: DDSM outlines every abnormality it records) are kept as lesion-free samples (pathology ``NORMAL``) only with
 ``--include-normals``.
 """
 
@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from mammo import imaging
-from mammo.prepare.sources.common import (Built, Report, Sample, SkipSample, fit_mask, normalise_laterality, parse_image_name,
-                            safe_name)
+from mammo.prepare.sources.common import (Built, Report, Sample, SkipSample, fit_mask, normalise_laterality,
+                                          parse_image_name, safe_name)
 from mammo.data.tables import existing_path, normalise_cell, read_table
 
 #: Cell kinds of the Mini-DDSM spreadsheets' fixed columns (``tables.normalise_cell``; the ``Tumour_Contour*``
@@ -85,10 +85,10 @@ def mini_records(root: Path, report: Report, more_than_two_masks: bool = False) 
                                                                  str(table.relative_to(root.parent)).lower())
         source = "mini-ddsm-morethantwomasks" if is_mttm else "mini-ddsm"
 
-        def resolve(rel: str) -> Path | None:
+        def resolve(rel: str, folder: Path = table.parent) -> Path | None:
             if not rel:
                 return None
-            for base in (table.parent, root):
+            for base in (folder, root):
                 if existing_path(base / rel).is_file():
                     return existing_path(base / rel)
             return index.find(rel)

@@ -1,4 +1,4 @@
-"""The ``--synthetic N`` source: samples drawn by the top-level :mod:`synthetic` (smoke tests, never real data)."""
+"""The ``--synthetic N`` source: samples drawn by :mod:`mammo.data.synthetic` (smoke tests, never real data)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from mammo.prepare.sources.common import Built, Sample
 
 
 def synthetic_samples(n: int, seed: int) -> list[Sample]:
-    """``n`` tissue samples and ``n`` lesion samples drawn by :mod:`synthetic` (source "synthetic").
+    """``n`` tissue samples and ``n`` lesion samples drawn by :mod:`mammo.data.synthetic` (source "synthetic").
 
     The tissue and lesion samples of case ``i`` share the picture; a lesion-free case gets no mask file.
     """
