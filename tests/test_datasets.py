@@ -86,14 +86,16 @@ def test_read_lesion_table_resolves_relative_and_multiple_masks(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 def test_tissue_item_matches_files(tissue_dir):
     df = D.read_tissue_table(tissue_dir)
-    ds = D.TissueDataset(df, (960, 480))  # the images' own size: letterbox is the identity
+    # the images' own size and no working scale: letterbox is the identity
+    own_scale = dict(imaging.DEFAULT_PREPROCESS, working_breast_height_px=0)
+    ds = D.TissueDataset(df, (960, 480), preprocess_config=own_scale)
     for name, should_flip in (("A_0002_1.RIGHT_MLO", False), ("B_3606_1.RIGHT_MLO", True)):
         index = int(np.flatnonzero(df["image_file_path"].str.endswith(name + ".png"))[0])
         item = ds[index]
         assert item["image"].shape == (1, 960, 480) and item["image"].dtype == torch.float32
         assert item["mask"].shape == (960, 480) and item["mask"].dtype == torch.int64
         assert item["flipped"] is should_flip
-        pre = imaging.preprocess(imaging.read_image(df.loc[index, "image_file_path"]).pixels)
+        pre = imaging.preprocess(imaging.read_image(df.loc[index, "image_file_path"]).pixels, own_scale)
         np.testing.assert_allclose(item["image"][0].numpy(), pre.image / 255.0, atol=1e-6)
         labels = imaging.read_mask(df.loc[index, "label_file_path"], kind="tissue")
         expected = labels[:, ::-1] if should_flip else labels
@@ -107,7 +109,9 @@ def test_tissue_item_at_network_size(tissue_dir):
     item = ds[0]
     assert item["image"].shape == (1, 512, 512) and item["mask"].shape == (512, 512)
     assert set(item["mask"].unique().tolist()) <= {0, 1, 2, 3}
-    assert item["geometry"] == {"orig_h": 960, "orig_w": 480, "net_h": 512, "net_w": 512,
+    # the letterbox starts from the preprocessed image (the working scale: this breast is 889 px of 960, so the image
+    # becomes 1037 x 518 to make it 960 px high)
+    assert item["geometry"] == {"orig_h": 1037, "orig_w": 518, "net_h": 512, "net_w": 512,
                                 "resized_h": 512, "resized_w": 256}
     assert float(item["image"][0, :, 256:].abs().max()) == 0.0  # right padding is zero
     assert 0.0 <= float(item["image"].min()) and float(item["image"].max()) <= 1.0
@@ -227,7 +231,7 @@ def test_dataloader_with_spawn_workers(lesion_dir):
     batch = next(iter(loader))
     assert batch["image"].shape == (2, 1, 128, 128) and batch["mask"].shape == (2, 1, 128, 128)
     torch.testing.assert_close(batch["image"][0], ds[0]["image"])
-    assert batch["geometry"]["orig_h"].tolist() == [512, 512]
+    assert batch["geometry"]["orig_h"].tolist() == [960, 960]  # the working scale of these 512-px images
 
 
 # ----------------------------------------------------------------------------------------------------------------

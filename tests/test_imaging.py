@@ -270,10 +270,30 @@ def test_bit_depth_scaling_by_hand():
 def test_preprocess_identity_when_all_steps_off():
     rng = np.random.default_rng(0)
     arr = rng.integers(0, 256, (64, 48), dtype=np.uint8)
-    cfg = dict(imaging.DEFAULT_PREPROCESS, median_kernel=0, clahe_clip_limit=0, normalize_orientation=False)
+    cfg = dict(imaging.DEFAULT_PREPROCESS, median_kernel=0, clahe_clip_limit=0, normalize_orientation=False,
+               working_breast_height_px=0)
     out = imaging.preprocess(arr, cfg)
     np.testing.assert_array_equal(out.image, arr)
-    assert out.flipped is False
+    assert out.flipped is False and out.input_hw == (64, 48) and out.scale == 1.0
+
+
+def test_working_scale_by_breast_height():
+    """The breast (a bright block on black, 30 of 64 rows high) is brought to the working height: 960 / 30 = 32 times
+    would exceed the 8x limit, so 8x; a working height of 60 px doubles it; 0 leaves the size alone."""
+    arr = np.zeros((64, 48), np.uint8)
+    arr[10:40, :20] = 200
+    cfg = dict(imaging.DEFAULT_PREPROCESS, median_kernel=0, clahe_clip_limit=0, normalize_orientation=False)
+    assert imaging.breast_height(arr) == 30
+    assert imaging.preprocess(arr, cfg).image.shape == (512, 384)  # the 8x limit
+    doubled = imaging.preprocess(arr, dict(cfg, working_breast_height_px=60))
+    assert doubled.image.shape == (128, 96) and doubled.scale == 2.0
+    assert (doubled.image[22:78, :38] == 200).all() and (doubled.image[84:, :] == 0).all()  # edges blend (linear)
+    mask = np.zeros((64, 48), bool)
+    mask[10:40, :20] = True
+    assert np.array_equal(doubled.to_working(mask)[20:80, :40], np.ones((60, 40), bool))
+    assert np.array_equal(doubled.to_input(doubled.to_working(mask)), mask)  # nearest both ways: exact round trip
+    with pytest.raises(ValueError, match="working_breast_height_px"):
+        imaging.check_preprocess_config({"working_breast_height_px": -1})
 
 
 def test_16bit_and_8bit_copies_preprocess_alike(tmp_path, nyu_dir):

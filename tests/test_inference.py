@@ -27,7 +27,7 @@ from mammo import imaging
 from mammo.inference import predict
 from mammo.cascade import load
 from mammo.inference import listing
-from mammo.core import labels
+from mammo.core import labels, metrics
 from mammo.inference import outputs
 from mammo.inference import probability
 from mammo.imaging import roi
@@ -158,7 +158,10 @@ def test_roi_box_by_hand_and_zero_outside_with_a_known_fgt_region(mirror, loaded
         pixels = np.ascontiguousarray(pixels[:, ::-1])
     source = tmp_path / "in" / "image.png"
     imaging.write_png(source, pixels)
-    model = cascade.Cascade(loaded.cascade.stage1_checkpoint, loaded.cascade.stage2_checkpoint,
+    # at the input's own scale (no working scale), so that the geometry is the one computed by hand above
+    stage1 = dict(loaded.cascade.stage1_checkpoint,
+                  preprocess_config=dict(loaded.cascade.preprocess_config, working_breast_height_px=0))
+    model = cascade.Cascade(stage1, loaded.cascade.stage2_checkpoint,
                             stage1_runner=_fake_stage1((32, 64), (8, 32)), stage2_runner=_constant_stage2(2.0))
     fake = load.LoadedCascade(model, loaded.identities, "cpu", "torch")
     prediction = predict.run_image(fake, source, threshold=0.5)
@@ -175,12 +178,19 @@ def test_roi_box_by_hand_and_zero_outside_with_a_known_fgt_region(mirror, loaded
     assert np.all(prob[inside] == round(255 / (1 + np.exp(-2.0))))  # sigmoid(2) = 0.8808 -> 225
     assert np.all(prob[~inside] == 0)
     fgt = _read(out / "image_fgt_mask.png") > 0
-    assert fgt.sum() == 240 * 180 and fgt[240:480, (240 if flipped else 60):(420 if flipped else 240)].all()
+    # stage 1's probabilities are resized linearly (issue 19), so the network's square region keeps its edges (the
+    # argmax crosses half-way between network pixels, as nearest did) and rounds its four corners off
+    c0 = 240 if flipped else 60
+    rectangle = np.zeros_like(fgt)
+    rectangle[240:480, c0:c0 + 180] = True
+    assert not (fgt & ~rectangle).any() and fgt[243:477, c0 + 3:c0 + 177].all()
+    assert fgt[240, c0 + 90] and fgt[479, c0 + 90] and fgt[360, c0] and fgt[360, c0 + 179]  # the edges stay
+    assert 240 * 180 - 4 * 10 <= fgt.sum() < 240 * 180  # only the corners are cut
     lesions = record["lesions"]  # the whole ROI is one component above 0.5
     assert lesions["count"] == 1 and lesions["components"][0]["box"] == expected_box
     assert lesions["components"][0]["area_px"] == 288 * 216
     assert lesions["components"][0]["max_probability"] == pytest.approx(0.8808, abs=1e-4)
-    assert record["density"]["percent"] == pytest.approx(100 * 240 * 180 / (960 * 480))
+    assert record["density"]["percent"] == pytest.approx(100 * fgt.sum() / (960 * 480), abs=5e-4)  # 3 decimals
     assert record["density"]["category"] == "A"
     _check_outputs(out, "image", pixels)
 
@@ -471,6 +481,38 @@ def test_dicom_input_writes_a_segmentation_with_the_png_masks_and_the_source_uid
     assert ci.main(_args(checkpoint_dir, "--image", str(tissue_image), "--output-dir", str(tmp_path / "png"),
                          "--no-visualization")) == 0
     assert not list((tmp_path / "png").glob("*.dcm"))
+
+
+def test_dense_mask_round_trips_through_png_json_and_dicom_seg(loaded, tissue_image, tmp_path):
+    """The dense pixels (issue 19): ``<stem>_dense_mask.png`` equals the SEG's segment 5, lies inside the FGT region,
+    and the record's ``dense_percent`` is its share of the breast (adipose + FGT pixels of ``<stem>_tissue_seg.png``).
+    Stage 1 is a fixed map with an FGT region, so that there are dense pixels to carry."""
+    hd = pytest.importorskip("highdicom")
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from dicom_helpers import make_dicom
+
+    (tmp_path / "in").mkdir()
+    source = make_dicom(_read(tissue_image), tmp_path / "in" / "scan.dcm", PixelSpacing=[0.1, 0.1],
+                        StudyInstanceUID=generate_uid(), SeriesInstanceUID=generate_uid())
+    model = cascade.Cascade(loaded.cascade.stage1_checkpoint, loaded.cascade.stage2_checkpoint,
+                            stage1_runner=_fake_stage1((32, 64), (8, 32)), stage2_runner=_constant_stage2(-8.0))
+    prediction = predict.run_image(load.LoadedCascade(model, loaded.identities, "cpu", "torch"), source)
+    out = tmp_path / "out"
+    record = outputs.write_outputs(prediction, out, "scan", visualization=False)
+    tissue, dense = _read(out / "scan_tissue_seg.png"), _read(out / "scan_dense_mask.png") > 0
+    assert record["outputs"]["dense_mask"] == "scan_dense_mask.png" and validate_record(record) == []
+    assert dense.any() and not (dense & (tissue != labels.FGT)).any() and dense.sum() < (tissue == labels.FGT).sum()
+    breast = int(((tissue == labels.ADIPOSE) | (tissue == labels.FGT)).sum())
+    assert record["density"]["dense_percent"] == pytest.approx(100 * dense.sum() / breast, abs=5e-4)
+    assert record["density"]["dense_category"] == metrics.density_category(record["density"]["dense_percent"])
+    seg = hd.seg.segread(out / "scan_seg.dcm")
+    sop = pydicom.dcmread(source).SOPInstanceUID
+    assert seg.get_segment_numbers() == [1, 2, 3, 4, 5]
+    assert seg.get_segment_description(5).segment_label == "Dense tissue"
+    segment = seg.get_pixels_by_source_instance([sop], segment_numbers=[5])[0][..., 0].astype(bool)
+    np.testing.assert_array_equal(segment, dense)
 
 
 def test_tissue_map_is_an_indexed_png_with_exact_classes_and_the_display_palette(loaded, tissue_image, tmp_path):

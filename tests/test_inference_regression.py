@@ -18,6 +18,13 @@ other JSON value, the lesion components included, stayed the same. Then the corr
 entries): a PNG without its IEND chunk is now reported as truncated before OpenCV is asked to decode it.
 Issue 12: each record's ``density`` gained ``dense_percent`` and ``dense_definition`` (the dense pixels of the FGT
 region, ``imaging.dense_tissue``): 16 new keys, nothing else changed.
+Issue 19 changed the method on purpose and the fixture was regenerated: every input is preprocessed at the working
+scale (the breast 960 px high), stage 1's probabilities rather than its labels are resized back, the map is
+reconciled with the anatomy rules, and the dense pixels are an output (``<stem>_dense_mask.png``). So the tissue maps,
+masks, probability maps and every value derived from them (density, ROI box, lesion components, confidence) moved;
+the records gained ``anatomy``, ``preprocessing.working_scale``, ``outputs.dense_mask`` and
+``density.dense_category`` (schema version 3), ``predictions.csv`` the columns ``dense_percent``,
+``dense_category`` and ``anatomy_changed_fraction``. The corrupt and text inputs' entries did not change.
 
 The networks are untrained and seeded (ResNet18 encoder, stage 1 at 128x64, stage 2 at 64x64), so the values are
 arbitrary but fully determined; the run uses two threads, as CI does.

@@ -310,8 +310,8 @@ def test_stage2_trains_on_crops_made_by_stage1(tmp_path, lesion_csv, monkeypatch
         assert row.roi_source == found.roi_source and bool(row.flipped) == found.flipped
         crop = imaging.read_image(folders[0] / row.image_file_path).pixels
         assert np.array_equal(crop, found.image[box.slices()])
-        mask = imaging.read_mask(row.original_roi_mask_file_path)
-        mask = mask[:, ::-1] if found.flipped else mask
+        # the mask in the preprocessed frame (the working scale and the mirror of the image it crops)
+        mask = found.pre.to_working(imaging.read_mask(row.original_roi_mask_file_path), "nearest")
         assert np.array_equal(imaging.read_mask(folders[0] / row.roi_mask_file_path), mask[box.slices()])
         assert (row.lesion_pixels_inside, row.lesion_pixels_total) == (mask[box.slices()].sum(), mask.sum())
         inside[row.split][0] += int(mask[box.slices()].sum())

@@ -29,14 +29,14 @@ class LoadedCascade:
 
 def load_cascade(stage1_path: str | os.PathLike, stage2_path: str | os.PathLike, *, device: str = "auto",
                  backend: str = "auto", tta: bool = False, adaptive_clahe: bool = False,
-                 amp: bool = False, threads: int | None = None) -> LoadedCascade:
+                 amp: bool = False, threads: int | None = None, anatomy: bool = True) -> LoadedCascade:
     """Load both checkpoints and build the :class:`Cascade` that inference runs.
 
     ``backend`` / ``device``: as :func:`mammo.weights.runners.load_runner` (``auto``: ONNX Runtime on a CPU, its
     export cached beside the checkpoint; torch with float16 autocast on CUDA). The returned ``backend`` and
     ``device`` are those that run. ``tta``: as :class:`~mammo.cascade.pipeline.Cascade`; ``adaptive_clahe``: True
     runs it with ``adaptive_clahe="auto"`` (else ``"off"``); ``amp``: autocast in the torch runners (float16 on CUDA,
-    bfloat16 on the CPU).
+    bfloat16 on the CPU); ``anatomy``: reconcile stage 1 with the anatomy rules (``mammo.cascade.anatomy``).
 
     ``threads``: CPU threads of the ONNX Runtime sessions (default: all cores this process may use; torch's own
     thread count is the caller's, ``torch.set_num_threads``).
@@ -54,7 +54,7 @@ def load_cascade(stage1_path: str | os.PathLike, stage2_path: str | os.PathLike,
                      "stages (Cascade)")
     model = Cascade(checkpoint1, checkpoint2, stage1_runner=runner1, stage2_runner=runner2,
                     tta=tta, adaptive_clahe="auto" if adaptive_clahe else "off",
-                    stage1_name=str(stage1_path), stage2_name=str(stage2_path))
+                    stage1_name=str(stage1_path), stage2_name=str(stage2_path), anatomy=anatomy)
     identities = {"stage1": checkpoints.checkpoint_identity(stage1_path, checkpoint1),
                   "stage2": checkpoints.checkpoint_identity(stage2_path, checkpoint2)}
     return LoadedCascade(model, identities, str(runner1.device), runner1.backend, notes)
@@ -63,4 +63,5 @@ def load_cascade(stage1_path: str | os.PathLike, stage2_path: str | os.PathLike,
 def with_adaptive_clahe(model: Cascade, mode: str) -> Cascade:
     """A cascade sharing ``model``'s runners with another ``adaptive_clahe`` mode ("off", "on" or "auto")."""
     return Cascade(model.stage1_checkpoint, model.stage2_checkpoint, stage1_runner=model.stage1,
-                   stage2_runner=model.stage2, tta=model.tta, adaptive_clahe=mode)
+                   stage2_runner=model.stage2, tta=model.tta, adaptive_clahe=mode, roi_rule=model.roi_rule,
+                   anatomy=model.anatomy)

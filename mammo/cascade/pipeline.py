@@ -1,12 +1,16 @@
-"""The cascade itself: stage 1 -> FGT region of interest -> stage 2, at the input's original resolution.
+"""The cascade itself: stage 1 -> anatomy rules -> FGT region of interest -> stage 2, at the input's resolution.
 
 Used by training (stage-2 crops come from :meth:`Cascade.tissue_and_roi`, the same code inference runs, see
-``roi_crops.py``), by inference (``inference.py``) and by evaluation (``scoring.py``). Where the rest lives: the
-checkpoint format in ``checkpoints.py``, checkpoint -> runner for any backend in ``runners.py``, the ROI rule in
-``roi.py``, class indices in ``labels.py``.
+:mod:`mammo.training.roi_crops`), by inference (:mod:`mammo.inference.predict`) and by evaluation
+(:mod:`mammo.evaluation.predictors`). Where the rest lives: the checkpoint format in :mod:`mammo.weights.checkpoints`,
+checkpoint -> runner for any backend in :mod:`mammo.weights.runners`, the anatomy rules in
+:mod:`mammo.cascade.anatomy`, the ROI rule in :mod:`mammo.imaging.roi`, class indices in :mod:`mammo.core.labels`.
 
-Geometry: the whole pipeline runs on the orientation-normalised image (``imaging.preprocess`` may mirror it) and
-every output is mirrored back, so outputs are at the input's own resolution and orientation.
+Geometry: the networks and the rules work in the preprocessed frame (``imaging.preprocess``: the working scale, at
+which the breast is ``working_breast_height_px`` high, and the orientation with the chest wall on the left); every
+output is mapped back to the input's own resolution and orientation. Stage 1's probabilities, not its labels, are
+resized (a map that follows tissue boundaries at any size); the lesion probability of the ROI crop is resized into
+the ROI box scaled to the input.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mammo import imaging
+from mammo.cascade import anatomy as anatomy_rules
 from mammo.weights import runners
 from mammo.core.labels import BACKGROUND, FGT
-from mammo.imaging.roi import RoiBox, RoiRule, fgt_roi_box, paste_into_box
+from mammo.imaging.roi import RoiBox, RoiRule, fgt_roi_box
 from mammo.weights.runners import LogitsFn
 
 if TYPE_CHECKING:  # annotations only: a cascade over ONNX Runtime runners never loads PyTorch (see runners.py)
@@ -46,8 +51,8 @@ def _softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
     return exp / exp.sum(axis=axis, keepdims=True)
 
 
-def predict_tissue_batch(logits_fn: LogitsFn, images_u8: list[np.ndarray], size_hw: tuple[int, int],
-                         tta: bool = False) -> list[tuple[np.ndarray, float]]:
+def tissue_probabilities_batch(logits_fn: LogitsFn, images_u8: list[np.ndarray], size_hw: tuple[int, int],
+                               tta: bool = False) -> list[tuple[np.ndarray, float]]:
     """Stage 1 on several preprocessed images in one network call (each letterboxed to ``size_hw``).
 
     Args:
@@ -57,21 +62,28 @@ def predict_tissue_batch(logits_fn: LogitsFn, images_u8: list[np.ndarray], size_
         tta: average with the horizontally mirrored prediction.
 
     Returns:
-        One ``(classes, confidence)`` per image: ``(H_i, W_i)`` uint8 class map at the image's size (argmax at network
-        size, mapped back with nearest interpolation) and the mean max-softmax probability over predicted breast
-        pixels (adipose + FGT + pectoral) at network size, in [0, 1].
+        One ``(probs, confidence)`` per image: ``(4, H_i, W_i)`` float32 softmax probabilities at the image's size
+        (computed at network size and resized linearly: the map follows tissue boundaries, not network pixels) and
+        the mean max-softmax probability over predicted breast pixels (adipose + FGT + pectoral) at network size.
     """
     nets, geometries = zip(*(imaging.letterbox(image, size_hw, interpolation="linear") for image in images_u8))
     probs = _softmax(_network_logits(logits_fn, [net.astype(np.float32) / 255.0 for net in nets], tta))
     results = []
     for prob, geometry in zip(probs, geometries):
-        classes_net = prob.argmax(axis=0).astype(np.uint8)
         top = prob.max(axis=0)
-        breast = classes_net != BACKGROUND
+        breast = prob.argmax(axis=0) != BACKGROUND
         confidence = float(top[breast].mean()) if breast.any() else float(top.mean())
-        classes = imaging.unletterbox(classes_net, geometry, interpolation="nearest")
-        results.append((classes.astype(np.uint8), confidence))
+        full = imaging.unletterbox(prob.astype(np.float32), geometry, interpolation="linear")
+        results.append((np.ascontiguousarray(full, dtype=np.float32), confidence))
     return results
+
+
+def predict_tissue_batch(logits_fn: LogitsFn, images_u8: list[np.ndarray], size_hw: tuple[int, int],
+                         tta: bool = False) -> list[tuple[np.ndarray, float]]:
+    """Stage 1's own map (no anatomy rules) of several images: ``(H_i, W_i)`` uint8 argmax of
+    :func:`tissue_probabilities_batch` and the confidence."""
+    return [(probs.argmax(axis=0).astype(np.uint8), confidence)
+            for probs, confidence in tissue_probabilities_batch(logits_fn, images_u8, size_hw, tta)]
 
 
 def predict_tissue(logits_fn: LogitsFn, image_u8: np.ndarray, size_hw: tuple[int, int],
@@ -156,16 +168,53 @@ def stage_mismatch(found1: int | None, found2: int | None, name1: str | None = N
 
 @dataclass
 class TissueAndRoi:
-    """Stage 1 and the ROI on one image, all in the orientation-normalised frame (what stage 2 training needs)."""
+    """Stage 1, the anatomy rules and the ROI on one image, in the preprocessed frame (working scale, orientation
+    normalised: what stage 2 and its training crops see); :meth:`tissue_at_input` maps the tissue back.
 
-    image: np.ndarray  # (H, W) uint8 preprocessed, orientation-normalised
-    flipped: bool  # True when ``image`` is the input mirrored left-right
-    tissue_classes: np.ndarray  # (H, W) uint8
+    Attributes:
+        image: ``(h, w)`` uint8, the preprocessed image (``pre.image``).
+        flipped: whether preprocessing mirrored the input.
+        tissue_classes: ``(h, w)`` uint8, stage 1 reconciled with the anatomy rules.
+        confidence: stage 1's mean max-softmax probability over breast pixels (network size).
+        roi_box, roi_source: the stage-2 ROI in this frame (``mammo.imaging.roi.fgt_roi_box``).
+        probs: ``(4, h, w)`` float32 stage-1 probabilities in this frame.
+        anatomy: what the rules did (``mammo.cascade.anatomy.Reconciled``), None when they are off.
+        pre: the preprocessing result (maps arrays between this frame and the input).
+    """
+
+    image: np.ndarray
+    flipped: bool
+    tissue_classes: np.ndarray
     confidence: float
     roi_box: RoiBox
     roi_source: str  # "fgt", "breast" or "image"
     adaptive_clahe_used: bool
     timings_s: dict = field(default_factory=dict)  # seconds: preprocess, stage1
+    probs: np.ndarray | None = None
+    anatomy: anatomy_rules.Reconciled | None = None
+    pre: imaging.Preprocessed | None = None
+
+    def tissue_at_input(self) -> np.ndarray:
+        """``(H, W)`` uint8 classes at the input's size and orientation: the argmax of the probabilities resized
+        linearly (boundaries follow the tissue), and where the anatomy rules changed a pixel the rule's class."""
+        if self.pre is None or self.probs is None:
+            return imaging.unflip(self.tissue_classes, self.flipped)
+        classes = self.pre.to_input(self.probs, "linear").argmax(axis=0).astype(np.uint8)
+        changed = self.tissue_classes != self.probs.argmax(axis=0)
+        if changed.any():
+            ruled = self.pre.to_input(changed, "nearest")
+            classes[ruled] = self.pre.to_input(self.tissue_classes, "nearest")[ruled]
+        return classes
+
+    def dense_at_input(self, tissue_at_input: np.ndarray | None = None) -> np.ndarray:
+        """``(H, W)`` bool dense pixels at the input's size and orientation: the FGT region's pixels above its Otsu
+        level (``imaging.dense_tissue``) in this frame, resized linearly (boundaries follow the tissue), and kept
+        inside the FGT class of ``tissue_at_input`` (:meth:`tissue_at_input`'s map; computed when not given)."""
+        dense = imaging.dense_tissue(self.image, self.tissue_classes)
+        if self.pre is None:
+            return imaging.unflip(dense, self.flipped)
+        tissue = self.tissue_at_input() if tissue_at_input is None else tissue_at_input
+        return (self.pre.to_input(dense.astype(np.float32), "linear") >= 0.5) & (tissue == FGT)
 
 
 @dataclass
@@ -173,7 +222,7 @@ class CascadeResult:
     """Outputs of the cascade on one image, at the input's original resolution and orientation.
 
     Attributes:
-        tissue_classes: ``(H, W)`` uint8, 0 background, 1 adipose, 2 FGT, 3 pectoral.
+        tissue_classes: ``(H, W)`` uint8, 0 background, 1 adipose, 2 FGT, 3 pectoral (after the anatomy rules).
         lesion_prob: ``(H, W)`` float32 in [0, 1]; exactly 0 outside ``roi_box``.
         roi_box: the FGT ROI in original pixel coordinates.
         roi_source: "fgt", "breast" (no FGT found: box around the breast) or "image".
@@ -181,8 +230,10 @@ class CascadeResult:
         flipped: whether preprocessing mirrored the image (undone on every output here).
         adaptive_clahe_used: whether the stronger CLAHE result was kept.
         timings_s: seconds per step (``preprocess``, ``stage1``, ``stage2``).
-        dense_tissue: ``(H, W)`` bool, the dense pixels of the FGT region (``imaging.dense_tissue``); None when not
-            computed.
+        dense_tissue: ``(H, W)`` bool, the dense pixels of the FGT region (``imaging.dense_tissue`` at the working
+            scale, resized); None when not computed.
+        anatomy: ``{"view", "view_source", "notes", "changed_fraction"}`` of the anatomy rules, or None (rules off).
+        working_scale: the preprocessed image's size / the input's (rows).
     """
 
     tissue_classes: np.ndarray
@@ -194,11 +245,45 @@ class CascadeResult:
     adaptive_clahe_used: bool
     timings_s: dict = field(default_factory=dict)
     dense_tissue: np.ndarray | None = None
+    anatomy: dict | None = None
+    working_scale: float = 1.0
 
     @property
     def fgt_mask(self) -> np.ndarray:
         """``(H, W)`` bool mask of fibroglandular tissue."""
         return self.tissue_classes == FGT
+
+
+def _anatomy_dict(reconciled: anatomy_rules.Reconciled | None) -> dict | None:
+    if reconciled is None:
+        return None
+    return {"view": reconciled.view.name, "view_source": reconciled.view.source, "notes": list(reconciled.notes),
+            "changed_fraction": round(float(reconciled.changed_fraction), 4)}
+
+
+def _to_input(found: TissueAndRoi, lesion: np.ndarray | None, stage2_s: float) -> CascadeResult:
+    """One image's result in the input's frame: the tissue map (:meth:`TissueAndRoi.tissue_at_input`), the lesion
+    probability of the ROI crop resized into the ROI box scaled to the input, the dense mask, the box."""
+    pre = found.pre
+    input_hw = tuple(pre.input_hw)
+    box = found.roi_box.scaled(found.image.shape[:2], input_hw)
+    lesion_full = np.zeros(input_hw, np.float32)
+    if lesion is not None:
+        lesion_full[box.slices()] = np.clip(imaging.resize(lesion, (box.height, box.width), "linear"), 0.0, 1.0)
+    tissue = found.tissue_at_input()
+    return CascadeResult(
+        tissue_classes=tissue,
+        lesion_prob=imaging.unflip(lesion_full, found.flipped),
+        roi_box=box.mirrored(input_hw[1]) if found.flipped else box,
+        roi_source=found.roi_source,
+        tissue_confidence=found.confidence,
+        flipped=found.flipped,
+        adaptive_clahe_used=found.adaptive_clahe_used,
+        timings_s={**found.timings_s, "stage2": stage2_s},
+        dense_tissue=found.dense_at_input(tissue),
+        anatomy=_anatomy_dict(found.anatomy),
+        working_scale=float(pre.scale),
+    )
 
 
 class Cascade:
@@ -217,6 +302,8 @@ class Cascade:
             (``RoiRule.from_dict``), else the first rule (10 % of the FGT box).
         roi_margin: overrides the rule's ``margin_fraction`` when given.
         stage1_name, stage2_name: what error messages call the two checkpoints (their paths); None: unnamed.
+        anatomy: reconcile stage 1 with the anatomy rules (``mammo.cascade.anatomy``); False shows the network's
+            own map (for measuring what the rules add).
 
     Raises:
         ValueError: checkpoints of the wrong stages, with the advice that fits (:func:`stage_mismatch`: swapped, two
@@ -228,7 +315,7 @@ class Cascade:
                  stage2_runner: LogitsFn | None = None, device: torch.device | str = "cpu", tta: bool = False,
                  adaptive_clahe: str = "off", amp: bool = False, channels_last: bool = False,
                  roi_margin: float | None = None, roi_rule: RoiRule | None = None, stage1_name: str | None = None,
-                 stage2_name: str | None = None):
+                 stage2_name: str | None = None, anatomy: bool = True):
         if adaptive_clahe not in ("off", "on", "auto"):
             raise ValueError(f"adaptive_clahe must be 'off', 'on' or 'auto', not {adaptive_clahe!r}")
         mismatch = stage_mismatch(checkpoint_stage(stage1_checkpoint),
@@ -254,73 +341,79 @@ class Cascade:
         self.roi_margin = roi_rule.margin_fraction
         self.tta = tta
         self.adaptive_clahe = adaptive_clahe
+        self.anatomy = bool(anatomy)
 
-    def tissue_and_roi_batch(self, pixels_list: list[np.ndarray]) -> list[TissueAndRoi]:
-        """Preprocess each image ((H, W) uint8/uint16 as read), run stage 1 on all in one call, find each ROI.
-
-        Everything is in the orientation-normalised frame. Each result's ``timings_s`` holds the batch's preprocessing
-        and stage-1 seconds divided by the number of images.
-        """
-        if not pixels_list:
-            return []
+    def _stage1(self, pixels_list: list[np.ndarray]) -> tuple[list, list, list, float, float]:
+        """Preprocess and run stage 1 on every image (and, with adaptive CLAHE "auto", again on the unsure ones with
+        the stronger CLAHE, keeping the more confident result). Returns ``(preprocessed, (probs, confidence) per
+        image, strong CLAHE used per image, preprocess seconds, stage-1 seconds)``."""
         start = time.perf_counter()
         strong = self.adaptive_clahe == "on"
         pres = [imaging.preprocess(pixels, self.preprocess_config, adaptive_clahe=strong) for pixels in pixels_list]
         preprocess_s = time.perf_counter() - start
         start = time.perf_counter()
-        tissues = predict_tissue_batch(self.stage1, [pre.image for pre in pres], self.stage1_size, self.tta)
+        tissues = tissue_probabilities_batch(self.stage1, [pre.image for pre in pres], self.stage1_size, self.tta)
         used = [strong] * len(pres)
         unsure = [i for i, (_, confidence) in enumerate(tissues) if confidence < ADAPTIVE_CLAHE_CONFIDENCE]
         if self.adaptive_clahe == "auto" and unsure:
             alts = [imaging.preprocess(pixels_list[i], self.preprocess_config, adaptive_clahe=True) for i in unsure]
-            for i, alt, alt_tissue in zip(unsure, alts, predict_tissue_batch(self.stage1, [a.image for a in alts],
-                                                                             self.stage1_size, self.tta)):
+            alt_tissues = tissue_probabilities_batch(self.stage1, [a.image for a in alts], self.stage1_size, self.tta)
+            for i, alt, alt_tissue in zip(unsure, alts, alt_tissues):
                 if alt_tissue[1] > tissues[i][1]:
                     pres[i], tissues[i], used[i] = alt, alt_tissue, True
-        stage1_s = time.perf_counter() - start
+        return pres, tissues, used, preprocess_s, time.perf_counter() - start
+
+    def tissue_and_roi_batch(self, pixels_list: list[np.ndarray], names: list[str | None] | None = None,
+                             view_positions: list[str | None] | None = None) -> list[TissueAndRoi]:
+        """Preprocess each image ((H, W) uint8/uint16 as read), run stage 1 on all in one call, reconcile each map
+        with the anatomy rules, find each ROI.
+
+        Everything is in the preprocessed frame (working scale, orientation normalised). ``names`` (file names) and
+        ``view_positions`` (DICOM ViewPosition) tell the anatomy rules the view (``mammo.cascade.anatomy.view_of``).
+        Each result's ``timings_s`` holds the batch's preprocessing and stage-1 seconds divided by the number of
+        images.
+        """
+        if not pixels_list:
+            return []
+        names = names or [None] * len(pixels_list)
+        view_positions = view_positions or [None] * len(pixels_list)
+        pres, tissues, used, preprocess_s, stage1_s = self._stage1(pixels_list)
         found = []
-        for pre, (classes, confidence), strong_used in zip(pres, tissues, used):
+        for pre, (probs, confidence), strong_used, name, view in zip(pres, tissues, used, names, view_positions):
+            reconciled = (anatomy_rules.reconcile(probs, view_position=view, file_name=name) if self.anatomy
+                          else None)
+            classes = reconciled.classes if reconciled else probs.argmax(axis=0).astype(np.uint8)
             box, source = fgt_roi_box(classes, rule=self.roi_rule)
             timings = {"preprocess": preprocess_s / len(pres), "stage1": stage1_s / len(pres)}
-            found.append(TissueAndRoi(pre.image, pre.flipped, classes, confidence, box, source, strong_used, timings))
+            found.append(TissueAndRoi(pre.image, pre.flipped, classes, confidence, box, source, strong_used, timings,
+                                      probs=probs, anatomy=reconciled, pre=pre))
         return found
 
-    def tissue_and_roi(self, pixels: np.ndarray) -> TissueAndRoi:
+    def tissue_and_roi(self, pixels: np.ndarray, name: str | None = None,
+                       view_position: str | None = None) -> TissueAndRoi:
         """:meth:`tissue_and_roi_batch` on one image."""
-        return self.tissue_and_roi_batch([pixels])[0]
+        return self.tissue_and_roi_batch([pixels], [name], [view_position])[0]
 
-    def run_batch(self, pixels_list: list[np.ndarray]) -> list[CascadeResult]:
+    def run_batch(self, pixels_list: list[np.ndarray], names: list[str | None] | None = None,
+                  view_positions: list[str | None] | None = None) -> list[CascadeResult]:
         """The whole cascade on several images as read (``(H_i, W_i)`` uint8 or uint16; sizes may differ).
 
         Stage 1 runs once over all images and stage 2 once over all ROI crops (each letterboxed to its network
         size); the results equal those of one image at a time up to floating-point summation order. ``timings_s``
-        of each result holds the batch's seconds per step divided by the number of images.
+        of each result holds the batch's seconds per step divided by the number of images. ``names`` /
+        ``view_positions``: see :meth:`tissue_and_roi_batch`.
         """
         if self.stage2 is None:
             raise RuntimeError("this Cascade was built without a stage-2 checkpoint; pass one to run stage 2")
-        found = self.tissue_and_roi_batch(pixels_list)
+        found = self.tissue_and_roi_batch(pixels_list, names, view_positions)
         if not found:
             return []
         start = time.perf_counter()
         lesions = predict_lesion_batch(self.stage2, [f.image[f.roi_box.slices()] for f in found], self.stage2_size,
                                        self.tta)
         stage2_s = (time.perf_counter() - start) / len(found)
-        results = []
-        for f, lesion in zip(found, lesions):
-            full = paste_into_box(lesion, f.roi_box, f.image.shape[:2])
-            results.append(CascadeResult(
-                tissue_classes=imaging.unflip(f.tissue_classes, f.flipped),
-                lesion_prob=imaging.unflip(full, f.flipped),
-                roi_box=f.roi_box.mirrored(f.image.shape[1]) if f.flipped else f.roi_box,
-                roi_source=f.roi_source,
-                tissue_confidence=f.confidence,
-                flipped=f.flipped,
-                adaptive_clahe_used=f.adaptive_clahe_used,
-                timings_s={**f.timings_s, "stage2": stage2_s},
-                dense_tissue=imaging.unflip(imaging.dense_tissue(f.image, f.tissue_classes), f.flipped),
-            ))
-        return results
+        return [_to_input(f, lesion, stage2_s) for f, lesion in zip(found, lesions)]
 
-    def __call__(self, pixels: np.ndarray) -> CascadeResult:
+    def __call__(self, pixels: np.ndarray, name: str | None = None, view_position: str | None = None) -> CascadeResult:
         """Run the whole cascade on one image as read (``(H, W)`` uint8 or uint16): :meth:`run_batch` of one."""
-        return self.run_batch([pixels])[0]
+        return self.run_batch([pixels], [name], [view_position])[0]

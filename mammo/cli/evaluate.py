@@ -112,6 +112,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--channels-last", action="store_true", help="channels-last memory format (torch backend)")
     parser.add_argument("--adaptive-clahe", choices=("off", "on", "auto"), default="off",
                         help="stronger CLAHE for low-contrast images (default: %(default)s)")
+    parser.add_argument("--no-anatomy", dest="anatomy", action="store_false",
+                        help="score stage 1's own map, without the anatomy rules (to measure what they add)")
     parser.add_argument("--export-onnx", type=str, default=None, metavar="DIR",
                         help="also export the given checkpoints to DIR/stage1.onnx and DIR/stage2.onnx")
     # metric settings
@@ -344,7 +346,8 @@ def _cascade_predictor(args: argparse.Namespace, needs_stage2: bool, lesion_give
         print(release.default_weights_note(path, stage))
         setattr(args, f"stage{stage}_weights", str(path))
     return predictors.CascadePredictions(args.stage1_weights, args.stage2_weights, args.backend, args.device,
-                                         args.tta, args.adaptive_clahe, args.channels_last, args.threads)
+                                         args.tta, args.adaptive_clahe, args.channels_last, args.threads,
+                                         anatomy=args.anatomy)
 
 
 def _progress():

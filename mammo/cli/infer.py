@@ -133,6 +133,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--adaptive-clahe", action="store_true",
                         help="when stage 1 is unsure (mean confidence < cascade.ADAPTIVE_CLAHE_CONFIDENCE), re-run it "
                              "with the stronger CLAHE and keep the more confident result (reported per image)")
+    parser.add_argument("--no-anatomy", dest="anatomy", action="store_false",
+                        help="keep stage 1's own tissue map: do not reconcile it with the anatomy rules (one breast, "
+                             "one pectoral muscle at the top of an MLO view, none on a CC view)")
     parser.add_argument("--batch-size", type=common.positive_int, default=1,
                         help="images per network call: stage 1 runs on the group's letterboxed images at once, then "
                              "stage 2 on their ROI crops (more memory, faster on a GPU) (default: %(default)s)")
@@ -357,9 +360,9 @@ def main(args: argparse.Namespace | None = None) -> int:
     try:
         stage1_path, stage2_path = _resolve_weights(args)
         shipped = _shipped_weights_notes(args, (stage1_path, stage2_path))
-        loaded = load.load_cascade(stage1_path, stage2_path, device=device, backend=args.backend,
-                                        tta=args.tta, adaptive_clahe=args.adaptive_clahe, amp=args.amp,
-                                        threads=threads)
+        loaded = load.load_cascade(stage1_path, stage2_path, device=device, backend=args.backend, tta=args.tta,
+                                   adaptive_clahe=args.adaptive_clahe, amp=args.amp, threads=threads,
+                                   anatomy=args.anatomy)
         lesion = release.resolve_lesion_settings(loaded.cascade.stage2_checkpoint, args.threshold,
                                                  args.min_lesion_area)
     except (FileNotFoundError, ValueError, RuntimeError) as error:

@@ -90,6 +90,15 @@ class FolderPredictions:
                              "(cascade_inference.py's *_tissue_seg.png, not the colour map)")
         return classes.astype(np.uint8)
 
+    def dense_tissue(self, case: Case, pixels: np.ndarray, tissue: np.ndarray) -> np.ndarray | None:
+        """The case's ``<stem>_dense_mask.png`` as ``(H, W)`` bool; for outputs written before that file existed, the
+        dense pixels of ``tissue``'s FGT region in the image preprocessed with the default configuration
+        (``imaging.dense_tissue``), mapped to the input's size."""
+        if self._find(f"{case.stem}_dense_mask.png") is not None:
+            return imaging.read_image(self._file(case, "_dense_mask.png")).pixels > 0
+        pre = imaging.preprocess(pixels, imaging.DEFAULT_PREPROCESS)
+        return imaging.dense_tissue(pre.to_input(pre.image, "linear"), tissue)
+
     def lesion(self, case: Case, pixels: np.ndarray) -> LesionPrediction:
         """The case's ``<stem>_cancer_prob.png`` as float32 probabilities in [0, 1], with the ROI box and source of
         ``<stem>.json`` and the tissue map when those files exist (None otherwise).
@@ -131,7 +140,7 @@ class CascadePredictions:
     """
 
     def __init__(self, stage1_weights: str, stage2_weights: str | None, backend: str, device: str, tta: bool,
-                 adaptive_clahe: str, channels_last: bool, threads: int | None):
+                 adaptive_clahe: str, channels_last: bool, threads: int | None, anatomy: bool = True):
         checks.checkpoint_file(stage1_weights, "--stage1-weights", 1, allow_onnx=True)
         if stage2_weights:
             checks.checkpoint_file(stage2_weights, "--stage2-weights", 2, allow_onnx=True)
@@ -144,7 +153,8 @@ class CascadePredictions:
                                                        channels_last=channels_last, threads=threads)
         self.cascade = cascade.Cascade(checkpoint1, checkpoint2, stage1_runner=runner1, stage2_runner=runner2,
                                        tta=tta, adaptive_clahe=adaptive_clahe, stage1_name=str(stage1_weights),
-                                       stage2_name=str(stage2_weights) if stage2_weights else None)
+                                       stage2_name=str(stage2_weights) if stage2_weights else None,
+                                       anatomy=anatomy)
         self.seconds: list[float] = []
         self.preprocess_config = self.cascade.preprocess_config  # the image the network sees (dense-tissue split)
 
@@ -152,9 +162,18 @@ class CascadePredictions:
         """Stage 1 on ``pixels`` (``(H, W)`` as read): ``(H, W)`` uint8 classes 0..3 in the image's orientation.
         The seconds taken are appended to :attr:`seconds`."""
         start = time.perf_counter()
-        found = self.cascade.tissue_and_roi(pixels)
+        found = self.cascade.tissue_and_roi(pixels, name=Path(case.image_path).name)
         self.seconds.append(time.perf_counter() - start)
-        return imaging.unflip(found.tissue_classes, found.flipped)
+        self._last = (case.image_path, found)
+        return found.tissue_at_input()
+
+    def dense_tissue(self, case: Case, pixels: np.ndarray, tissue: np.ndarray) -> np.ndarray:
+        """The cascade's dense-tissue mask of the image :meth:`tissue` ran on last (``(H, W)`` bool, as inference
+        writes it); ``tissue`` is not used."""
+        path, found = getattr(self, "_last", (None, None))
+        if path != case.image_path:
+            found = self.cascade.tissue_and_roi(pixels, name=Path(case.image_path).name)
+        return found.dense_at_input(tissue)
 
     def lesion(self, case: Case, pixels: np.ndarray) -> LesionPrediction:
         """The whole cascade on ``pixels``: the lesion probability at the original size, ROI box, tissue map and
@@ -166,6 +185,6 @@ class CascadePredictions:
         if self.cascade.stage2 is None:
             raise RuntimeError("lesion evaluation needs --stage2-weights (or --predictions-dir)")
         start = time.perf_counter()
-        result = self.cascade(pixels)
+        result = self.cascade(pixels, name=Path(case.image_path).name)
         self.seconds.append(time.perf_counter() - start)
         return LesionPrediction(result.lesion_prob, result.roi_box, result.tissue_classes, result.roi_source)

@@ -318,13 +318,21 @@ def otsu_fgt(pixels: np.ndarray, tissue_classes: np.ndarray) -> tuple[np.ndarray
     return breast & (image8 > level), level
 
 
-def density_row(pixels: np.ndarray, pred: np.ndarray, dense: np.ndarray, image8: np.ndarray | None = None) -> dict:
-    """Per-image density metrics of the model's tissue map ``pred`` (its FGT region, and with ``image8`` the dense
-    pixels of that region, :func:`imaging.dense_tissue`, prefixed ``dense_``) and of the :func:`otsu_fgt` baseline.
+def pectoral_fraction(tissue_classes: np.ndarray) -> float:
+    """The share of the breast (every non-background pixel) labelled pectoral muscle, in [0, 1]; 0 for no breast.
+    A muscle is 10-25 % of an MLO view and absent from a CC view (issue 19's anatomy)."""
+    breast = int(np.count_nonzero(tissue_classes != labels.BACKGROUND))
+    return int(np.count_nonzero(tissue_classes == labels.PECTORAL)) / breast if breast else 0.0
+
+
+def density_row(pixels: np.ndarray, pred: np.ndarray, dense: np.ndarray, model_dense: np.ndarray | None = None) -> dict:
+    """Per-image density metrics of the model's tissue map ``pred`` (its FGT region, and with ``model_dense`` the
+    model's dense-tissue mask, prefixed ``dense_``) and of the :func:`otsu_fgt` baseline.
 
     Args:
         pixels: ``(H, W)`` image as read; pred: ``(H, W)`` class map 0..3; dense: ``(H, W)`` bool dense-tissue mask;
-        image8: ``(H, W)`` uint8 preprocessed image in ``pred``'s orientation (None: no ``dense_`` figures).
+        model_dense: ``(H, W)`` bool, the model's dense pixels (inference's ``<stem>_dense_mask.png``; None: no
+            ``dense_`` figures).
 
     Returns:
         dict: ``fgt_dice`` and its counts (``fgt_intersection_pixels``, ``fgt_pred_pixels``, ``fgt_truth_pixels``),
@@ -342,11 +350,13 @@ def density_row(pixels: np.ndarray, pred: np.ndarray, dense: np.ndarray, image8:
     mask_density = metrics.mask_percent_density(dense, pred)
     otsu, level = otsu_fgt(pixels, pred)
     row = {"breast_pixels": int(((pred == labels.ADIPOSE) | (pred == labels.FGT)).sum()),
-           "percent_density_mask": mask_density}
+           "percent_density_mask": mask_density, "pectoral_fraction": pectoral_fraction(pred)}
     breast = row["breast_pixels"]
     variants = [("", pred == labels.FGT), ("otsu_", otsu)]
-    if image8 is not None:
-        variants.append(("dense_", imaging.dense_tissue(image8, pred)))
+    if model_dense is not None:
+        if model_dense.shape != pred.shape:
+            raise ValueError(f"the model's dense mask {model_dense.shape} and tissue map {pred.shape} differ in size")
+        variants.append(("dense_", model_dense.astype(bool)))
     for prefix, fgt in variants:
         density = 100.0 * int(fgt.sum()) / breast if breast else float("nan")
         row.update({f"{prefix}fgt_dice": metrics.binary_dice(fgt, dense),
@@ -376,7 +386,9 @@ def summarize_density(rows: list[dict]) -> dict:
     known = [r for r in rows if math.isfinite(r["percent_density_mask"])]
     mask_density = [r["percent_density_mask"] for r in known]
     out = {"n_images": len(rows), "density_images": len(known),
-           "percent_density_mask_mean": _spread(mask_density)[0]}
+           "percent_density_mask_mean": _spread(mask_density)[0],
+           "pectoral_fraction_mean": _spread([r["pectoral_fraction"] for r in rows])[0],
+           "pectoral_fraction_max": max(r["pectoral_fraction"] for r in rows)}
     variants = [("model", ""), ("otsu_baseline", "otsu_")] + (
         [("model_dense_pixels", "dense_")] if all("dense_fgt_dice" in r for r in rows) else [])
     for name, prefix in variants:
@@ -402,9 +414,7 @@ def evaluate_density(cases: list[Case], predictor, skipped: list, progress=None)
             if dense.shape != pixels.shape:
                 raise ValueError(f"mask {case.truth_path} is {dense.shape} but the image is {pixels.shape}")
             pred = predictor.tissue(case, pixels)
-            config = getattr(predictor, "preprocess_config", None) or imaging.DEFAULT_PREPROCESS
-            pre = imaging.preprocess(pixels, config)
-            row = density_row(pixels, pred, dense, imaging.unflip(pre.image, pre.flipped))
+            row = density_row(pixels, pred, dense, predictor.dense_tissue(case, pixels, pred))
         except (OSError, ValueError, RuntimeError, imaging.ImageReadError) as error:
             skipped.append({"task": "density", "image": case.image_path, "reason": f"{type(error).__name__}: {error}"})
             continue
@@ -429,7 +439,8 @@ def csaw_row(predicted: LesionPrediction, truth: np.ndarray, pectoral: np.ndarra
                 "pectoral_dice": metrics.binary_dice(pred, pectoral) if scored else float("nan"),
                 "pectoral_intersection_pixels": int((pred & pectoral).sum()) if scored else 0,
                 "pectoral_pred_pixels": int(pred.sum()) if scored else 0,
-                "pectoral_truth_pixels": int(pectoral.sum()) if scored else 0})
+                "pectoral_truth_pixels": int(pectoral.sum()) if scored else 0,
+                "pectoral_fraction": pectoral_fraction(predicted.tissue_classes)})
     return row
 
 
@@ -439,12 +450,16 @@ def summarize_csaw(rows: list[dict]) -> dict:
     if not rows:
         return {"n_images": 0}
     mlo = [r for r in rows if r["has_pectoral"]]
+    cc = [r for r in rows if not r["has_pectoral"]]  # CSAW-S: an empty pectoral mask is a CC view
     mean, std = _spread([r["pectoral_dice"] for r in mlo])
     sums = [sum(r[f"pectoral_{k}_pixels"] for r in mlo) for k in ("intersection", "pred", "truth")]
     return {"n_images": len(rows), "patients": sorted({r["patient"] for r in rows}),
             "pectoral": {"n_images": len(mlo), "dice_mean": mean, "dice_std": std,
                          "dice_pooled": float(metrics.dice_from_counts(*sums)) if mlo else float("nan"),
-                         "per_image": {r["stem"]: r["pectoral_dice"] for r in mlo}},
+                         "per_image": {r["stem"]: r["pectoral_dice"] for r in mlo},
+                         "fraction_cc_mean": _spread([r["pectoral_fraction"] for r in cc])[0] if cc else float("nan"),
+                         "fraction_cc_max": max((r["pectoral_fraction"] for r in cc), default=float("nan")),
+                         "fraction_max": max(r["pectoral_fraction"] for r in rows)},
             "lesion": summarize_lesion(rows)}
 
 

@@ -23,14 +23,15 @@ This package creates no threads at import time and leaves ``cv2.setNumThreads`` 
 
 from __future__ import annotations
 
-from mammo.imaging.breast import breast_on_right, breast_threshold, dense_tissue, histogram_u8, otsu_level
+from mammo.imaging.breast import (breast_height, breast_on_right, breast_threshold, dense_tissue, histogram_u8,
+                                  otsu_level)
 from mammo.imaging.dicom import (FOR_PROCESSING_SOP_CLASSES, RAW_STRETCH_PERCENTILES, dicom_pixel_spacing,
                                  is_for_processing)
 from mammo.imaging.errors import ImageReadError
 from mammo.imaging.formats import (DICOM_SUFFIXES, IMAGE_FORMATS, LOSSLESS_FORMATS, image_format, looks_like_text,
                                    sniff_format)
-from mammo.imaging.geometry import (SIZE_MULTIPLE, LetterboxGeometry, letterbox, letterbox_geometry, network_size,
-                                    unletterbox)
+from mammo.imaging.geometry import (SIZE_MULTIPLE, WORKING_SCALE_LIMITS, LetterboxGeometry, letterbox,
+                                    letterbox_geometry, network_size, resize, unletterbox, working_size)
 from mammo.imaging.preprocessing import (DEFAULT_PREPROCESS, Preprocessed, check_preprocess_config, preprocess,
                                          scale_to_uint8, unflip)
 from mammo.imaging.raster import apply_exif_orientation, exif_orientation
@@ -72,5 +73,9 @@ __all__ = [
     "sniff_format",
     "unflip",
     "unletterbox",
+    "resize",
+    "working_size",
+    "WORKING_SCALE_LIMITS",
+    "breast_height",
     "write_png",
 ]

@@ -126,3 +126,13 @@ def breast_on_right(image8: np.ndarray) -> bool:
     counts = (smooth > breast_threshold(smooth)).sum(axis=0)
     left, right = int(counts[: w // 2].sum()), int(counts[w - w // 2:].sum())
     return right > left
+
+
+def breast_height(image8: np.ndarray) -> int:
+    """Height in pixels of the breast of an 8-bit mammogram: the bounding-box height of the largest 8-connected
+    region above :func:`breast_threshold` (labels and markers are smaller regions); 0 when there is none."""
+    mask = (image8 > breast_threshold(image8)).astype(np.uint8)
+    count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if count <= 1:
+        return 0
+    return int(stats[1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA])), cv2.CC_STAT_HEIGHT])

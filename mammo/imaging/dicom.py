@@ -118,7 +118,8 @@ def dicom_pixel_spacing(ds: Any, notes: list[str]) -> tuple[float, float] | None
     return spacing
 
 
-def _read_dicom(data: bytes, path: Path, notes: list[str]) -> tuple[np.ndarray, tuple[float, float] | None]:
+def _read_dicom(data: bytes, path: Path, notes: list[str],
+                info: dict | None = None) -> tuple[np.ndarray, tuple[float, float] | None]:
     """Decode a DICOM file to (H, W) uint8/uint16 in display orientation, plus its pixel spacing in mm.
 
     Grayscale pipeline (DICOM PS3.3 C.11 and PS3.4 N.2): stored values -> modality LUT or rescale
@@ -132,8 +133,12 @@ def _read_dicom(data: bytes, path: Path, notes: list[str]) -> tuple[np.ndarray, 
 
     Raises:
         ImageReadError: not a DICOM file, no or undecodable pixel data, invalid LUT / window or value range.
+
+    ``info``, when given, receives ``view_position`` (the ViewPosition attribute, or None).
     """
     ds = _read_dataset(data, path)
+    if info is not None:  # what the anatomy rules need: the view (DICOM PS3.3 C.8.11.7, e.g. "MLO", "CC")
+        info["view_position"] = str(ds.get("ViewPosition", "") or "").strip() or None
     arr = _pixel_array(ds, path)
     samples = int(ds.get("SamplesPerPixel", 1))
     frames = int(ds.get("NumberOfFrames", 1) or 1)

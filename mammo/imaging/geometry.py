@@ -137,6 +137,33 @@ def _resize(array: np.ndarray, out_hw: tuple[int, int], interpolation: str) -> n
     return out.reshape(array.shape[:-2] + (oh, ow))
 
 
+def resize(array: np.ndarray, out_hw: tuple[int, int], interpolation: str) -> np.ndarray:
+    """Resize the last two axes of ``array`` to ``out_hw`` (pixels): ``"nearest"`` (pixel-centre rule, any dtype:
+    label maps and masks), ``"linear"`` (INTER_AREA when shrinking, INTER_LINEAR when enlarging) or ``"area"``.
+
+    Raises:
+        ValueError: an unknown interpolation. TypeError: linear / area resizing of an unsupported dtype.
+    """
+    return _resize(array, tuple(int(v) for v in out_hw), interpolation)
+
+
+#: Limits of the working-scale factor (working size / input size): a breast is never enlarged more than 8 times or
+#: shrunk below 1/16 (a thumbnail or a 1-pixel image is not blown up to the working size). Ours.
+WORKING_SCALE_LIMITS = (1.0 / 16.0, 8.0)
+
+
+def working_size(shape_hw: tuple[int, int], breast_height_px: int, target_breast_height_px: int) -> tuple[int, int]:
+    """The image size at which the breast is ``target_breast_height_px`` high: ``shape_hw`` scaled by
+    ``target / breast_height_px`` (clipped to :data:`WORKING_SCALE_LIMITS`), aspect kept, each side >= 1 px.
+    The input size itself when the target is 0 (off) or no breast was found."""
+    h, w = (int(v) for v in shape_hw)
+    if target_breast_height_px <= 0 or breast_height_px <= 0:
+        return h, w
+    low, high = WORKING_SCALE_LIMITS
+    factor = min(max(target_breast_height_px / breast_height_px, low), high)
+    return max(1, int(round(h * factor))), max(1, int(round(w * factor)))
+
+
 def letterbox(image: np.ndarray, size_hw: tuple[int, int] | int,
               interpolation: str = "linear") -> tuple[np.ndarray, LetterboxGeometry]:
     """Aspect-preserving resize of an image or mask into a network-size canvas (zero padding bottom / right).

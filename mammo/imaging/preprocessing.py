@@ -9,7 +9,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from mammo.imaging.breast import breast_on_right, breast_threshold
+from mammo.imaging.breast import breast_height, breast_on_right, breast_threshold
+from mammo.imaging.geometry import resize, working_size
 
 
 #: The preprocessing used by training and inference; stored in every checkpoint (plain JSON types only).
@@ -33,6 +34,12 @@ DEFAULT_PREPROCESS: dict[str, Any] = {
     # DDSM tissue 41-74 (never low); CDD-CESM DM median 39 (10% below 30), CM median 32 (~45% below 30).
     "low_contrast_std": 30.0,
     "normalize_orientation": True,       # mirror left-right so that the chest wall (breast base) is on the left
+    # Working scale: the image is resized so that the breast is this many pixels high before the median filter and
+    # CLAHE, whatever the input's resolution (0 = off: work at the input's own size). 960 px is the median breast
+    # height of the stage-1 training images (DDSM tissue set 960, CSAW-S 967; imaging.breast_height on
+    # ../shared/data). Pixel spacing is not used: the training images state none, and a size rule holds on every
+    # input. Configs stored before this key existed get it from here (the shipped model was trained at about it).
+    "working_breast_height_px": 960,
 }
 
 
@@ -68,6 +75,9 @@ def check_preprocess_config(config: dict | None) -> dict[str, Any]:
     grid = list(cfg["clahe_tile_grid"])
     if len(grid) != 2 or min(int(g) for g in grid) < 1:
         raise ValueError(f"clahe_tile_grid must be two positive ints (rows, cols), got {cfg['clahe_tile_grid']!r}")
+    target = cfg["working_breast_height_px"]
+    if isinstance(target, bool) or not isinstance(target, int) or target < 0:
+        raise ValueError(f"working_breast_height_px must be a whole number of pixels >= 0 (0 = off), got {target!r}")
     return cfg
 
 
@@ -118,9 +128,11 @@ class Preprocessed:
     """Result of :func:`preprocess`.
 
     Attributes:
-        image: ``(H, W)`` uint8, the network's view of the mammogram (same H, W as the input).
+        image: ``(h, w)`` uint8, the network's view of the mammogram at the working scale (the input's ``(H, W)``
+            scaled so that the breast is ``working_breast_height_px`` high; the input's size when that is 0).
         flipped: True when the image was mirrored left-right for orientation normalisation; undo with
-            :func:`unflip` on every output derived from ``image``.
+            :func:`unflip` on every output derived from ``image`` (and :func:`to_input_size` to go back to ``(H, W)``).
+        input_hw: the input's ``(H, W)``.
         clahe_clip_limit: the CLAHE clip limit actually used (the adaptive one for low-contrast images).
         breast_std: standard deviation of the 8-bit breast pixels before CLAHE (the low-contrast measure).
     """
@@ -129,13 +141,31 @@ class Preprocessed:
     flipped: bool
     clahe_clip_limit: float = 0.0
     breast_std: float = 0.0
+    input_hw: tuple[int, int] = (0, 0)
+
+    @property
+    def scale(self) -> float:
+        """Working size / input size (rows), 1.0 when the image was not resized."""
+        return self.image.shape[0] / self.input_hw[0] if self.input_hw[0] else 1.0
+
+    def to_working(self, array: np.ndarray, interpolation: str = "nearest") -> np.ndarray:
+        """An array of the input's ``(H, W)`` and orientation (a mask, a label map) in this image's frame: mirrored
+        like it and resized to its ``(h, w)``."""
+        return resize(unflip(array, self.flipped), self.image.shape[:2], interpolation)
+
+    def to_input(self, array: np.ndarray, interpolation: str = "nearest") -> np.ndarray:
+        """The inverse of :meth:`to_working`: an ``(..., h, w)`` array of this frame at the input's ``(H, W)`` and
+        orientation."""
+        return unflip(resize(array, self.input_hw, interpolation), self.flipped)
 
 
 def preprocess(pixels: np.ndarray, config: dict | None = DEFAULT_PREPROCESS,
                adaptive_clahe: bool = False) -> Preprocessed:
     """Preprocess a mammogram for the networks; the same function for training and inference.
 
-    Steps: (1) intensity scaling to 8 bit (:func:`scale_to_uint8`); (2) median filter (``median_kernel``,
+    Steps: (1) intensity scaling to 8 bit (:func:`scale_to_uint8`); (1b) the working scale: resized so that the
+    breast (:func:`~mammo.imaging.breast.breast_height`) is ``working_breast_height_px`` high, so that the filters
+    below and the networks see the same mammogram at any input resolution; (2) median filter (``median_kernel``,
     ``cv2.medianBlur``); (3) orientation normalisation (below); (4) CLAHE
     (``cv2.createCLAHE(clahe_clip_limit, clahe_tile_grid)``); when adaptive CLAHE is on (``adaptive_clahe``
     argument or config key) and the breast pixels' standard deviation after the median is below
@@ -151,13 +181,17 @@ def preprocess(pixels: np.ndarray, config: dict | None = DEFAULT_PREPROCESS,
         adaptive_clahe: switch adaptive CLAHE on for this call (in addition to ``config["adaptive_clahe"]``).
 
     Returns:
-        Preprocessed(image ``(H, W)`` uint8, flipped, clahe_clip_limit, breast_std).
+        Preprocessed(image ``(h, w)`` uint8 at the working scale, flipped, clahe_clip_limit, breast_std, input_hw).
 
     Raises:
         TypeError / ValueError: bad pixel type / shape or config (see :func:`check_preprocess_config`).
     """
     cfg = check_preprocess_config(config)
     img = scale_to_uint8(pixels, cfg)
+    input_hw = (int(img.shape[0]), int(img.shape[1]))
+    target = int(cfg["working_breast_height_px"])
+    if target:
+        img = resize(img, working_size(input_hw, breast_height(img), target), "linear")
     k = int(cfg["median_kernel"])
     if k > 1:
         img = cv2.medianBlur(img, k)
@@ -172,7 +206,7 @@ def preprocess(pixels: np.ndarray, config: dict | None = DEFAULT_PREPROCESS,
     if clip > 0:
         rows, cols = (int(g) for g in cfg["clahe_tile_grid"])
         img = cv2.createCLAHE(clipLimit=clip, tileGridSize=(cols, rows)).apply(img)
-    return Preprocessed(image=img, flipped=flipped, clahe_clip_limit=clip, breast_std=breast_std)
+    return Preprocessed(image=img, flipped=flipped, clahe_clip_limit=clip, breast_std=breast_std, input_hw=input_hw)
 
 
 def unflip(array: np.ndarray, flipped: bool) -> np.ndarray:

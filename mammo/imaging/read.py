@@ -31,6 +31,7 @@ class MammogramImage:
             ImagerPixelSpacing); None otherwise (PNG/JPEG/TIFF resolution tags are not trusted).
         source_format: "png", "jpeg", "tiff", "bmp", "pgm", "dicom" (or the decoder's guess from the suffix).
         notes: human-readable remarks on conversions made (colour to gray, frame dropped, DICOM range mapping).
+        view_position: the DICOM ViewPosition ("MLO", "CC", ...) when the file states it; None otherwise.
     """
 
     pixels: np.ndarray
@@ -39,6 +40,7 @@ class MammogramImage:
     pixel_spacing_mm: tuple[float, float] | None = None
     source_format: str = ""
     notes: list[str] = field(default_factory=list)
+    view_position: str | None = None
 
 
 #: The last 8 bytes of every complete PNG: the IEND chunk's type and CRC (PNG specification 11.2.5).
@@ -89,16 +91,16 @@ def read_image(path: str | os.PathLike) -> MammogramImage:
         raise ImageReadError(p, "corrupt PNG, truncated (no IEND chunk at its end): an interrupted copy or download? "
                                 "Copy it again")
     notes: list[str] = []
-    spacing = None
+    spacing, info = None, {}
     if fmt == "dicom":
-        pixels, spacing = _read_dicom(data, p, notes)
+        pixels, spacing = _read_dicom(data, p, notes, info)
     else:
         pixels = _decode_raster(data, p, fmt, notes)
     if pixels.ndim != 2 or pixels.shape[0] < 1 or pixels.shape[1] < 1:
         raise ImageReadError(p, f"expected a 2-D grayscale image, found shape {pixels.shape}")
     return MammogramImage(pixels=np.ascontiguousarray(pixels), path=str(p),
                           bit_depth=8 if pixels.dtype == np.uint8 else 16, pixel_spacing_mm=spacing,
-                          source_format=fmt, notes=notes)
+                          source_format=fmt, notes=notes, view_position=info.get("view_position"))
 
 
 #: DDSM tissue label intensities -> class indices (dataset readme of tiryakiv/Mammogram-segmentation; see

@@ -45,6 +45,15 @@ class RoiBox:
         """The same box after mirroring an image of ``image_width`` pixels left-right."""
         return RoiBox(self.y0, image_width - self.x1, self.y1, image_width - self.x0)
 
+    def scaled(self, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> "RoiBox":
+        """The same region in an image resized from ``from_hw`` to ``to_hw`` (pixels): the smallest box of the new
+        grid that covers it (start rounded down, end rounded up), clipped to the image, at least 1 px a side."""
+        fy, fx = to_hw[0] / from_hw[0], to_hw[1] / from_hw[1]
+        y0, x0 = min(int(np.floor(self.y0 * fy)), to_hw[0] - 1), min(int(np.floor(self.x0 * fx)), to_hw[1] - 1)
+        y1 = min(max(int(np.ceil(self.y1 * fy)), y0 + 1), to_hw[0])
+        x1 = min(max(int(np.ceil(self.x1 * fx)), x0 + 1), to_hw[1])
+        return RoiBox(y0, x0, y1, x1)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -10,6 +10,8 @@ image, Segmentation Type BINARY (PS3.3 C.8.20.2), one frame per segment, always 
 3. "Pectoral muscle": ``tissue_classes == 3``; category Anatomical Structure (SCT 91723000), type Pectoralis major
    muscle (SCT 60005003).
 4. "Lesion": ``lesion_mask``; category Morphologically Abnormal Structure (SCT 49755003), type Lesion (SCT 52988006).
+5. "Dense tissue", written when a ``dense_mask`` is given (the suite always gives one): the dense pixels whose share of
+   the breast is the record's percent density; category Tissue, type Mammographic breast density (SCT 129793001).
 
 Why these codes: :data:`SEGMENTS`. Background (class 0) is not a segment: a SEG pixel outside every segment is
 background by definition. The lesion segment overlaps the tissue segments (Segments Overlap is stated in the file).
@@ -79,6 +81,8 @@ PLACEHOLDER_SLICE_THICKNESS_MM = 1.0
 
 #: Number of the lesion segment (the tissue segments are numbered by their stage-1 class ids 1..3).
 LESION_SEGMENT = 4
+#: Number of the dense-tissue segment (present when a dense mask is given).
+DENSE_SEGMENT = 5
 
 #: Segment number -> (Segment Label, Segmented Property Category, Segmented Property Type, anatomic region or None).
 #: Codes from ``pydicom.sr.codedict.codes`` (DICOM PS3.16). Categories from CID 7150 "Segmentation Property
@@ -99,6 +103,8 @@ SEGMENTS: dict[int, tuple[str, Any, Any, Any]] = {
     labels.FGT: ("Fibroglandular tissue", codes.SCT.Tissue, codes.SCT.Parenchyma, codes.SCT.Breast),
     labels.PECTORAL: ("Pectoral muscle", codes.SCT.AnatomicalStructure, codes.SCT.PectoralisMajorMuscle, None),
     LESION_SEGMENT: ("Lesion", codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Lesion, codes.SCT.Breast),
+    # the dense pixels: SCT 129793001 "Mammographic breast density" (pydicom's dictionary), region Breast
+    DENSE_SEGMENT: ("Dense tissue", codes.SCT.Tissue, codes.SCT.MammographicBreastDensity, codes.SCT.Breast),
 }
 
 #: Recommended Display CIELab Value (0062,000D) of each segment, given here in RGB. The tissue colours are those of
@@ -107,7 +113,7 @@ SEGMENTS: dict[int, tuple[str, Any, Any, Any]] = {
 #: figure.
 SEGMENT_COLORS_RGB: dict[int, tuple[int, int, int]] = {
     labels.ADIPOSE: (240, 200, 60), labels.FGT: (220, 40, 150), labels.PECTORAL: (60, 120, 255),
-    LESION_SEGMENT: (255, 0, 0),
+    LESION_SEGMENT: (255, 0, 0), DENSE_SEGMENT: (255, 255, 255),
 }
 
 #: Attributes highdicom reads from the source without a default (Type 2 in the Patient / General Study modules,
@@ -228,18 +234,21 @@ def _check_request(source: Dataset | str | os.PathLike, name: str, out_path: Pat
     return ds
 
 
-def _stacked_segments(tissue_classes: np.ndarray, lesion_mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """``(1, H, W, 4)`` uint8, one channel per segment (number - 1): highdicom's layout for overlapping BINARY
-    segments."""
-    stacked = np.zeros((1, *shape, len(SEGMENTS)), dtype=np.uint8)
+def _stacked_segments(tissue_classes: np.ndarray, lesion_mask: np.ndarray, shape: tuple[int, int],
+                      dense_mask: np.ndarray | None = None) -> np.ndarray:
+    """``(1, H, W, 4)`` uint8 (``(1, H, W, 5)`` with ``dense_mask``), one channel per segment (number - 1):
+    highdicom's layout for overlapping BINARY segments."""
+    stacked = np.zeros((1, *shape, LESION_SEGMENT if dense_mask is None else DENSE_SEGMENT), dtype=np.uint8)
     for number in (labels.ADIPOSE, labels.FGT, labels.PECTORAL):
         stacked[0, :, :, number - 1] = tissue_classes == number
     stacked[0, :, :, LESION_SEGMENT - 1] = lesion_mask
+    if dense_mask is not None:
+        stacked[0, :, :, DENSE_SEGMENT - 1] = dense_mask
     return stacked
 
 
-def _segment_descriptions(threshold: float | None, min_area_px: int | None,
-                          algorithm_version: str) -> list[hd.seg.SegmentDescription]:
+def _segment_descriptions(threshold: float | None, min_area_px: int | None, algorithm_version: str,
+                          dense: bool = False) -> list[hd.seg.SegmentDescription]:
     """The four segments' descriptions (:data:`SEGMENTS`, in segment order), each naming this suite as its AUTOMATIC
     algorithm; the lesion segment's parameters and description state the threshold and smallest component."""
     family = codes.cid7162.ArtificialIntelligence  # DCM 123110 "Artificial Intelligence", CID 7162 Algorithm Family
@@ -248,6 +257,8 @@ def _segment_descriptions(threshold: float | None, min_area_px: int | None,
         lesion_parameters["min_lesion_area_px"] = str(int(min_area_px))
     descriptions = []
     for number, (label, category, property_type, region) in SEGMENTS.items():
+        if number == DENSE_SEGMENT and not dense:
+            continue
         algorithm = hd.AlgorithmIdentificationSequence(
             name=ALGORITHM_NAME, family=family, version=algorithm_version,
             parameters=(lesion_parameters or None) if number == LESION_SEGMENT else None)
@@ -260,6 +271,8 @@ def _segment_descriptions(threshold: float | None, min_area_px: int | None,
             description.SegmentDescription = ("stage-2 lesion probability" + (
                 f" >= {threshold:g}" if threshold is not None else " above the run's threshold") + (
                 f", components >= {int(min_area_px)} px" if min_area_px is not None else ""))
+        elif number == DENSE_SEGMENT:
+            description.SegmentDescription = "dense pixels of the FGT region (above its Otsu level)"
         else:
             description.SegmentDescription = f"stage-1 tissue class {number} ({labels.TISSUE_CLASS_NAMES[number]})"
         descriptions.append(description)
@@ -299,7 +312,7 @@ def write_dicom_seg(source: Dataset | str | os.PathLike, tissue_classes: np.ndar
                     out_path: str | os.PathLike, *, overwrite: bool = False, threshold: float | None = None,
                     min_area_px: int | None = None, algorithm_version: str = DEFAULT_ALGORITHM_VERSION,
                     series_description: str = DEFAULT_SERIES_DESCRIPTION,
-                    series_number: int = DEFAULT_SERIES_NUMBER) -> Path:
+                    series_number: int = DEFAULT_SERIES_NUMBER, dense_mask: np.ndarray | None = None) -> Path:
     """Write a BINARY DICOM Segmentation of one mammogram: segments 1 adipose, 2 FGT, 3 pectoral muscle, 4 lesion.
 
     See the module docstring for the segment numbering and codes. Every segment is written, empty or not
@@ -327,6 +340,7 @@ def write_dicom_seg(source: Dataset | str | os.PathLike, tissue_classes: np.ndar
         algorithm_version: Algorithm Version (0066,0031) and Software Versions (0018,1020) of the SEG.
         series_description: Series Description (0008,103E) of the new SEG series (at most 64 characters).
         series_number: Series Number (0020,0011) of the new SEG series.
+        dense_mask: ``(Rows, Columns)`` bool dense-tissue mask, written as segment 5; None: four segments.
 
     Returns:
         ``out_path`` as a Path.
@@ -346,8 +360,10 @@ def write_dicom_seg(source: Dataset | str | os.PathLike, tissue_classes: np.ndar
     meta = _source_metadata(ds, name)
     shape = (int(meta.Rows), int(meta.Columns))
     tissue_classes, lesion_mask = _check_masks(tissue_classes, lesion_mask, shape, name)
-    seg = _build_seg(ds, meta, _stacked_segments(tissue_classes, lesion_mask, shape),
-                     _segment_descriptions(threshold, min_area_px, algorithm_version), name,
+    if dense_mask is not None:
+        dense_mask = _check_masks(tissue_classes, dense_mask, shape, name)[1]
+    seg = _build_seg(ds, meta, _stacked_segments(tissue_classes, lesion_mask, shape, dense_mask),
+                     _segment_descriptions(threshold, min_area_px, algorithm_version, dense_mask is not None), name,
                      algorithm_version=algorithm_version, series_description=series_description,
                      series_number=series_number)
     # A DICOM Part 10 file (128-byte preamble, "DICM", file meta information; PS3.10 7.1), written atomically.

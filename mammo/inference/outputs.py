@@ -45,6 +45,9 @@ OUTPUT_FILES = (
      "only with --color-map: the same map as 8-bit RGB (black, yellow, magenta, blue), for tools that ignore "
      "palettes"),
     ("fgt_mask", "<stem>_fgt_mask.png", "FGT mask, 8-bit grayscale: 255 = FGT, 0 elsewhere"),
+    ("dense_mask", "<stem>_dense_mask.png",
+     "dense-tissue mask, 8-bit grayscale: 255 = dense pixel (the FGT region's pixels above its Otsu level), 0 "
+     "elsewhere; percent density = its pixels / breast pixels (the record's density.dense_percent)"),
     ("cancer_prob", "<stem>_cancer_prob.png",
      "lesion probability, grayscale PNG: uint8 value = round(p x 255) (default) or, with --prob-encoding uint16, "
      "round(p x 65535); exactly 0 outside the ROI box"),
@@ -54,7 +57,7 @@ OUTPUT_FILES = (
     ("dicom_seg", "<stem>_seg.dcm",
      "DICOM inputs only (not with --no-dicom-seg): a DICOM Segmentation (BINARY) referencing the source image, "
      "segments 1 adipose, 2 FGT, 3 pectoral muscle, 4 lesion (the listed components: probability >= "
-     "--threshold, at least --min-lesion-area px), for PACS viewers"),
+     "--threshold, at least --min-lesion-area px), 5 dense tissue, for PACS viewers"),
     ("json", "<stem>.json",
      "the record: sizes, pixel spacing, ROI, tissue areas (px, mm2), percent density, lesion components, reading "
      "notes, checkpoints, timings (record.RECORD_SPEC); written last, so its presence means the image is complete"),
@@ -72,7 +75,8 @@ TISSUE_COLORS_RGB = ((0, 0, 0), (240, 200, 60), (220, 40, 150), (60, 120, 255))
 
 #: Columns of ``predictions.csv`` (one row per input; empty cells where a value does not apply).
 CSV_COLUMNS = ("input", "status", "reason", "height", "width", "pixel_spacing_row_mm", "pixel_spacing_col_mm",
-               "percent_density", "density_category", "roi_source", "roi_y0", "roi_x0", "roi_y1", "roi_x1",
+               "dense_percent", "dense_category", "percent_density", "density_category", "anatomy_changed_fraction",
+               "roi_source", "roi_y0", "roi_x0", "roi_y1", "roi_x1",
                "lesion_count", "lesion_max_probability", "lesion_total_area_px", "lesion_total_area_mm2",
                "tissue_confidence", "adaptive_clahe_used", "seconds", "json")
 
@@ -231,11 +235,13 @@ def write_outputs(prediction: Prediction, out_dir: str | os.PathLike, stem: str,
     if color_map:
         imaging.write_png(paths["tissue_seg_color"], colorize_tissue(result.tissue_classes, bgr=True))
     imaging.write_png(paths["fgt_mask"], (result.tissue_classes == labels.FGT).astype(np.uint8) * 255)
+    dense = np.zeros(result.tissue_classes.shape, bool) if result.dense_tissue is None else result.dense_tissue
+    imaging.write_png(paths["dense_mask"], dense.astype(np.uint8) * 255)
     imaging.write_png(paths["cancer_prob"], encode_probability(result.lesion_prob, prob_encoding))
     record["cancer_prob_encoding"] = encoding_text(prob_encoding)
     if visualization:
-        title = (f"{record['input']['relative_path']}: density {record['density']['percent']:.1f} % "
-                 f"({record['density']['category']}), {record['lesions']['count']} lesion candidate(s)")
+        title = (f"{record['input']['relative_path']}: density {density_text(record['density'])}, "
+                 f"{record['lesions']['count']} lesion candidate(s)")
         atomic_write_bytes(paths["visualization"],
                            make_visualization(prediction.image.pixels, result, threshold, title))
     seg_written = dicom_seg and prediction.image.source_format == "dicom" and write_dicom_seg_output(
@@ -271,7 +277,8 @@ def write_dicom_seg_output(prediction: Prediction, path: Path, *, threshold: flo
     lesions = lesion_mask(result.lesion_prob, threshold, min_area_px, box=result.roi_box)
     try:
         dicom_seg.write_dicom_seg(prediction.image.path, result.tissue_classes, lesions, path, overwrite=True,
-                                  threshold=threshold, min_area_px=min_area_px, algorithm_version=version)
+                                  threshold=threshold, min_area_px=min_area_px, algorithm_version=version,
+                                  dense_mask=result.dense_tissue)
     except ValueError as error:
         text = f"DICOM Segmentation not written: {error}"
         record["input"]["notes"].append(text)
@@ -281,6 +288,19 @@ def write_dicom_seg_output(prediction: Prediction, path: Path, *, threshold: flo
 
 
 # ------------------------------------------------------------------------------------------------ folder tables
+def _blank_if_none(value):
+    return "" if value is None else value
+
+
+def density_text(density: dict) -> str:
+    """The density as the console, the figure and the viewer print it: the dense-pixel percent and its category
+    first (what dense-tissue masks and density tools measure), the FGT region's percent after it."""
+    if density.get("dense_percent") is None:
+        return f"{density['percent']:.1f} % ({density['category']})"
+    return (f"{density['dense_percent']:.1f} % dense ({density['dense_category']}), FGT region "
+            f"{density['percent']:.1f} %")
+
+
 def _row(item: InputItem) -> dict:
     """One ``predictions.csv`` row (:data:`CSV_COLUMNS`) of an input; record cells stay empty when it has none."""
     row = {column: "" for column in CSV_COLUMNS}
@@ -296,6 +316,9 @@ def _row(item: InputItem) -> dict:
         row.update(height=record["image_size"]["height"], width=record["image_size"]["width"],
                    pixel_spacing_row_mm=spacing[0], pixel_spacing_col_mm=spacing[1],
                    percent_density=record["density"]["percent"], density_category=record["density"]["category"],
+                   dense_percent=_blank_if_none(record["density"].get("dense_percent")),
+                   dense_category=_blank_if_none(record["density"].get("dense_category")),
+                   anatomy_changed_fraction=_blank_if_none((record.get("anatomy") or {}).get("changed_fraction")),
                    roi_source=record["roi"]["source"], roi_y0=box["y0"], roi_x0=box["x0"], roi_y1=box["y1"],
                    roi_x1=box["x1"], lesion_count=lesions["count"], lesion_max_probability=lesions["max_probability"],
                    lesion_total_area_px=lesions["total_area_px"],

@@ -25,7 +25,7 @@ import numpy as np
 from mammo import imaging
 from mammo.core import metrics
 from mammo.inference import viewer
-from mammo.inference.outputs import TISSUE_COLORS_RGB, display_image, write_outputs
+from mammo.inference.outputs import TISSUE_COLORS_RGB, density_text, display_image, write_outputs
 from mammo.cascade.load import LoadedCascade, with_adaptive_clahe
 from mammo.inference.listing import InputItem
 from mammo.inference.record import Prediction, build_prediction
@@ -62,7 +62,7 @@ def run_image(loaded: LoadedCascade, path: str | os.PathLike, *, threshold: floa
     if image is None:
         image, read_s = _timed_read(path)
     start = time.perf_counter()
-    result = loaded.cascade(image.pixels)
+    result = loaded.cascade(image.pixels, name=path.name, view_position=image.view_position)
     return build_prediction(loaded, path, image, result, read_s=read_s or 0.0, cascade_s=time.perf_counter() - start,
                             threshold=threshold, min_area_px=min_area_px, relative_path=relative_path,
                             prob_encoding=prob_encoding)
@@ -79,14 +79,16 @@ def _report(item: InputItem, index: int, total: int) -> None:
         print(f"[{index + 1}/{total}] {item.relative}: FAILED, skipped: {item.reason}", file=sys.stderr, flush=True)
         return
     record = item.record
-    print(f"[{index + 1}/{total}] {item.relative}: density {record['density']['percent']:.1f} % "
-          f"({record['density']['category']}), ROI from {record['roi']['source']}, "
+    print(f"[{index + 1}/{total}] {item.relative}: density {density_text(record['density'])}, "
+          f"ROI from {record['roi']['source']}, "
           f"{record['lesions']['count']} lesion candidate(s), max p {record['lesions']['max_probability']:.2f}"
           f"{', adaptive CLAHE used' if record['preprocessing']['adaptive_clahe_used'] else ''}"
           f" ({item.seconds:.2f} s)", flush=True)
     for note in record["input"]["notes"]:
         if note.startswith("warning: ") or "converted" in note:
             print(f"    {item.relative}: {note}", file=sys.stderr, flush=True)
+    for note in (record.get("anatomy") or {}).get("notes", []):
+        print(f"    {item.relative}: {note}", flush=True)
 
 
 def _fail(item: InputItem, error: Exception) -> None:
@@ -174,7 +176,9 @@ def _predict_group(loaded: LoadedCascade, pending: list[InputItem], readable: li
     :func:`mammo.inference.record.build_prediction`."""
     try:
         network_start = time.perf_counter()
-        results = loaded.cascade.run_batch([image.pixels for _, (image, _) in readable])
+        results = loaded.cascade.run_batch([image.pixels for _, (image, _) in readable],
+                                           [pending[i].path.name for i, _ in readable],
+                                           [image.view_position for _, (image, _) in readable])
         cascade_s = (time.perf_counter() - network_start) / max(1, len(readable))
         return [build_prediction(loaded, pending[i].path, image, result, read_s=read_s, cascade_s=cascade_s,
                                  relative_path=pending[i].relative, batch_size=len(readable), **options)
@@ -250,6 +254,14 @@ def process(items: list[InputItem], loaded: LoadedCascade, *, threshold: float =
                 pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _distribution(values: list[float]) -> dict | None:
+    """Mean, median, min and max of a run's values (None for none)."""
+    if not values:
+        return None
+    return {"mean": round(float(np.mean(values)), 3), "median": round(float(np.median(values)), 3),
+            "min": round(float(np.min(values)), 3), "max": round(float(np.max(values)), 3)}
+
+
 def summarize(items: list[InputItem], elapsed_s: float, loaded: LoadedCascade, *, threshold: float,
               batch_size: int, prefetch: bool, arguments: dict) -> dict:
     """The run summary (``summary.json``): counts by status, failures with reasons, density and lesion overview.
@@ -269,6 +281,10 @@ def summarize(items: list[InputItem], elapsed_s: float, loaded: LoadedCascade, *
     densities = [item.record["density"]["percent"] for item in done]
     categories = {c: sum(1 for item in done if item.record["density"]["category"] == c)
                   for c in metrics.DENSITY_CATEGORIES}
+    dense = [item.record["density"]["dense_percent"] for item in done
+             if item.record["density"].get("dense_percent") is not None]
+    dense_categories = {c: sum(1 for item in done if item.record["density"].get("dense_category") == c)
+                        for c in metrics.DENSITY_CATEGORIES}
     processed = [item.seconds for item in items if item.status == "ok" and item.seconds is not None]
     return {
         "inputs": len(items),
@@ -277,11 +293,11 @@ def summarize(items: list[InputItem], elapsed_s: float, loaded: LoadedCascade, *
         "not_images": [{"input": item.relative, "reason": item.reason}
                        for item in items if item.status == "not_image"],
         "existing_outputs_kept": [item.relative for item in items if item.status == "exists"],
-        "density_percent": ({"mean": round(float(np.mean(densities)), 3),
-                             "median": round(float(np.median(densities)), 3),
-                             "min": round(float(np.min(densities)), 3), "max": round(float(np.max(densities)), 3)}
-                            if densities else None),
+        "dense_percent": _distribution(dense),
+        "dense_categories": dense_categories,
+        "density_percent": _distribution(densities),
         "density_categories": categories,
+        "images_overruled_by_anatomy": sum(1 for item in done if (item.record.get("anatomy") or {}).get("notes")),
         "images_with_lesion_candidates": sum(1 for item in done if item.record["lesions"]["count"] > 0),
         "lesion_threshold": threshold,
         "elapsed_s": round(elapsed_s, 3),

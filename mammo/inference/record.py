@@ -35,7 +35,8 @@ from mammo.inference.probability import encoding_text
 
 
 #: Version of the JSON record layout (:data:`RECORD_SPEC`); bump when fields change meaning.
-RECORD_SCHEMA_VERSION = 2  # 2: outputs.dicom_seg added (a version-1 record, without it, still validates)
+RECORD_SCHEMA_VERSION = 3  # 2: outputs.dicom_seg; 3: outputs.dense_mask, density.dense_category, anatomy,
+#                              preprocessing.working_scale (older records, without them, still validate)
 
 #: Connectivity of lesion components (``cv2.connectedComponentsWithStats``): 8 (diagonal neighbours join).
 LESION_CONNECTIVITY = 8
@@ -87,13 +88,17 @@ RECORD_SPEC: dict[str, Any] = {
     "tissue": {"class_names": list, "areas_px": dict, "areas_mm2": (dict, _NoneType), "confidence": _FLOAT},
     "density": {"percent": _FLOAT, "category": str, "category_description": str, "thresholds_percent": list,
                 "definition_and_source": str, "caveat": str, "dense_percent": (float, int, _NoneType),
-                "dense_definition": str},
+                "dense_definition": str, "dense_category": (str, _NoneType)},
     "lesions": {"threshold": _FLOAT, "connectivity": int, "min_area_px": int, "count": int, "listed": int,
                 "max_probability": _FLOAT, "total_area_px": int, "total_area_mm2": (float, int, _NoneType),
                 "components": list},
-    "preprocessing": {"config": dict, "adaptive_clahe": str, "adaptive_clahe_used": bool, "tta": bool},
+    "preprocessing": {"config": dict, "adaptive_clahe": str, "adaptive_clahe_used": bool, "tta": bool,
+                      "working_scale": _FLOAT},
+    # the anatomy rules (mammo.cascade.anatomy): the view read and where from, what the rules overruled; null when off
+    "anatomy": (dict, _NoneType),
     # file names relative to the JSON's folder; null when not written (predict_image writes nothing)
     "outputs": {"tissue_seg": (str, _NoneType), "tissue_seg_color": (str, _NoneType), "fgt_mask": (str, _NoneType),
+                "dense_mask": (str, _NoneType),
                 "cancer_prob": (str, _NoneType), "visualization": (str, _NoneType), "dicom_seg": (str, _NoneType),
                 "json": (str, _NoneType)},
     "cancer_prob_encoding": str,
@@ -144,10 +149,11 @@ def density_summary(tissue_classes: np.ndarray, dense: np.ndarray | None = None)
                "category_description": DENSITY_DESCRIPTIONS[category],
                "thresholds_percent": list(metrics.DENSITY_THRESHOLDS_PERCENT), "definition_and_source": DENSITY_SOURCE,
                "caveat": DENSITY_CAVEAT}
-    summary["dense_percent"] = None
+    summary["dense_percent"], summary["dense_category"] = None, None
     if dense is not None:
         breast = int(np.count_nonzero((tissue_classes == labels.ADIPOSE) | (tissue_classes == labels.FGT)))
         summary["dense_percent"] = round(100.0 * int(np.count_nonzero(dense)) / breast, 3) if breast else 0.0
+        summary["dense_category"] = metrics.density_category(summary["dense_percent"])
     summary["dense_definition"] = DENSE_SOURCE
     return summary
 
@@ -274,8 +280,13 @@ def _findings(record: dict) -> list[str]:
     out = [f"Image {width} x {height} px (W x H), {record['input']['bit_depth']}-bit {record['input']['source_format']}"
            + (f", pixel spacing {spacing[0]:g} x {spacing[1]:g} mm." if spacing else ", pixel spacing unknown "
               "(areas in pixels only).")]
-    out.append(f"Percent density {density['percent']:.1f} % -> category {density['category']} "
-               f"({density['category_description']}); thresholds {density['thresholds_percent']} %.")
+    if density.get("dense_percent") is not None:
+        out.append(f"Percent density {density['dense_percent']:.1f} % (dense pixels / breast pixels) -> category "
+                   f"{density['dense_category']}; the FGT region is {density['percent']:.1f} % of the breast "
+                   f"(category {density['category']}); thresholds {density['thresholds_percent']} %.")
+    else:
+        out.append(f"Percent density {density['percent']:.1f} % -> category {density['category']} "
+                   f"({density['category_description']}); thresholds {density['thresholds_percent']} %.")
     box = roi["box"]
     out.append(f"Lesion search region (rows {box['y0']}-{box['y1']}, columns {box['x0']}-{box['x1']}): "
                + roi["explanation"])
@@ -287,6 +298,9 @@ def _findings(record: dict) -> list[str]:
         size = f"{top['area_px']} px" + (f" = {top['area_mm2']:.1f} mm^2" if top["area_mm2"] is not None else "")
         out.append(f"{lesions['count']} lesion candidate(s) at probability >= {lesions['threshold']:g}; largest "
                    f"{size}, max probability {top['max_probability']:.2f}.")
+    anatomy = record.get("anatomy") or {}
+    out += [f"The anatomy rules overruled stage 1: {note[len('anatomy'):].lstrip(' :')}."
+            for note in anatomy.get("notes", [])]
     if record["preprocessing"]["adaptive_clahe"] != "off":
         out.append("Stronger (adaptive) CLAHE " + ("was used: stage 1 was more confident with it."
                                                    if record["preprocessing"]["adaptive_clahe_used"]
@@ -335,7 +349,9 @@ def build_prediction(loaded: LoadedCascade, path: Path, image: imaging.Mammogram
         "density": density_summary(result.tissue_classes, result.dense_tissue),
         "lesions": lesion_components(result.lesion_prob, threshold, spacing, min_area_px, box=result.roi_box),
         "preprocessing": {"config": dict(model.preprocess_config), "adaptive_clahe": model.adaptive_clahe,
-                          "adaptive_clahe_used": bool(result.adaptive_clahe_used), "tta": bool(model.tta)},
+                          "adaptive_clahe_used": bool(result.adaptive_clahe_used), "tta": bool(model.tta),
+                          "working_scale": round(float(result.working_scale), 6)},
+        "anatomy": None if result.anatomy is None else dict(result.anatomy),
         "outputs": {key: None for key in RECORD_SPEC["outputs"]},
         "cancer_prob_encoding": encoding_text(prob_encoding),
         "timings_s": {},
@@ -400,6 +416,11 @@ def validate_record(record: dict) -> list[str]:
         record = {**record, "outputs": {"dicom_seg": None, **record["outputs"]}}
     if isinstance(record.get("density"), dict) and "dense_percent" not in record["density"]:  # written before it
         record = {**record, "density": {**record["density"], "dense_percent": None, "dense_definition": ""}}
+    if record.get("schema_version") in (1, 2):  # written before the dense mask, the anatomy rules, the working scale
+        record = {**record, "anatomy": record.get("anatomy"),
+                  "outputs": {"dense_mask": None, **(record.get("outputs") or {})},
+                  "density": {"dense_category": None, **(record.get("density") or {})},
+                  "preprocessing": {"working_scale": 1.0, **(record.get("preprocessing") or {})}}
     _check(record, RECORD_SPEC, "record", problems)
     if problems:
         return problems

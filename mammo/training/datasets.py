@@ -149,6 +149,19 @@ def lesion_augmentation(hflip_p: float = 0.5, brightness_contrast_p: float = 0.5
 # ----------------------------------------------------------------------------------------------------------------
 # Datasets
 # ----------------------------------------------------------------------------------------------------------------
+def _in_frame(pre: imaging.Preprocessed, mask: np.ndarray, path: str, mask_desc: str) -> np.ndarray:
+    """A mask or label map of the input image brought into the preprocessed image's frame (mirrored like it, resized
+    with nearest to its working size).
+
+    Raises:
+        ValueError: the mask's shape is not the input image's (the message names both files).
+    """
+    if mask.shape != tuple(pre.input_hw):
+        raise ValueError(f"mask {mask_desc!r} has shape {mask.shape} but image {path!r} has {tuple(pre.input_hw)}; "
+                         "masks must match their image pixel for pixel (re-run prepare_to_train.py)")
+    return np.ascontiguousarray(pre.to_working(mask, "nearest"))
+
+
 class _MammogramDataset(Dataset):
     """Common read -> preprocess -> letterbox -> augment -> tensor pipeline (see the module docstring)."""
 
@@ -171,15 +184,16 @@ class _MammogramDataset(Dataset):
     def __len__(self) -> int:
         return len(self.table)
 
-    def _read_image(self, path: str) -> tuple[np.ndarray, bool]:
+    def _read_image(self, path: str) -> imaging.Preprocessed:
+        """The image as the network sees it (``imaging.preprocess``: working scale, orientation); with
+        ``preprocess_config=None`` the file as it is (already preprocessed), in a ``Preprocessed`` of scale 1."""
         pixels = imaging.read_image(path).pixels
         if self.preprocess_config is None:
             if pixels.dtype != np.uint8:
                 raise ValueError(f"{path!r}: preprocess_config=None expects already preprocessed 8-bit images, "
                                  f"found {pixels.dtype}; pass the checkpoint's preprocessing config instead")
-            return pixels, False
-        pre = imaging.preprocess(pixels, self.preprocess_config)
-        return pre.image, pre.flipped
+            return imaging.Preprocessed(pixels, False, input_hw=(int(pixels.shape[0]), int(pixels.shape[1])))
+        return imaging.preprocess(pixels, self.preprocess_config)
 
     def _maybe_reseed(self) -> None:
         # Each process (main or DataLoader worker) seeds its own copy of the pipeline once, from torch's
@@ -236,10 +250,9 @@ class TissueDataset(_MammogramDataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.table.iloc[index]
         path, label_path = str(row["image_file_path"]), str(row["label_file_path"])
-        image, flipped = self._read_image(path)
-        labels = imaging.read_mask(label_path, kind="partial_tissue")
-        if flipped:
-            labels = np.ascontiguousarray(labels[:, ::-1])
+        pre = self._read_image(path)
+        image, flipped = pre.image, pre.flipped
+        labels = _in_frame(pre, imaging.read_mask(label_path, kind="partial_tissue"), path, label_path)
         image, labels, geom = self._transform(image, labels, path, label_path)
         return {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32) / 255.0)[None],
                 "mask": torch.from_numpy(np.ascontiguousarray(labels).astype(np.int64)),
@@ -285,10 +298,9 @@ class LesionDataset(_MammogramDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = str(self.table.iloc[index]["image_file_path"])
-        image, flipped = self._read_image(path)
-        mask = self.read_mask(index, image.shape)
-        if flipped:
-            mask = np.ascontiguousarray(mask[:, ::-1])
+        pre = self._read_image(path)
+        image, flipped = pre.image, pre.flipped
+        mask = _in_frame(pre, self.read_mask(index, pre.input_hw), path, "its masks")
         image, mask, geom = self._transform(image, mask, path, str(self.table.iloc[index]["roi_mask_file_path"]))
         return {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32) / 255.0)[None],
                 "mask": torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None],

@@ -150,7 +150,8 @@ def _crop_share(runner: cascade.Cascade, table: pd.DataFrame, folder: Path,
         try:
             pixels = imaging.read_image(record["image_file_path"]).pixels
             mask = _read_merged_mask(record["roi_mask_file_path"], pixels.shape)
-            found = runner.tissue_and_roi(pixels)
+            found = runner.tissue_and_roi(pixels, name=Path(record["image_file_path"]).name,
+                                          view_position=record.get("view") or None)
         except (imaging.ImageReadError, ValueError, OSError) as error:
             skipped.append({"row": int(i), "image_file_path": record["image_file_path"], "reason": str(error)})
             continue
@@ -161,10 +162,10 @@ def _crop_share(runner: cascade.Cascade, table: pd.DataFrame, folder: Path,
 def _write_crop(folder: Path, i: int, record: dict, found, mask: np.ndarray) -> dict:
     """Write row ``i``'s crop (``images/{i:05d}_<stem>.png``, the preprocessed 8-bit image in the ROI box) and, when
     the row names masks, its mask crop (``masks/{i:05d}_<stem>_mask.png``, 0/255) under ``folder``; ``found`` is
-    ``Cascade.tissue_and_roi``'s result and ``mask`` the ``(H, W)`` 0/1 union of the row's masks (mirrored here like
-    the image). Returns the crop-table row (paths relative to ``folder``)."""
-    if found.flipped:
-        mask = np.ascontiguousarray(mask[:, ::-1])
+    ``Cascade.tissue_and_roi``'s result and ``mask`` the ``(H, W)`` 0/1 union of the row's masks (brought into the
+    image's preprocessed frame here: working scale and mirror). Returns the crop-table row (paths relative to
+    ``folder``)."""
+    mask = np.ascontiguousarray(found.pre.to_working(mask, "nearest"))  # the preprocessed frame (scale, mirror)
     box = found.roi_box
     stem = Path(record["image_file_path"]).stem
     image_rel = f"images/{i:05d}_{stem}.png"
