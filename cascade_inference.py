@@ -6,7 +6,11 @@ too); ``python cascade_inference.py --help`` lists its flags.
 
 import sys
 
-from mammo.cli.infer import get_args_parser, main
+try:
+    from mammo.cli.infer import get_args_parser, main
+except KeyboardInterrupt:  # Ctrl-C while PyTorch and the rest load: one line, as during the run
+    print("interrupted: cascade_inference.py stopped while starting", file=sys.stderr)
+    sys.exit(130)
 
 __all__ = ["get_args_parser", "main"]
 

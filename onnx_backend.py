@@ -6,7 +6,11 @@ too); ``python onnx_backend.py --help`` lists its flags.
 
 import sys
 
-from mammo.cli.onnx_backend import get_args_parser, main
+try:
+    from mammo.cli.onnx_backend import get_args_parser, main
+except KeyboardInterrupt:  # Ctrl-C while PyTorch and the rest load: one line, as during the run
+    print("interrupted: onnx_backend.py stopped while starting", file=sys.stderr)
+    sys.exit(130)
 
 __all__ = ["get_args_parser", "main"]
 

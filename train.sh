@@ -23,15 +23,48 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+usage() {
+    cat <<'EOF'
+usage: bash train.sh [training flags ...]          train the cascade on a prepared workspace ($WORKSPACE)
+       bash train.sh --demo [training flags ...]   synthetic workspace, tiny training, inference (minutes, CPU)
+environment: WORKSPACE [workspace] CHECKPOINTS [checkpoints] LOGDIR [runs/cascade] STAGES [both|1|2] NPROC [1]
+             PYTHON [.venv/bin/python] DEMO_DIR [demo] DEVICE [auto]   (see the top of train.sh)
+training flags: python cascade_segmentation_model.py --help
+EOF
+}
+
+demo=0
+case "${1:-}" in
+    -h|--help) usage; exit 0 ;;
+    --demo) demo=1; shift ;;
+esac
+
+# what the run needs, checked before the environment is set up (minutes on a first run)
+case "${NPROC:-1}" in
+    ''|*[!0-9]*|0) echo "error: NPROC must be a positive number of processes, not '${NPROC}'" >&2; exit 2 ;;
+esac
+workspace="${WORKSPACE:-workspace}"
+if [ "$demo" = 0 ]; then
+    case "${STAGES:-both}" in
+        both) stage_flag=--train-both ;;
+        1) stage_flag=--train-stage1 ;;
+        2) stage_flag=--train-stage2 ;;
+        *) echo "error: STAGES must be both, 1 or 2, not '${STAGES}'" >&2; exit 2 ;;
+    esac
+    for table in tissue_dataset.csv unified_segmentation_dataset.csv; do
+        if [ ! -f "$workspace/$table" ]; then
+            echo "error: $workspace/$table not found. Prepare a workspace first, e.g." >&2
+            echo "  ${PYTHON:-.venv/bin/python} prepare_to_train.py --tissue-dir ../shared/data/tissue/train_valid \\" >&2
+            echo "      --lesion-dir ../shared/data/lesion_cdd_cesm --workspace $workspace" >&2
+            echo "or set WORKSPACE=/path/to/workspace (or try: bash train.sh --demo; bash train.sh --help)." >&2
+            exit 2
+        fi
+    done
+fi
+
 if [ -z "${PYTHON:-}" ]; then
     bash scripts/setup_env.sh
     PYTHON=.venv/bin/python
-fi
-
-demo=0
-if [ "${1:-}" = "--demo" ]; then
-    demo=1
-    shift
 fi
 
 run_training() {  # run cascade_segmentation_model.py with one or NPROC processes
@@ -70,22 +103,6 @@ if [ "$demo" = 1 ]; then
     exit 0
 fi
 
-workspace="${WORKSPACE:-workspace}"
-for table in tissue_dataset.csv unified_segmentation_dataset.csv; do
-    if [ ! -f "$workspace/$table" ]; then
-        echo "error: $workspace/$table not found. Prepare a workspace first, e.g." >&2
-        echo "  $PYTHON prepare_to_train.py --tissue-dir ../shared/data/tissue/train_valid \\" >&2
-        echo "      --lesion-dir ../shared/data/lesion_cdd_cesm --workspace $workspace" >&2
-        echo "or set WORKSPACE=/path/to/workspace (or try: bash train.sh --demo)." >&2
-        exit 2
-    fi
-done
-case "${STAGES:-both}" in
-    both) stage_flag=--train-both ;;
-    1) stage_flag=--train-stage1 ;;
-    2) stage_flag=--train-stage2 ;;
-    *) echo "error: STAGES must be both, 1 or 2, not '${STAGES}'" >&2; exit 2 ;;
-esac
 checkpoints="${CHECKPOINTS:-checkpoints}"
 run_training "$stage_flag" \
     --tissue-csv "$workspace/tissue_dataset.csv" \

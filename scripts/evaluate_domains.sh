@@ -5,11 +5,32 @@
 #   2. the two NYU full-field 16-bit images (lesions).
 # Usage: bash scripts/evaluate_domains.sh STAGE1 STAGE2 OUTPUT_DIR [WORKSPACE] [CSAW_PATIENTS] [extra evaluate.py flags]
 # STAGE1 / STAGE2: checkpoints (.pth) or shipped weights (.safetensors); WORKSPACE defaults to workspace_v2,
-# CSAW_PATIENTS to 002 (the hold-out of prepare_to_train.py --csaw-holdout). Data from ../shared/data.
+# CSAW_PATIENTS to 002 (the hold-out of prepare_to_train.py --csaw-holdout); the first argument starting with '-'
+# ends the optional ones. Data from ../shared/data. Without STAGE1 STAGE2 OUTPUT_DIR: the usage, exit status 2.
 set -euo pipefail
+usage() {
+    cat <<'EOF'
+usage: bash scripts/evaluate_domains.sh STAGE1 STAGE2 OUTPUT_DIR [WORKSPACE] [CSAW_PATIENTS] [evaluate.py flags ...]
+  STAGE1, STAGE2  stage checkpoints (.pth) or shipped weights (.safetensors), e.g. weights/stage1.safetensors
+  OUTPUT_DIR      gets validation/ and nyu/ (metrics.json, per_image.csv)
+  WORKSPACE       prepare_to_train.py workspace (default: workspace_v2); CSAW_PATIENTS default: 002
+  data: $MAMMO_SHARED_DATA (default ../shared/data); python: $PYTHON (default .venv/bin/python)
+EOF
+}
+case "${1:-}" in
+    -h|--help) usage; exit 0 ;;
+esac
+if [ $# -lt 3 ]; then
+    echo "error: STAGE1, STAGE2 and OUTPUT_DIR are required ($# argument(s) given)" >&2
+    usage >&2
+    exit 2
+fi
 cd "$(dirname "$0")/.."
-stage1=$1; stage2=$2; out=$3; workspace=${4:-workspace_v2}; csaw_patients=${5:-002}
-shift $(( $# < 5 ? $# : 5 ))
+stage1=$1; stage2=$2; out=$3
+shift 3
+workspace=workspace_v2; csaw_patients=002  # optional positionals, until the first evaluate.py flag
+if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then workspace=$1; shift; fi
+if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then csaw_patients=$1; shift; fi
 data=${MAMMO_SHARED_DATA:-../shared/data}
 python=${PYTHON:-.venv/bin/python}
 "$python" evaluate.py --stage1-weights "$stage1" --stage2-weights "$stage2" --split val \

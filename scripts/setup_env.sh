@@ -10,6 +10,14 @@
 # both wheels install the same cv2/ package, and whichever pip writes last wins. Reinstalling opencv-python (same
 # pinned version, no dependencies) after the requirements makes the result deterministic: cv2 is the GUI build.
 set -euo pipefail
+usage() {
+    echo "usage: bash scripts/setup_env.sh   (no arguments; environment: MAMMO_VENV [.venv], PYTHON [python3.11, python3])"
+}
+case "${1:-}" in
+    '') ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "error: setup_env.sh takes no arguments, got '$1'" >&2; usage >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 venv="${MAMMO_VENV:-.venv}"
 python_bin="${PYTHON:-$(command -v python3.11 || command -v python3)}"

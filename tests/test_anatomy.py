@@ -125,10 +125,9 @@ def test_an_mlo_muscle_spread_down_the_chest_wall_is_capped():
     rows = np.flatnonzero(muscle.any(axis=1))
     band_rows = np.flatnonzero((classes[:, :30] == PECTORAL).any(axis=1))
     assert rows[0] == 5 and rows[-1] < band_rows[-1] - 10  # kept from the top, cut before the chest wall's end
-    widths = muscle.sum(axis=1)[rows]
-    widest = int(np.argmax(widths))
-    assert (np.diff(widths[widest:]) <= 0).all()  # narrowing below its widest row
-    assert muscle[:, 0][rows].all()  # every row starts at the chest wall
+    for y in rows:  # every row runs from the chest wall without holes
+        run = np.flatnonzero(muscle[y])
+        assert run[0] == 0 and run.size == run[-1] + 1
     assert any("MLO" in note and "kept" in note for note in result.notes)
 
 

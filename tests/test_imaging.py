@@ -586,3 +586,166 @@ def test_renamed_text_and_truncated_png_are_named_for_what_they_are(tmp_path, ti
         imaging.read_image(tmp_path / "cut.png")
     assert "truncated" in str(info.value)
     assert "libpng" not in capfd.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the last silent readers (issue 21): multi-page TIFF, per-frame DICOM window, a window that cannot be applied
+# ----------------------------------------------------------------------------------------------------------------
+def _mammogram_like(height: int, width: int, dtype) -> np.ndarray:
+    """A bright half-disc (the breast) on a dark background with noise, at ``dtype``'s full scale."""
+    rows, cols = np.mgrid[0:height, 0:width]
+    breast = ((rows - height / 2) / (height * 0.45)) ** 2 + (cols / (width * 0.8)) ** 2 <= 1.0
+    level = np.where(breast, 0.6 - 0.3 * cols / width, 0.05) + np.random.default_rng(1).normal(0, 0.03, breast.shape)
+    top = np.iinfo(dtype).max
+    return np.clip(np.rint(level * top), 0, top).astype(dtype)
+
+
+def _write_pages(path, pages: list[np.ndarray], writer: str) -> None:
+    if writer == "opencv":
+        assert cv2.imwritemulti(str(path), pages)
+    else:
+        first, *rest = [Image.fromarray(page) for page in pages]
+        first.save(path, save_all=True, append_images=rest)
+
+
+@pytest.mark.parametrize("writer", ["opencv", "pillow"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_multipage_tiff_reads_the_largest_page_with_a_note(tmp_path, dtype, writer):
+    """A preview page first, then the full image, then a thumbnail: the full image is read (the decoders alone
+    read the preview), and the note names the page count, the page read with its size, and why."""
+    full = _mammogram_like(300, 200, dtype)
+    preview = cv2.resize(full, (50, 75), interpolation=cv2.INTER_AREA)
+    thumbnail = cv2.resize(full, (20, 30), interpolation=cv2.INTER_AREA)
+    path = tmp_path / "scan.tif"
+    _write_pages(path, [preview, full, thumbnail], writer)
+    img = imaging.read_image(path)
+    assert img.pixels.dtype == dtype and img.bit_depth == (8 if dtype == np.uint8 else 16)
+    np.testing.assert_array_equal(img.pixels, full)
+    [note] = [n for n in img.notes if n.startswith("multi-page TIFF")]
+    assert "3 pages" in note and "0: 50x75, 1: 200x300, 2: 20x30" in note
+    assert "page 1 (200x300 px) read, the largest" in note and "preview" in note and "page=N" in note
+    # the page the user names is read instead, with a note that says so
+    asked = imaging.read_image(path, page=0)
+    np.testing.assert_array_equal(asked.pixels, preview)
+    assert any("page 0 (50x75 px) read, as asked" in n for n in asked.notes)
+
+
+def test_page_outside_the_file_is_one_line_error(tmp_path):
+    full = _mammogram_like(60, 40, np.uint8)
+    tif = tmp_path / "two.tif"
+    _write_pages(tif, [full[::2, ::2].copy(), full], "opencv")
+    with pytest.raises(ImageReadError) as info:
+        imaging.read_image(tif, page=2)
+    assert str(tif) in str(info.value) and "2 pages (0..1)" in str(info.value) and "\n" not in str(info.value)
+    png = imaging.write_png(tmp_path / "one.png", full)
+    np.testing.assert_array_equal(imaging.read_image(png, page=0).pixels, full)
+    with pytest.raises(ImageReadError, match="holds one image"):
+        imaging.read_image(png, page=1)
+    with pytest.raises(ImageReadError, match=r"1 frame \(0..0\)"):
+        imaging.read_image(make_dicom(full, tmp_path / "one.dcm"), page=1)
+    with pytest.raises(ValueError, match="page must be"):
+        imaging.read_image(png, page=-1)
+    single = tmp_path / "single.tif"
+    assert cv2.imwrite(str(single), full)
+    assert not any("multi-page" in n for n in imaging.read_image(single).notes)
+
+
+def _linear_window(x: np.ndarray, centre: float, width: float, y_min: float, y_max: float) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2.1, the default LINEAR function, written out by hand."""
+    y = ((x - (centre - 0.5)) / (width - 1) + 0.5) * (y_max - y_min) + y_min
+    y = np.where(x <= centre - 0.5 - (width - 1) / 2, y_min, y)
+    return np.where(x > centre - 0.5 + (width - 1) / 2, y_max, y)
+
+
+def _frame_groups(**elements) -> Dataset:
+    """A functional groups item holding a Frame VOI LUT Sequence (0028,9132) with ``elements``."""
+    voi = Dataset()
+    for key, value in elements.items():
+        setattr(voi, key, value)
+    group = Dataset()
+    group.FrameVOILUTSequence = [voi]
+    return group
+
+
+def test_enhanced_dicom_window_from_the_per_frame_functional_groups(tmp_path):
+    """A 2-frame 12-bit image whose windows are only in PerFrameFunctionalGroupsSequence[i].FrameVOILUTSequence:
+    frame 0 is read with frame 0's window (formerly dropped without a word), frame 1 (page=1) with its own."""
+    stack = np.stack([_mammogram_like(60, 40, np.uint16) >> 4, _mammogram_like(60, 40, np.uint16)[::-1] >> 4])
+    windows = [(1500.0, 1200.0), (800.0, 3000.0)]
+    path = make_dicom(stack, tmp_path / "enhanced.dcm", bits_stored=12,
+                      PerFrameFunctionalGroupsSequence=[_frame_groups(WindowCenter=c, WindowWidth=w)
+                                                        for c, w in windows])
+    for frame, (centre, width) in enumerate(windows):
+        img = imaging.read_image(path) if frame == 0 else imaging.read_image(path, page=frame)
+        expected = _linear_window(stack[frame].astype(np.float64), centre, width, 0, 4095) * 65535 / 4095
+        assert np.abs(img.pixels.astype(np.float64) - expected).max() <= 1.0, frame
+        assert any(f"per-frame functional groups of frame {frame} (FrameVOILUTSequence)" in n for n in img.notes)
+        assert any(n.startswith(f"multi-frame DICOM (2 frames): frame {frame} read") for n in img.notes)
+
+
+def test_enhanced_dicom_voi_lut_and_rescale_from_the_shared_functional_groups(tmp_path):
+    """A VOI LUT only in SharedFunctionalGroupsSequence[0].FrameVOILUTSequence (here: an inverting ramp) is applied;
+    so is a rescale only in the Pixel Value Transformation group, under which the frame's window is read."""
+    stored = _mammogram_like(60, 40, np.uint16) >> 4
+    lut = Dataset()
+    lut.add_new("LUTDescriptor", "US", [4096, 0, 16])
+    lut.add_new("LUTData", "US", list(range(65535, -1, -16)))  # 4096 entries: y = 65535 - 16 x
+    path = make_dicom(stored, tmp_path / "shared_lut.dcm", bits_stored=12,
+                      SharedFunctionalGroupsSequence=[_frame_groups(VOILUTSequence=[lut])])
+    img = imaging.read_image(path)
+    np.testing.assert_array_equal(img.pixels, 65535 - stored.astype(np.int64) * 16)
+    assert any("VOILUTSequence from the shared functional groups" in n for n in img.notes)
+    # rescale (intercept -1000: values -1000..3095) and a window in those units, both in the shared groups
+    shared = _frame_groups(WindowCenter=0, WindowWidth=2000)
+    transform = Dataset()
+    transform.RescaleIntercept, transform.RescaleSlope, transform.RescaleType = -1000, 1, "US"
+    shared.PixelValueTransformationSequence = [transform]
+    img = imaging.read_image(make_dicom(stored, tmp_path / "shared_rescale.dcm", bits_stored=12,
+                                        SharedFunctionalGroupsSequence=[shared]))
+    expected = (_linear_window(stored - 1000.0, 0, 2000, -1000, 3095) + 1000) * 65535 / 4095
+    assert np.abs(img.pixels.astype(np.float64) - expected).max() <= 1.0
+    assert any("RescaleIntercept, RescaleSlope, RescaleType from the shared" in n for n in img.notes)
+
+
+@pytest.mark.parametrize(("width", "function", "message"), [
+    (0, None, "WindowWidth 0 is invalid (PS3.3 C.11.2.1.2 requires >= 1)"),
+    (-40, None, "WindowWidth -40 is invalid (PS3.3 C.11.2.1.2 requires >= 1)"),
+    (0.5, None, "WindowWidth 0.5 is invalid (PS3.3 C.11.2.1.2 requires >= 1)"),
+    (0, "LINEAR_EXACT", "WindowWidth 0 is invalid for VOI LUT Function LINEAR_EXACT (PS3.3 C.11.2.1.3 requires > 0)"),
+    (0, "SIGMOID", "WindowWidth 0 is invalid for VOI LUT Function SIGMOID (PS3.3 C.11.2.1.3 requires > 0)"),
+    (1000, "CUBIC", "VOI LUT Function 'CUBIC' is not one of LINEAR, LINEAR_EXACT, SIGMOID (PS3.3 C.11.2.1.3)"),
+])
+def test_window_that_cannot_be_applied_is_ignored_with_a_note(tmp_path, width, function, message):
+    """Formerly the whole file was refused; viewers ignore such a window. The image reads as if it had none."""
+    stored = _mammogram_like(60, 40, np.uint16) >> 4
+    plain = imaging.read_image(make_dicom(stored, tmp_path / "plain.dcm", bits_stored=12))
+    extra = {"VOILUTFunction": function} if function else {}
+    img = imaging.read_image(make_dicom(stored, tmp_path / "bad.dcm", bits_stored=12, WindowCenter=2048,
+                                        WindowWidth=width, **extra))
+    np.testing.assert_array_equal(img.pixels, plain.pixels)
+    assert any(n.startswith(message) and n.endswith("; the window was ignored and the stored value range used")
+               for n in img.notes), img.notes
+
+
+def test_first_valid_window_is_used_and_a_bad_frame_window_ignored(tmp_path):
+    stored = _mammogram_like(60, 40, np.uint16) >> 4
+    img = imaging.read_image(make_dicom(stored, tmp_path / "two.dcm", bits_stored=12, WindowCenter=[2048, 1500],
+                                        WindowWidth=[0, 1200]))
+    expected = _linear_window(stored.astype(np.float64), 1500, 1200, 0, 4095) * 65535 / 4095
+    assert np.abs(img.pixels.astype(np.float64) - expected).max() <= 1.0
+    assert any(n.startswith("window 1 ignored: WindowWidth 0 is invalid") and "(window 2 of 2)" in n
+               for n in img.notes)
+    plain = imaging.read_image(make_dicom(stored, tmp_path / "plain.dcm", bits_stored=12))
+    bad_frame = imaging.read_image(make_dicom(stored, tmp_path / "frame.dcm", bits_stored=12,
+                                              SharedFunctionalGroupsSequence=[
+                                                  _frame_groups(WindowCenter=2048, WindowWidth=0)]))
+    np.testing.assert_array_equal(bad_frame.pixels, plain.pixels)
+    assert any("WindowWidth 0 is invalid" in n for n in bad_frame.notes)
+    # a VOI LUT that cannot be applied (9 bits per entry; PS3.3 C.11.2.1.1 allows 8 or 10-16) gives way to the window
+    lut = Dataset()
+    lut.add_new("LUTDescriptor", "US", [4096, 0, 9])
+    lut.add_new("LUTData", "US", [0] * 4096)
+    img = imaging.read_image(make_dicom(stored, tmp_path / "lut9.dcm", bits_stored=12, VOILUTSequence=[lut],
+                                        WindowCenter=1500, WindowWidth=1200))
+    assert np.abs(img.pixels.astype(np.float64) - expected).max() <= 1.0
+    assert any(n.startswith("the VOI LUT (VOILUTSequence) cannot be applied") for n in img.notes)

@@ -31,7 +31,7 @@ from mammo.core import labels, metrics
 from mammo.inference import outputs
 from mammo.inference import probability
 from mammo.imaging import roi
-from mammo.inference.record import RECORD_SPEC, lesion_components, plausibility_warnings, validate_record
+from mammo.inference.record import RECORD_SPEC, lesion_components, validate_record
 
 TISSUE_NAME = "A_0002_1.RIGHT_MLO.png"
 
@@ -549,9 +549,9 @@ def test_tta_adaptive_clahe_and_16_bit_probability(checkpoint_dir, tissue_image,
     assert isinstance(record["preprocessing"]["adaptive_clahe_used"], bool)
     assert record["lesions"]["threshold"] == 0.3 and record["cancer_prob_encoding"].startswith("uint16")
     assert _read(out / f"{stem}_cancer_prob.png").dtype == np.uint16
-    # an existing output is not overwritten without --overwrite ...
+    # an existing output is not overwritten without --overwrite (made with other settings: a conflict, exit 1) ...
     mtime = (out / f"{stem}.json").stat().st_mtime_ns
-    assert ci.main(_args(checkpoint_dir, "--image", str(tissue_image), "--output-dir", str(out))) == 0
+    assert ci.main(_args(checkpoint_dir, "--image", str(tissue_image), "--output-dir", str(out))) == 1
     assert (out / f"{stem}.json").stat().st_mtime_ns == mtime
     # ... and is with it
     assert ci.main(_args(checkpoint_dir, "--image", str(tissue_image), "--output-dir", str(out), "--overwrite")) == 0
@@ -582,15 +582,18 @@ def test_interactive_without_a_display_exits_2(checkpoint_dir, tissue_image, tmp
     assert not (tmp_path / "o").exists()
 
 
-def test_implausible_image_sizes_are_flagged(loaded, tmp_path):
-    assert plausibility_warnings(960, 480) == [] and plausibility_warnings(2944, 1920) == []
+def test_implausible_image_sizes_are_rejected(loaded, tissue_image, tmp_path):
+    """Issue 21: an image no mammogram can be (5 x 5 px, a 3000 x 200 strip) is ``rejected`` with the reason, not
+    measured as one with a warning; a real mammogram is ``ok``."""
+    assert predict.predict_image(loaded, tissue_image)["status"] == "ok"
     tiny, strip = tmp_path / "tiny.png", tmp_path / "strip.png"
     imaging.write_png(tiny, np.full((5, 5), 120, np.uint8))
     imaging.write_png(strip, np.full((3000, 200), 120, np.uint8))
-    for path, words in ((tiny, "below 128 px"), (strip, "aspect ratio 15.0")):
+    for path, words in ((tiny, "5 x 5 px"), (strip, "a ratio over")):
         record = predict.predict_image(loaded, path)
-        assert any(words in note for note in record["input"]["notes"]), record["input"]["notes"]
-        assert any(finding.startswith("Warning:") and words in finding for finding in record["findings"])
+        assert record["status"] == "rejected" and record["quality"]["status"] == "rejected"
+        assert any(words in reason for reason in record["quality"]["reasons"]), record["quality"]
+        assert any(finding.startswith("Rejected:") and words in finding for finding in record["findings"])
         assert validate_record(record) == []
 
 
@@ -612,8 +615,8 @@ def test_progress_lines_keep_the_input_order_with_read_ahead_and_write_behind(ch
     assert ci.main(_args(checkpoint_dir, "--image-dir", str(folder), "--output-dir", str(tmp_path / "out"),
                          "--no-visualization", "--backend", "torch")) == 1
     assert lines == [(0, "a.png", "ok"), (1, "b.png", "failed"), (2, "c.png", "ok"), (3, "d.png", "failed"),
-                     (4, "e.png", "ok"), (5, "f.png", "ok")]
+                     (4, "e.png", "ok"), (5, "f.png", "rejected")]  # 10 x 10 px is no mammogram (issue 21)
     with (tmp_path / "out" / "predictions.csv").open(encoding="utf-8", newline="") as stream:
         reasons = {row["input"]: row["reason"] for row in csv.DictReader(stream)}
     assert reasons["a.png"] == reasons["e.png"] == "" and "truncated" in reasons["b.png"]
-    assert reasons["f.png"].startswith("warning: image is only 10 x 10 px"), reasons["f.png"]
+    assert reasons["f.png"].startswith("the image is only 10 x 10 px"), reasons["f.png"]

@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
+import sys
+import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -400,6 +404,18 @@ MISTAKES = [
      lambda f, o: ["--quick", "--stage1-weights", f["notes"], "--output", o / "b.json"], "notes"),
     ("benchmark", "image missing",
      lambda f, o: ["--quick", "--image", f["missing"], "--output", o / "b.json"], "missing"),
+    # an output below a regular file (issue 21; CI runs as root, so never chmod): one line before any work
+    ("benchmark", "output below a file", lambda f, o: ["--quick", "--output", f["notes"] / "b.json"], "notes"),
+    ("evaluate", "output-dir below a file",
+     lambda f, o: [*_evaluate_truth("tissue_csv", f, o), "--output-dir", f["notes"] / "eval"], "notes"),
+    ("evaluate", "export-onnx below a file",
+     lambda f, o: ["--stage1-weights", f["stage1"], "--export-onnx", f["notes"] / "onnx"], "notes"),
+    ("cascade_segmentation_model", "logdir below a file",
+     lambda f, o: ["--train-stage1", "--tissue-csv", f["tissue_csv"], "--logdir", f["notes"] / "runs"], "notes"),
+    ("onnx_backend", "output-dir below a file",
+     lambda f, o: ["--stage1-weights", f["stage1"], "--output-dir", f["notes"] / "onnx"], "notes"),
+    ("prepare_to_train", "workspace below a file",
+     lambda f, o: ["--synthetic", "2", "--workspace", f["notes"] / "ws"], "notes"),
 ]
 
 #: Flags each script needs for a run to reach the check (an output folder under the test's tmp_path).
@@ -481,3 +497,207 @@ def test_argument_mistakes_are_one_line(script, argv, expected, capsys):
     assert excinfo.value.code == 2
     line = _one_line(capsys)
     assert expected in line and line.endswith("--help)"), line
+
+
+
+# -------------------------------------------------------------------------------- errors before work (issue 21)
+def _csaw_folder(root: Path, patients=("000", "002")) -> Path:
+    """A CSAW-S layout: ``images/<patient>_<view>.png`` and an (empty) ``masks/``; the hold-out check reads names."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for patient in patients:
+        for view in (0, 1):
+            imaging.write_png(root / "images" / f"{patient}_{view}.png", np.zeros((8, 4), np.uint8))
+    return root
+
+
+def test_a_csaw_holdout_patient_that_does_not_exist_is_one_line(tmp_path, capsys):
+    """``--csaw-holdout 2`` (meant ``002``) would train on patient 002: refused before anything is written."""
+    csaw = _csaw_folder(tmp_path / "csaw")
+    argv = ["--csaw-dir", csaw, "--csaw-holdout", "2", "--workspace", tmp_path / "ws"]
+    assert _run("prepare_to_train", argv) == 2
+    line = _one_line(capsys)
+    for part in ("--csaw-holdout 2:", "'2'", "patients found: 000, 002", "did you mean 002?", "'none'"):
+        assert part in line, line
+    assert not (tmp_path / "ws").exists()
+
+
+def test_the_default_csaw_holdout_must_exist_too_and_good_ids_pass(tmp_path, capsys):
+    csaw = _csaw_folder(tmp_path / "csaw", patients=("000", "001"))
+    assert _run("prepare_to_train", ["--csaw-dir", csaw, "--workspace", tmp_path / "ws"]) == 2
+    line = _one_line(capsys)
+    assert "--csaw-holdout 002 (the default): no CSAW-S patient '002'" in line and "001" in line
+    assert "did you mean" not in line
+    assert not (tmp_path / "ws").exists()
+    parse = prepare_to_train.get_args_parser().parse_args
+    for ids in ("001", "000,001", "none", "NONE"):
+        assert prepare_to_train._usage_problem(parse(["--csaw-dir", str(csaw), "--csaw-holdout", ids,
+                                                      "--workspace", str(tmp_path / "ws")])) is None
+
+
+def _cbis_zip(path: Path) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("CBIS-DDSM/csv/mass_case_description_test_set.csv", "image file path\nx.dcm\n")
+        archive.writestr("CBIS-DDSM/csv/calc_case_description_test_set.csv", "image file path\ny.dcm\n")
+    return path
+
+
+def test_a_cbis_csv_not_here_nor_in_the_zip_is_one_line(tmp_path, capsys):
+    """With a zip only, a ``--cbis-csv`` name was dropped silently and every CSV of the zip used instead."""
+    zipped = _cbis_zip(tmp_path / "CBIS-DDSM.zip")
+    argv = ["--cbis-zip", zipped, "--cbis-csv", "mass_case_description_train_set.csv", "--workspace", tmp_path / "ws"]
+    assert _run("prepare_to_train", argv) == 2
+    line = _one_line(capsys)
+    assert "--cbis-csv mass_case_description_train_set.csv" in line and "CBIS-DDSM.zip" in line
+    assert not (tmp_path / "ws").exists()
+    # a --zips-dir without a CBIS-DDSM zip: refused before any zip is extracted
+    zips = tmp_path / "zips"
+    zips.mkdir()
+    with zipfile.ZipFile(zips / "Mammogram-segmentation-master.zip", "w") as archive:
+        archive.writestr("README.md", "tissue labels")
+    argv = ["--zips-dir", zips, "--cbis-csv", "mass.csv", "--workspace", tmp_path / "ws"]
+    assert _run("prepare_to_train", argv) == 2
+    assert "needs --cbis-dir" in _one_line(capsys)
+    assert not (tmp_path / "ws").exists()
+
+
+def test_a_cbis_csv_named_inside_the_zip_is_the_one_used(tmp_path):
+    zipped = _cbis_zip(tmp_path / "CBIS-DDSM.zip")
+    parse = prepare_to_train.get_args_parser().parse_args
+    args = parse(["--cbis-zip", str(zipped), "--cbis-csv", "calc_case_description_test_set.csv",
+                  "--workspace", str(tmp_path / "ws")])
+    assert prepare_to_train._usage_problem(args) is None
+    extracted = tmp_path / "extracted"
+    with zipfile.ZipFile(zipped) as archive:
+        archive.extractall(extracted)
+    found = prepare_to_train._cbis_csvs_for(extracted, args.cbis_csv)
+    assert [p.name for p in found] == ["calc_case_description_test_set.csv"]
+
+
+def _interrupt(*_, **__):
+    raise KeyboardInterrupt
+
+
+#: (script, the function of its module that Ctrl-C interrupts, argv builder, what the line says to do next)
+_INTERRUPTED = [
+    ("prepare_to_train", "process_samples", lambda f, o: ["--synthetic", "2", "--workspace", o / "ws"],
+     "images finished so far are kept in the workspace"),
+    ("cascade_segmentation_model", "train_stage",
+     lambda f, o: ["--train-stage1", "--tissue-csv", f["tissue_csv"], *_small_training(o)], "with --resume"),
+    ("evaluate", "_run_tasks", lambda f, o: [*_evaluate_truth("tissue_csv", f, o), "--output-dir", o / "eval"],
+     "run it again"),
+    ("onnx_backend", "export_stages", lambda f, o: ["--stage1-weights", f["stage1"], "--output-dir", o / "onnx"],
+     "--overwrite"),
+    ("benchmark", "_usage_problem", lambda f, o: ["--quick", "--output", o / "b.json"], "nothing was written"),
+]
+
+
+@pytest.mark.parametrize("script, target, argv, advice", _INTERRUPTED, ids=[c[0] for c in _INTERRUPTED])
+def test_ctrl_c_is_one_line_and_exit_status_130(script, target, argv, advice, files, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(SCRIPTS[script], target, _interrupt)
+    assert _run(script, argv(files, tmp_path)) == 130
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"interrupted: {script}.py stopped; "), lines
+    assert advice in lines[0]
+
+
+def test_ctrl_c_keeps_main_callable_without_arguments(tmp_path, monkeypatch, capsys):
+    """The entry points (pyproject.toml) call ``main()``: the arguments come from ``sys.argv``."""
+    monkeypatch.setattr(sys, "argv", ["mammo-prepare", "--synthetic", "2", "--workspace", str(tmp_path / "ws")])
+    monkeypatch.setattr(prepare_to_train, "process_samples", _interrupt)
+    assert prepare_to_train.main() == 130
+    assert prepare_to_train.main.__name__ == "main" and "Build the workspace" in prepare_to_train.main.__doc__
+    assert capsys.readouterr().err.startswith("interrupted: prepare_to_train.py stopped;")
+
+
+def _unwritable(tmp_path) -> Path:
+    """A folder that cannot be written even by root (CI runs as root: ``chmod`` does not stop it): one below
+    ``/sys`` (Linux: sysfs refuses new files); skips where that is not so."""
+    if not Path("/sys").is_dir():
+        pytest.skip("no /sys here: no folder that refuses writes for every user")
+    try:
+        handle, probe = tempfile.mkstemp(dir="/sys")
+    except OSError:
+        return Path("/sys") / f"mammo_test_{tmp_path.name}"
+    os.close(handle)
+    os.unlink(probe)
+    pytest.skip("/sys accepts new files here")
+
+
+def _no_work(*_, **__):
+    raise AssertionError("work started before the output folder was checked")
+
+
+#: (script, argv builder (files, out, unwritable folder), flag named, function of the module that must not run)
+_UNWRITABLE = [
+    ("evaluate", lambda f, o, u: [*_evaluate_truth("tissue_csv", f, o), "--output-dir", u], "--output-dir",
+     "_build_predictor"),
+    ("cascade_segmentation_model",
+     lambda f, o, u: ["--train-stage1", "--tissue-csv", f["tissue_csv"], *_small_training(o),
+                      "--stage1-checkpoint-dir", u], "--stage1-checkpoint-dir", "train_stage"),
+    ("cascade_segmentation_model",
+     lambda f, o, u: ["--train-stage1", "--tissue-csv", f["tissue_csv"], *_small_training(o), "--logdir", u / "runs"],
+     "--logdir", "train_stage"),
+    ("prepare_to_train", lambda f, o, u: ["--synthetic", "2", "--workspace", u], "--workspace", "process_samples"),
+    ("onnx_backend", lambda f, o, u: ["--stage1-weights", f["stage1"], "--output-dir", u], "--output-dir",
+     "export_stages"),
+]
+
+
+@pytest.mark.parametrize("script, argv, flag, work", _UNWRITABLE, ids=[f"{c[0]} {c[2]}" for c in _UNWRITABLE])
+def test_an_output_folder_that_cannot_be_written_is_one_line_before_work(script, argv, flag, work, files, tmp_path,
+                                                                        monkeypatch, capsys):
+    folder = _unwritable(tmp_path)
+    monkeypatch.setattr(SCRIPTS[script], work, _no_work)
+    given = [str(a) for a in argv(files, tmp_path, folder)]
+    last = {a: i for i, a in enumerate(given)}  # a flag given twice: argparse keeps the last
+    assert _run(script, given) == 2
+    line = _one_line(capsys)
+    assert f"{flag} {given[last[flag] + 1]} cannot be written" in line and "choose a folder" in line, line
+
+
+def test_writable_folder_creates_and_leaves_nothing(files, tmp_path):
+    target = tmp_path / "new" / "deeper"
+    assert checks.writable_folder(target, "--o") == target
+    assert list(tmp_path.iterdir()) == []  # the probe was made in tmp_path and removed; nothing created
+    with pytest.raises(checks.UserInputError, match="its parent .*notes.txt is a file"):
+        checks.writable_folder(files["notes"] / "out", "--o")
+
+
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bash(script: str, *argv: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(_ROOT / script), *argv], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **env}, cwd=_ROOT)
+
+
+def test_evaluate_domains_without_arguments_prints_its_usage():
+    done = _bash("scripts/evaluate_domains.sh")
+    assert done.returncode == 2
+    assert "unbound" not in done.stderr and done.stdout == ""
+    assert done.stderr.startswith("error: STAGE1, STAGE2 and OUTPUT_DIR are required")
+    assert "usage: bash scripts/evaluate_domains.sh STAGE1 STAGE2 OUTPUT_DIR" in done.stderr
+    assert len(done.stderr.splitlines()) <= 8
+    helped = _bash("scripts/evaluate_domains.sh", "--help")
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: ")
+
+
+def test_evaluate_domains_optional_arguments_stop_at_the_first_flag():
+    done = _bash("scripts/evaluate_domains.sh", "s1.pth", "s2.pth", "out", "--limit", "2", PYTHON="echo")
+    assert done.returncode == 0, done.stderr
+    first = done.stdout.splitlines()[0]
+    assert "--tissue-csv workspace_v2/tissue_dataset.csv" in first and "--csaw-patients 002" in first
+    assert first.endswith("--limit 2")
+
+
+def test_train_sh_help_and_setup_env_arguments():
+    helped = _bash("train.sh", "--help", PYTHON="false")
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: bash train.sh")
+    missing = _bash("train.sh", WORKSPACE=str(_ROOT / "no_such_workspace"), PYTHON="false")
+    assert missing.returncode == 2 and "no_such_workspace/tissue_dataset.csv not found" in missing.stderr
+    bad = _bash("scripts/setup_env.sh", "--venv", "x", PYTHON="false", MAMMO_VENV=str(_ROOT / "no_such_venv"))
+    assert bad.returncode == 2 and bad.stderr.startswith("error: setup_env.sh takes no arguments")
+    assert "usage: bash scripts/setup_env.sh" in bad.stderr and not (_ROOT / "no_such_venv").exists()

@@ -7,9 +7,9 @@ CC view. These are facts of anatomy and acquisition, so they are rules here, not
 1. :func:`one_breast`: the breast (adipose, FGT, pectoral) is one connected region. Every other non-background
    component (detector strips, labels, markers) becomes background, and holes inside the breast are breast.
 2. :func:`pectoral_on_mlo`: on an MLO view the pectoral muscle is at most one region, against the chest wall at the
-   top of the image, narrowing downwards (each row's muscle runs from the chest wall; below its widest row no row is
-   wider than the row above; a band down the chest wall is a muscle too), and at most
-   :data:`MAX_PECTORAL_FRACTION` of the breast (an oversized one is cut where it runs too far down).
+   top of the image (each row's muscle runs from the chest wall, without holes; a band down the chest wall is a muscle
+   too), and at most :data:`MAX_PECTORAL_FRACTION` of the breast (an oversized one is cut where it runs too far
+   down).
 3. :func:`pectoral_on_cc`: on a CC view the muscle is usually not seen; at most a thin crescent against the chest wall
    (:data:`MAX_CC_CRESCENT_WIDTH_FRACTION` of the breast's width, :data:`MAX_CC_PECTORAL_FRACTION` of its area).
 
@@ -49,6 +49,10 @@ PECTORAL_TOP_FRACTION = 0.25
 #: issue 19 asks for <= 1 % of the breast.
 MAX_CC_CRESCENT_WIDTH_FRACTION = 0.05
 MAX_CC_PECTORAL_FRACTION = 0.01
+
+#: A gap of at most this share of the breast's height between rows of the muscle is bridged (the network's muscle can
+#: start a little away from the chest wall in a few rows; the muscle itself is continuous).
+GAP_FRACTION = 0.05
 
 #: A region counts as touching the chest wall when it reaches within this fraction of the breast's width from the
 #: breast's chest-wall (left) edge (a thin strip of skin or fat may lie between the muscle and the image edge).
@@ -195,26 +199,27 @@ def _row_starts(breast: np.ndarray) -> np.ndarray:
     return np.where(has, breast.argmax(axis=1), breast.shape[1])
 
 
-def _narrowing_rows(region: np.ndarray, breast: np.ndarray, tolerance_px: int) -> np.ndarray:
-    """The region as a muscle: each row from the chest wall (the breast's edge in that row) to the end of the region's
-    first run, when that run starts within ``tolerance_px`` of the chest wall; below its widest row no row wider than
-    the row above; the muscle ends at its first empty row."""
+def _rows_from_chest_wall(region: np.ndarray, breast: np.ndarray, tolerance_px: int, max_gap: int) -> np.ndarray:
+    """The region as a muscle: each row from the chest wall (the breast's edge in that row) to the region's last pixel
+    in it, when the region starts within ``tolerance_px`` of the chest wall; holes in a row are muscle. Runs of at
+    most ``max_gap`` rows without muscle are bridged (the width of the row below); the muscle ends at a longer gap."""
     h, w = region.shape
     starts = _row_starts(breast)
     widths = np.zeros(h, np.int64)
     for y in np.flatnonzero(region.any(axis=1)):
-        first = int(region[y].argmax())
-        if first - starts[y] > tolerance_px:
-            continue
-        gaps = np.flatnonzero(~region[y, first:])
-        widths[y] = first - starts[y] + (gaps[0] if gaps.size else w - first)
-    if not widths.any():
+        columns = np.flatnonzero(region[y])
+        if columns[0] - starts[y] <= tolerance_px:
+            widths[y] = columns[-1] + 1 - starts[y]
+    rows = np.flatnonzero(widths > 0)
+    if rows.size == 0:
         return np.zeros_like(region)
-    top, widest = int(np.argmax(widths > 0)), int(np.argmax(widths))
-    widths[widest:] = np.minimum.accumulate(widths[widest:])  # above its widest row the image edge may cut it
-    ends = np.flatnonzero(widths[top:] == 0)
-    if ends.size:
-        widths[top + ends[0]:] = 0
+    end = rows[-1]
+    for upper, lower in zip(rows[:-1], rows[1:]):
+        if lower - upper > max_gap + 1:  # a long gap: what lies below it is not this muscle
+            end = upper
+            break
+        widths[upper + 1:lower] = widths[lower]
+    widths[end + 1:] = 0
     columns = np.arange(w)[None, :]
     return (columns >= starts[:, None]) & (columns < starts[:, None] + widths[:, None])
 
@@ -238,7 +243,8 @@ def pectoral_on_mlo(state: AnatomyState) -> str | None:
     tolerance = max(1, int(round(CHEST_WALL_TOLERANCE_FRACTION * (cols[-1] - cols[0] + 1))))
     keep = _chest_wall_pectoral(pectoral, breast)
     if keep.any():
-        keep = _narrowing_rows(keep, breast, tolerance) & breast
+        gap = max(1, int(GAP_FRACTION * np.count_nonzero(breast.any(axis=1))))
+        keep = _rows_from_chest_wall(keep, breast, tolerance, gap) & breast
     breast_px = int(breast.sum())
     if keep.any():
         keep = _capped_from_top(keep, MAX_PECTORAL_FRACTION * breast_px)

@@ -7,6 +7,7 @@ traceback or an hour of training first:
 - :func:`input_file`, :func:`input_folder`: exists, and is a file / a folder (the message says what it is instead:
   :func:`describe`);
 - :func:`output_folder`, :func:`output_file`: not a file where a folder goes, not a folder where a file goes;
+  :func:`writable_folder` adds that a file can be written there (a probe file, removed at once);
 - :func:`checkpoint_file` (cheap: no loading) and :func:`load_stage_checkpoint` (loads, checks the stage): a folder,
   a text file, an image, an empty file, an ONNX model where a ``.pth`` checkpoint is expected, or a checkpoint of the
   other stage; :func:`load_stage_pair` adds the advice for two checkpoints given together
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -125,6 +127,33 @@ def output_folder(path: str | os.PathLike, flag: str) -> Path:
                 raise UserInputError(f"{flag} {path} cannot be a folder{where}: {place} is {describe(place)}; "
                                      "choose a folder (it is created if missing)")
             break
+    return path
+
+
+def writable_folder(path: str | os.PathLike, flag: str) -> Path:
+    """``path`` when files can be written in it: :func:`output_folder`'s checks, then a probe file created and removed
+    at once in the folder or, when it does not exist yet, in its nearest existing parent (where it would be made).
+    Nothing is created or left behind; a read-only mount, a folder without write permission, a full disk or a
+    special file system (``/sys``, ``/proc``) is found before any work, also for root (whom permissions do not stop).
+
+    Raises:
+        UserInputError: ``path`` or one of its parents is a file, or the folder refuses a new file (the message names
+            the folder, the system's reason and the fix).
+    """
+    path = output_folder(path, flag)
+    place = next((p for p in (path, *path.parents) if p.is_dir()), Path("."))
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".write_test_", dir=place)
+    except OSError as error:
+        where = "" if place == path else f" (it would be created in {place})"
+        reason = (error.strerror or type(error).__name__).lower()
+        raise UserInputError(f"{flag} {path} cannot be written{where}: {reason}; choose a folder you can write "
+                             "to") from None
+    os.close(handle)
+    try:
+        os.unlink(probe)
+    except OSError:
+        pass
     return path
 
 

@@ -175,6 +175,7 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
         if value and not Path(value).exists():
             return f"{flag} {value} not found; pass an existing path or leave the flag out for the default"
     try:
+        checks.writable_folder(output.parent, f"--output {output}: the folder")
         for stage in (1, 2):
             weights = getattr(args, f"stage{stage}_weights")
             if weights:
@@ -290,6 +291,7 @@ def _measure_all(args: argparse.Namespace, run: _Run, paths: dict[str, Path], st
         _measure_training(args, run, stage_checkpoints, results)
 
 
+@common.interruptible("benchmark.py", "nothing was written, run it again")
 def main(args: argparse.Namespace | None = None) -> int:
     """Run the benchmark, print the table and write the JSON; returns 0, or 2 for bad arguments / an existing output."""
     args = get_args_parser().parse_args() if args is None else args

@@ -18,11 +18,15 @@ name               flags
 ``deterministic``  ``--deterministic`` deterministic algorithms only
 ``workers``        ``--num-workers`` (default 4) and ``--worker-start-method``
 =================  ===================================================================================
+
+Every script's ``main`` is wrapped by :func:`interruptible`: Ctrl-C ends it with one line on stderr and exit status
+130, not a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import sys
 
@@ -147,3 +151,30 @@ def usage_error(message: str) -> int:
     """Print ``error: <message>`` on stderr and return exit code 2 (a user's mistake, as argparse uses)."""
     print(f"error: {message}", file=sys.stderr)
     return 2
+
+
+#: Exit status of a run stopped by Ctrl-C: 128 + SIGINT (2), what a shell reports for a process ended by that signal.
+EXIT_INTERRUPTED = 130
+
+
+def interruptible(script: str, kept: str = "finished outputs are kept, run it again to continue"):
+    """Decorator of a script's ``main(args=None)``: Ctrl-C (``KeyboardInterrupt``) ends the run with one line on
+    stderr, ``interrupted: <script> stopped; <kept>``, and returns :data:`EXIT_INTERRUPTED` (130) instead of a
+    traceback. The wrapped function keeps ``main``'s name, docstring and ``main(args=None)`` call (the entry points
+    of pyproject.toml call it without arguments).
+
+    Args:
+        script: the script's name as users run it (``prepare_to_train.py``).
+        kept: what stays of the interrupted run and how to go on (e.g. "... run it again with --resume").
+    """
+    def decorate(main):
+        @functools.wraps(main)
+        def wrapper(args: argparse.Namespace | None = None) -> int:
+            try:
+                return main(args)
+            except KeyboardInterrupt:
+                lead = "\n" if sys.stderr.isatty() else ""  # after the terminal's "^C" or a progress bar
+                print(f"{lead}interrupted: {script} stopped; {kept}", file=sys.stderr)
+                return EXIT_INTERRUPTED
+        return wrapper
+    return decorate

@@ -170,6 +170,8 @@ class _Results:
         return self.tissue_rows + self.lesion_rows + self.density_rows + self.csaw_rows
 
 
+@common.interruptible("evaluate.py", "it does not resume: run it again (with --overwrite if it had written "
+                       "metrics.json or per_image.csv)")
 def main(args: argparse.Namespace | None = None) -> int:
     """Evaluate as the command line asks; returns 0 (done; skipped items listed), 1 (nothing evaluated) or 2 (usage)."""
     args = get_args_parser().parse_args() if args is None else args
@@ -192,7 +194,8 @@ def main(args: argparse.Namespace | None = None) -> int:
 
 
 def _check_values(args: argparse.Namespace) -> None:
-    """Numbers in range, ``--split`` normalised (``args.split`` rewritten), ``--output-dir`` usable as a folder.
+    """Numbers in range, ``--split`` normalised (``args.split`` rewritten), ``--output-dir`` a folder that can be
+    written (``checks.writable_folder``), before any model loads.
 
     Raises:
         _Refused: one line naming the flag.
@@ -202,7 +205,7 @@ def _check_values(args: argparse.Namespace) -> None:
         if args.split is not None:
             args.split = tables.normalise_split_name(args.split)
         if args.output_dir is not None:
-            checks.output_folder(args.output_dir, "--output-dir")
+            checks.writable_folder(args.output_dir, "--output-dir")
     except ValueError as error:
         raise _Refused(checks.one_line(error)) from None
 
@@ -221,7 +224,7 @@ def _export_onnx(args: argparse.Namespace) -> bool:
     if not (args.stage1_weights or args.stage2_weights):
         raise _Refused("--export-onnx needs --stage1-weights and/or --stage2-weights")
     try:
-        checks.output_folder(args.export_onnx, "--export-onnx")
+        checks.writable_folder(args.export_onnx, "--export-onnx")
         checks.load_stage_pair(args.stage1_weights, args.stage2_weights)
         report = export.export_stages(args.stage1_weights, args.stage2_weights, args.export_onnx,
                                       overwrite=args.overwrite)

@@ -12,8 +12,8 @@ Under ``torchrun`` (one machine or several: ``--nnodes``, ``--rdzv-endpoint``) t
 processes (every N-th input, :func:`mammo.inference.listing.shard`), each process uses one GPU
 (``cuda:<LOCAL_RANK>``) or an equal share of the CPU cores and writes its own images' outputs, and rank 0 merges
 ``predictions.csv`` and ``summary.json`` in input order (the processes exchange their tables over gloo). An
-interrupted run continues where it stopped: an input whose ``<stem>.json`` exists is skipped, whatever the number of
-processes.
+interrupted run continues where it stopped: an input whose ``<stem>.json`` came from the same file with the same
+weights and settings is skipped, whatever the number of processes.
 
 The two checkpoints alone define the networks, their input sizes and the preprocessing (no training flag is
 repeated). A stage given neither ``--stageN-weights`` nor ``--checkpoint-dir`` runs the shipped default model,
@@ -42,9 +42,18 @@ are written too, and a summary is printed.
 Safety: an input that cannot be read is skipped with its reason and the rest go on (exit status 1 at the end);
 files that are not images (no image suffix and no image magic bytes, e.g. ``notes.txt``) are listed as
 ``not_image`` (reported, not a failure); hidden files are ignored. Inputs are never written to (an output path that
-would equal an input is refused). An input whose ``<stem>.json`` exists is skipped as ``exists`` (its row in
-``predictions.csv`` is filled from that JSON) unless ``--overwrite``; an existing ``predictions.csv`` /
-``summary.json`` is kept and the new one gets a timestamped name unless ``--overwrite``.
+would equal an input is refused). Each record says what made it (``provenance``: the input file's size, time and
+SHA-256, and the settings that change the outputs; the weights are its ``checkpoints``). Without ``--overwrite``, an
+input whose ``<stem>.json`` exists is skipped as ``exists`` when that record came from the same file (same SHA-256)
+with the same weights and settings (its row in ``predictions.csv`` is filled from that JSON); otherwise (another file
+of that name, other weights or settings, a record of an older version without provenance) its outputs are not
+touched and it is a ``conflict`` whose reason names the difference (exit status 1). An existing ``predictions.csv`` /
+``summary.json`` is kept and the new one gets a timestamped name unless ``--overwrite``. One run at a time per output
+folder: a run holds the lock file ``<output-dir>/.cascade_inference.lock`` (its process id, host and start time;
+rank 0 holds it for all the processes of a torchrun run) and a second run is refused before any model loads; a lock
+left by a process that no longer runs on this host is taken over with a note. A broken link in the input folder is
+an input that failed ("broken link to <target>"). An output folder that cannot be written is refused before any
+model loads.
 
 Speed: images go through the networks in groups of ``--batch-size`` (``Cascade.run_batch``: stage 1 on the group's
 letterboxed images at once, then stage 2 on their ROI crops); while the networks run on one group, a background
@@ -54,8 +63,10 @@ The default ``--backend auto`` runs both networks under ONNX Runtime on a CPU (t
 checkpoint, see :mod:`mammo.weights.runners`) and under torch with float16 autocast on CUDA; ``.onnx`` files
 exported by ``onnx_backend.py`` are accepted as weights.
 
-Exit status: 0 every input done (or skipped as ``exists`` / ``not_image``), 1 some inputs failed (each is reported
-with its reason; the others were processed), 2 usage, checkpoint or display error.
+Exit status: 0 every input done (or skipped as ``exists`` / ``not_image``; a ``warning`` counts as done), 1 some inputs
+failed, were rejected as not a mammogram (``mammo.inference.quality``) or conflict with existing outputs (each is
+reported with its reason; the others were processed), 2 usage, checkpoint, output folder (not writable, in use) or
+display error.
 
 This module (the command line of ``cascade_inference.py``) only parses the command line and wires the modules that
 do the work: :mod:`mammo.cascade.load` (loading the cascade), :mod:`mammo.inference.listing` (the inputs and their
@@ -67,7 +78,10 @@ torchrun shares), :mod:`mammo.inference.record` (the per-image measurements and 
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
+import json
 import os
+import socket
 import sys
 import textwrap
 import time
@@ -81,6 +95,7 @@ from mammo.inference import listing
 from mammo.weights import release
 from mammo.inference import outputs
 from mammo.inference import probability
+from mammo.inference import record as records
 from mammo.weights import runners
 from mammo.cascade import checks
 
@@ -162,18 +177,28 @@ def _print_summary(summary: dict, csv_path: Path | None, summary_path: Path | No
     counts = summary["counts"]
     print("\nSummary")
     print(f"  inputs: {summary['inputs']}  " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
-    if summary["density_percent"]:
-        d = summary["density_percent"]
-        cats = ", ".join(f"{k}: {v}" for k, v in summary["density_categories"].items())
-        print(f"  percent density: mean {d['mean']:.1f} %, median {d['median']:.1f} % (range {d['min']:.1f}-"
-              f"{d['max']:.1f} %); categories {cats}")
+    if summary["dense_percent"]:
+        d = summary["dense_percent"]
+        cats = ", ".join(f"{k}: {v}" for k, v in summary["dense_categories"].items())
+        print(f"  percent density (dense pixels / breast): mean {d['mean']:.1f} %, median {d['median']:.1f} % (range "
+              f"{d['min']:.1f}-{d['max']:.1f} %); categories {cats}; rejected images left out")
     print(f"  images with lesion candidates (p >= {summary['lesion_threshold']:g}): "
           f"{summary['images_with_lesion_candidates']}")
     if summary["mean_s_per_processed_image"] is not None:
         print(f"  time: {summary['elapsed_s']:.1f} s in all, {summary['mean_s_per_processed_image']:.2f} s per "
               f"processed image ({summary['device']}, {summary['backend']})")
+    kept = summary["records_summarised"]["kept"]
+    if kept:
+        print(f"  these figures cover {summary['records_summarised']['made_now']} record(s) made now and {kept} kept "
+              "(made before from the same files, weights and settings)")
     for entry in summary["failed"]:
         print(f"  FAILED {entry['input']}: {entry['reason']}")
+    for entry in summary["rejected"]:
+        print(f"  REJECTED {entry['input']}: {entry['reason']}")
+    for entry in summary["warnings"]:
+        print(f"  WARNING {entry['input']}: {entry['reason']}")
+    for entry in summary["conflicts"]:
+        print(f"  NOT TOUCHED {entry['input']}: {entry['reason']}")
     for entry in summary["not_images"]:
         print(f"  not an image, skipped: {entry['input']}")
     if csv_path:
@@ -253,6 +278,131 @@ def _process_device(device: str, ctx) -> tuple[str, int | None]:
     torch.set_num_threads(threads)
     return ("cpu" if device == "auto" else device), threads
 
+# ------------------------------------------------------------------------------------------- the output folder
+#: The lock file a run holds in its output folder (hidden: never listed as an input); JSON with the owner's ``pid``,
+#: ``host``, ``started_utc`` and ``command``.
+LOCK_NAME = ".cascade_inference.lock"
+
+
+def _read_owner(path: Path) -> dict | None:
+    """The owner written in a lock file, or None when it cannot be read (gone, empty, not JSON)."""
+    try:
+        owner = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (``os.kill(pid, 0)``; True where that cannot be asked)."""
+    if os.name == "nt":  # signal 0 is not a probe on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it runs, as another user
+        return True
+    return True
+
+
+def _stale(owner: dict | None) -> bool:
+    """Whether a lock's owner is a process of this host that no longer runs (its lock may be taken over)."""
+    return (owner is not None and isinstance(owner.get("pid"), int) and owner.get("host") == socket.gethostname()
+            and not _process_alive(owner["pid"]))
+
+
+def _in_use(folder: Path, path: Path, owner: dict | None) -> str:
+    """The one-line refusal of a second run into ``folder``."""
+    who = (f"process {owner.get('pid')} on {owner.get('host')}, started {owner.get('started_utc')}" if owner else
+           f"its lock file {path} cannot be read")
+    return (f"--output-dir {folder} is in use by another run ({who}); wait for it to finish or choose another "
+            f"--output-dir (if no run is using the folder, delete {path})")
+
+
+def _take_over(folder: Path, path: Path, owner: dict) -> None:
+    """Move aside the stale lock ``path`` of ``owner`` (a new lock of a live run, moved by a race, is put back)."""
+    aside = path.with_name(f"{path.name}.{os.getpid()}.stale")
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:  # another run took it over first
+        return
+    if _read_owner(aside) == owner:
+        print(f"note: took over the lock of --output-dir {folder}: it was left by process {owner['pid']} on "
+              f"{owner['host']} (started {owner.get('started_utc')}), which no longer runs", file=sys.stderr)
+    else:
+        try:
+            os.link(aside, path)
+        except OSError:
+            pass
+    aside.unlink(missing_ok=True)
+
+
+class _FolderLock:
+    """This run's lock of its output folder (:func:`_lock_output_dir`); :meth:`release` removes it."""
+
+    def __init__(self, path: Path, owner: dict, created: list[Path]):
+        self.path, self.owner, self.created = path, owner, created
+
+    def release(self) -> None:
+        """Remove the lock file (when it is still this run's) and the folders this run created, if still empty."""
+        if _read_owner(self.path) == self.owner:
+            self.path.unlink(missing_ok=True)
+        for folder in reversed(self.created):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: the run wrote there
+                break
+
+
+def _lock_output_dir(folder: Path) -> _FolderLock:
+    """Make ``folder`` and take its lock: ``LOCK_NAME`` created atomically (``O_CREAT | O_EXCL``) with this process's
+    id, host and start time. A lock of a process of this host that no longer runs is taken over with a note.
+
+    Raises:
+        checks.UserInputError: the folder cannot be made or written, or another run holds it (one line).
+    """
+    created = [place for place in (folder, *folder.parents) if not place.exists()][::-1]
+    path = folder / LOCK_NAME
+    owner = {"pid": os.getpid(), "host": socket.gethostname(),
+             "started_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+             "command": " ".join(sys.argv)[:1000]}
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _read_owner(path)
+                if not _stale(holder):
+                    raise checks.UserInputError(_in_use(folder, path, holder)) from None
+                _take_over(folder, path, holder)
+                continue
+            with os.fdopen(handle, "w", encoding="utf-8") as stream:
+                stream.write(json.dumps(owner) + "\n")
+            return _FolderLock(path, owner, created)
+    except OSError as error:
+        raise checks.UserInputError(f"--output-dir {folder} cannot be written ({error.strerror or error}); choose a "
+                                    "folder you can write to") from None
+    raise checks.UserInputError(_in_use(folder, path, _read_owner(path)))
+
+
+def _claim_output_dir(output_dir: Path, ctx) -> tuple[_FolderLock | None, str | None]:
+    """``(lock, problem)``: rank 0 (or the single process) takes the output folder's lock; under torchrun the outcome
+    is sent to every rank, so that all stop when it is refused and none of them asks for the lock (the processes of
+    one torchrun run are one run). ``problem``: the one-line refusal, or None."""
+    lock, problem = None, None
+    if ctx is None or ctx.rank == 0:
+        try:
+            lock = _lock_output_dir(output_dir)
+        except checks.UserInputError as error:
+            problem = str(error)
+    if ctx is not None:
+        from mammo.core import distributed
+
+        problem = distributed.broadcast_object(problem, ctx)
+    return lock, problem
+
 
 def _input_problem(args: argparse.Namespace) -> str | None:
     """Why ``--image`` / ``--image-dir`` / ``--output-dir`` cannot be used (the usage error's message), or None."""
@@ -261,6 +411,10 @@ def _input_problem(args: argparse.Namespace) -> str | None:
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         return f"--output-dir {output_dir} is a file, not a folder; choose a folder (it is created if missing)"
+    try:
+        checks.writable_folder(output_dir, "--output-dir")  # below a file, read-only: refused before any work
+    except checks.UserInputError as error:
+        return str(error)
     if args.image:
         source = Path(args.image)
         if not source.is_file():
@@ -292,24 +446,40 @@ def _list_items(args: argparse.Namespace, source: Path, output_dir: Path) -> lis
     return items
 
 
+def _settings(args: argparse.Namespace, loaded: load.LoadedCascade) -> dict:
+    """The run's settings that change its outputs (``record.run_settings``), as each record's provenance holds them."""
+    return records.run_settings(loaded, threshold=args.threshold, min_area_px=args.min_lesion_area,
+                                prob_encoding=args.prob_encoding)
+
+
+def _mark_existing(args: argparse.Namespace, mine: list[listing.InputItem], loaded: load.LoadedCascade) -> None:
+    """Judge the inputs whose record exists (``listing.mark_existing``; not with ``--overwrite``) and say so: one
+    line per input skipped (stdout), not touched or failed (stderr, with the reason)."""
+    if args.overwrite:
+        return
+    for item in listing.mark_existing(mine, loaded.identities, _settings(args, loaded)):
+        if item.status == "exists":
+            print(f"{item.relative}: outputs exist, skipped (same file, weights and settings; pass --overwrite to "
+                  "redo)")
+        elif item.status == "conflict":
+            print(f"{item.relative}: NOT TOUCHED: {item.reason}", file=sys.stderr)
+        else:
+            print(f"{item.relative}: FAILED: {item.reason}", file=sys.stderr)
+
+
 def _run(args: argparse.Namespace, items: list[listing.InputItem], loaded: load.LoadedCascade,
          ctx) -> tuple[list[listing.InputItem], float, bool]:
-    """Process this process's share of ``items`` (all of them without torchrun) and, under torchrun, gather every
-    rank's on rank 0.
+    """Process this process's share of ``items`` (all of them without torchrun) and, under torchrun (``ctx``: the
+    process group already made, gloo), gather every rank's on rank 0.
 
     Returns:
         ``(items, elapsed_s, reports)``: ``reports`` is True where this process prints and writes the run's report
         (``items`` then the whole run in input order), False on the other ranks (``items`` their own share).
     """
     protected = {item.path.resolve() for item in items}
-    if ctx is not None:
-        from mammo.core import distributed
-
-        ctx = distributed.init_distributed("cpu", backend="gloo")  # the ranks exchange only their tables
     own = listing.shard(items, ctx.rank, ctx.world_size) if ctx is not None else list(enumerate(items))
     mine = [item for _, item in own]
-    for item in ([] if args.overwrite else listing.mark_existing(mine)):
-        print(f"{item.relative}: outputs exist, skipped (pass --overwrite to redo)")
+    _mark_existing(args, mine, loaded)
     start = time.perf_counter()
     predict.process(mine, loaded, threshold=args.threshold, min_area_px=args.min_lesion_area,
                     prob_encoding=args.prob_encoding, visualization=not args.no_visualization,
@@ -319,6 +489,8 @@ def _run(args: argparse.Namespace, items: list[listing.InputItem], loaded: load.
     elapsed = time.perf_counter() - start
     if ctx is None:
         return items, elapsed, True
+    from mammo.core import distributed
+
     shards = distributed.gather_objects((own, elapsed), ctx)
     distributed.cleanup(ctx)
     if not ctx.is_main:
@@ -331,36 +503,26 @@ def _report_run(args: argparse.Namespace, items: list[listing.InputItem], elapse
     """Print one image's findings, or write a folder's ``predictions.csv`` and ``summary.json`` and print it."""
     if args.image:
         item = items[0]
-        if item.record is not None and item.status == "ok":
+        if item.record is not None and item.status in ("ok", "warning"):
             print("\n".join(f"  {line}" for line in item.record["findings"]))
             print(f"  outputs in {item.out_dir} ({item.stem}_*)")
         return
     summary = predict.summarize(items, elapsed, loaded, threshold=args.threshold, batch_size=args.batch_size,
-                                prefetch=bool(args.prefetch), arguments=dict(vars(args)))
+                                prefetch=bool(args.prefetch), arguments=dict(vars(args)),
+                                settings=_settings(args, loaded))
     csv_path = outputs.write_csv(outputs.free_name(output_dir / "predictions.csv", args.overwrite), items)
     summary_path = outputs.write_json(outputs.free_name(output_dir / "summary.json", args.overwrite), summary)
     _print_summary(summary, csv_path, summary_path)
 
 
-def main(args: argparse.Namespace | None = None) -> int:
-    """Run inference as the command line asks; returns 0 (all done), 1 (some inputs failed) or 2 (usage error)."""
-    args = get_args_parser().parse_args() if args is None else args
-    problem = _input_problem(args)
-    if problem is not None:
-        return common.usage_error(problem)
+def _load_and_run(args: argparse.Namespace, paths: tuple[Path, Path], device: str, threads: int | None,
+                  ctx) -> int:
+    """Load the cascade, run it on the inputs and report (the output folder already locked); the exit status."""
     output_dir = Path(args.output_dir)
     source = Path(args.image) if args.image else Path(args.image_dir)
     try:
-        ctx = _torchrun_context()
-    except ValueError as error:
-        return common.usage_error(str(error))
-    if ctx is not None and args.interactive:
-        return common.usage_error("--interactive opens one window: run it without torchrun")
-    device, threads = _process_device(args.device, ctx)
-    try:
-        stage1_path, stage2_path = _resolve_weights(args)
-        shipped = _shipped_weights_notes(args, (stage1_path, stage2_path))
-        loaded = load.load_cascade(stage1_path, stage2_path, device=device, backend=args.backend, tta=args.tta,
+        shipped = _shipped_weights_notes(args, paths)
+        loaded = load.load_cascade(*paths, device=device, backend=args.backend, tta=args.tta,
                                    adaptive_clahe=args.adaptive_clahe, amp=args.amp, threads=threads,
                                    anatomy=args.anatomy)
         lesion = release.resolve_lesion_settings(loaded.cascade.stage2_checkpoint, args.threshold,
@@ -387,7 +549,42 @@ def main(args: argparse.Namespace | None = None) -> int:
     items, elapsed, reports = _run(args, items, loaded, ctx)
     if reports:
         _report_run(args, items, elapsed, loaded, output_dir)
-    return 1 if any(item.status == "failed" for item in items) else 0
+    return 1 if any(item.status in ("failed", "conflict", "rejected") for item in items) else 0
+
+
+@common.interruptible("cascade_inference.py", "finished images are kept, run it again to continue (they are skipped)")
+def main(args: argparse.Namespace | None = None) -> int:
+    """Run inference as the command line asks; returns 0 (all done), 1 (some inputs failed or conflict with existing
+    outputs) or 2 (usage error, an output folder that cannot be written or is in use)."""
+    args = get_args_parser().parse_args() if args is None else args
+    problem = _input_problem(args)
+    if problem is not None:
+        return common.usage_error(problem)
+    try:
+        ctx = _torchrun_context()
+    except ValueError as error:
+        return common.usage_error(str(error))
+    if ctx is not None and args.interactive:
+        return common.usage_error("--interactive opens one window: run it without torchrun")
+    device, threads = _process_device(args.device, ctx)
+    try:
+        paths = _resolve_weights(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        return common.usage_error(str(error))
+    if ctx is not None:
+        from mammo.core import distributed
+
+        ctx = distributed.init_distributed("cpu", backend="gloo")  # the ranks exchange only small objects
+    lock, problem = _claim_output_dir(Path(args.output_dir), ctx)  # before any model loads
+    if problem is not None:
+        if ctx is not None:
+            distributed.cleanup(ctx)
+        return common.usage_error(problem) if ctx is None or ctx.rank == 0 else 2
+    try:
+        return _load_and_run(args, paths, device, threads, ctx)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 OPSET_RANGE = (9, 20)
 
 
+@common.interruptible("onnx_backend.py", "the .onnx files finished are kept, run it again with --overwrite to "
+                       "export them all")
 def main(args: argparse.Namespace | None = None) -> int:
     """Export the given stage checkpoints to ONNX and check parity; returns 0, or 2 for bad input (one line on
     stderr naming the file or flag: a missing file, a folder, a text file or image instead of a checkpoint,
@@ -52,7 +54,7 @@ def main(args: argparse.Namespace | None = None) -> int:
         checks.number(args.opset, "--opset", *OPSET_RANGE)
         if args.stage1_weights is None and args.stage2_weights is None:
             raise ValueError("nothing to export: pass --stage1-weights and/or --stage2-weights")
-        output_dir = checks.output_folder(args.output_dir, "--output-dir")
+        output_dir = checks.writable_folder(args.output_dir, "--output-dir")
         for name, weights in (("stage1", args.stage1_weights), ("stage2", args.stage2_weights)):
             if weights is not None and (output_dir / f"{name}.onnx").exists() and not args.overwrite:
                 raise FileExistsError(f"{output_dir / f'{name}.onnx'} exists; pass --overwrite or choose another "

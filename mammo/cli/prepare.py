@@ -72,13 +72,17 @@ from mammo.core.fileio import atomic_write_bytes
 from mammo.prepare.sources.archives import DEFAULT_TISSUE_URL, classify_zip, download, extract_zip
 from mammo.prepare.sources.cbis_ddsm import cbis_samples, find_cbis_csvs, read_cbis_csv
 from mammo.prepare.sources.common import DEFAULT_MASK_ASPECT_TOLERANCE, Report, Sample
-from mammo.prepare.sources.csaw_s import csaw_samples
+from mammo.prepare.sources.csaw_s import csaw_patients, csaw_samples
 from mammo.prepare.sources.folders import lesion_dir_samples, pair_folders, tissue_folders, tissue_samples
 from mammo.prepare.sources.mini_ddsm import find_mini_tables, mini_records, mini_samples
 from mammo.prepare.sources.synthetic_source import synthetic_samples
 from mammo.prepare.workspace import (LESION_COLUMNS, TISSUE_COLUMNS, Manifest, archive_workspace, assign_splits,
                                      csv_bytes, drop_duplicate_outputs, inside, make_table, print_summary,
                                      process_samples, remove_stale_temporaries, report_record, table_conflict)
+
+
+#: ``--csaw-holdout``'s default: the patient of ``../shared/data/csaw_s_dev`` kept out of training.
+DEFAULT_CSAW_HOLDOUT = "002"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -117,9 +121,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--csaw-dir", type=Path, action="append", default=None,
                         help="CSAW-S folder (images/ + masks/ <stem>_pectoral_muscle.png, ...): digital mammograms "
                              "with partial tissue labels for stage 1 (sources/csaw_s.py); repeatable")
-    parser.add_argument("--csaw-holdout", default="002", metavar="IDS",
-                        help="comma-separated CSAW-S patient ids kept out of training (split 'test'), or 'none' "
-                             "(default: %(default)s)")
+    parser.add_argument("--csaw-holdout", default=DEFAULT_CSAW_HOLDOUT, metavar="IDS",
+                        help="comma-separated CSAW-S patient ids kept out of training (split 'test'), spelled as the "
+                             "image names spell them (002 for 002_0.png), or 'none'; each must be a patient of "
+                             "--csaw-dir (default: %(default)s)")
     parser.add_argument("--synthetic", type=int, default=0, metavar="N",
                         help="also write N procedural tissue + lesion samples (smoke tests; default: %(default)s)")
     # selection and quirks
@@ -171,16 +176,106 @@ def _cbis_csv_path(csv: Path, cbis_dir: Path | None) -> Path:
                             "CSV (mass/calc *_case_description_*.csv)")
 
 
+def _cbis_zips(args: argparse.Namespace) -> list[Path]:
+    """The CBIS-DDSM zips of the run: ``--cbis-zip``, else the zips of ``--zips-dir`` named so (``classify_zip``),
+    as :func:`_zips_by_kind` picks them."""
+    if args.cbis_zip is not None:
+        return [args.cbis_zip]
+    if args.zips_dir is None or not args.zips_dir.is_dir():
+        return []
+    return [z for z in sorted(args.zips_dir.glob("*.zip")) if classify_zip(z.name) == "cbis"]
+
+
+def _zip_holds(archive: Path, name: str) -> bool:
+    """Whether the zip ``archive`` holds a member whose file name is ``name`` (in any folder)."""
+    try:
+        with zipfile.ZipFile(archive) as opened:
+            return any(member.replace("\\", "/").rsplit("/", 1)[-1] == name for member in opened.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _check_cbis_csvs(args: argparse.Namespace) -> None:
+    """Each ``--cbis-csv`` is a CBIS-DDSM description CSV here (as given, or in ``--cbis-dir``), or, with a zip and no
+    ``--cbis-dir``, the name of a file inside a CBIS-DDSM zip (used from the extracted folder).
+
+    Raises:
+        FileNotFoundError, ValueError: one line naming the CSV, where it was looked for and the fix.
+    """
+    if not args.cbis_csv:
+        return
+    zips = _cbis_zips(args) if args.cbis_dir is None else []
+    if args.cbis_dir is None and not zips:
+        raise checks.UserInputError(f"--cbis-csv {args.cbis_csv[0]} needs --cbis-dir (the folder the CSV's image "
+                                    f"paths are relative to) or a CBIS-DDSM zip (--cbis-zip, or a zip named "
+                                    f"'cbis'/'ddsm' in --zips-dir {args.zips_dir})")
+    for csv in args.cbis_csv:
+        if args.cbis_dir is not None or csv.exists():
+            read_cbis_csv(_cbis_csv_path(csv, args.cbis_dir))
+        elif not any(_zip_holds(z, csv.name) for z in zips):
+            raise checks.UserInputError(f"--cbis-csv {csv} is not a file here, nor a file inside the CBIS-DDSM zip "
+                                        f"{', '.join(z.name for z in zips)}; pass a description CSV (mass/calc "
+                                        "*_case_description_*.csv), or the name of one inside the zip")
+
+
+def _cbis_csvs_for(folder: Path, csvs: list[Path]) -> list[Path]:
+    """The ``--cbis-csv`` files for a folder extracted from a CBIS-DDSM zip: those that are files here, and the files
+    of that name inside ``folder`` for the others."""
+    found = [c for c in csvs if c.is_file()]
+    for csv in csvs:
+        if not csv.is_file():
+            found += sorted(folder.rglob(csv.name))
+    return found
+
+
 def _archive_path(args: argparse.Namespace) -> Path:
     """The zip ``--archive`` writes: the path given, or ``<workspace>.zip`` beside the workspace."""
     workspace = Path(args.workspace)
     return workspace.parent / f"{workspace.resolve().name}.zip" if args.archive == "auto" else Path(args.archive)
 
 
+def _csaw_holdout(text: str) -> set[str]:
+    """``--csaw-holdout``'s patient ids: comma-separated, blanks dropped; "none" (any case) for no id."""
+    if text.strip().lower() == "none":
+        return set()
+    return {p.strip() for p in text.split(",") if p.strip()}
+
+
+def _patient_key(patient: str) -> str:
+    """A patient id without a ``CSAW_`` prefix and leading zeros, to suggest the id a user meant (``2`` -> ``002``)."""
+    bare = patient[5:] if patient.lower().startswith("csaw_") else patient
+    return bare.lstrip("0") or "0"
+
+
+def _check_csaw_holdout(text: str, folders: list[Path]) -> None:
+    """Every ``--csaw-holdout`` patient is a patient of the ``--csaw-dir`` folders, spelled as their file names spell
+    it: a patient not found would be trained on instead of held out.
+
+    Raises:
+        checks.UserInputError: one line naming the value, the patients found (the first 12) and the fix.
+    """
+    found = sorted({p for folder in folders for p in csaw_patients(folder)})
+    unknown = sorted(_csaw_holdout(text) - set(found))
+    if not unknown:
+        return
+    default = " (the default)" if text == DEFAULT_CSAW_HOLDOUT else ""
+    where = ", ".join(str(folder / "images") for folder in folders)
+    listed = ", ".join(found[:12]) + (f", ... ({len(found)} in all)" if len(found) > 12 else "") if found else "none"
+    by_key = {_patient_key(p): p for p in found}
+    meant = sorted({by_key[_patient_key(u)] for u in unknown if _patient_key(u) in by_key})
+    fix = ("pass patient ids as the image names spell them (<patient>_<view>.png), comma-separated, or 'none' to "
+           "hold out no patient")
+    if meant:
+        fix = f"did you mean {', '.join(meant)}? P{fix[1:]}"
+    raise checks.UserInputError(f"--csaw-holdout {text}{default}: no CSAW-S patient {', '.join(map(repr, unknown))} "
+                                f"in {where} (patients found: {listed}); {fix}")
+
+
 def _check_inputs(args: argparse.Namespace) -> None:
     """Every path flag and number checked before any work: a folder that is a file or missing, a folder without its
-    dataset's layout, a zip that is not one, a CBIS-DDSM CSV that is not one, a workspace or archive path that cannot be
-    written, a negative tolerance or count.
+    dataset's layout, a zip that is not one, a CBIS-DDSM CSV that is not one (nor in the CBIS-DDSM zip), a
+    ``--csaw-holdout`` patient not in ``--csaw-dir``, a workspace or archive path that cannot be written, a negative
+    tolerance or count.
 
     Raises:
         FileNotFoundError, ValueError (``checks.UserInputError``, ``mammo.data.tables.TableError``): one line naming the
@@ -188,7 +283,7 @@ def _check_inputs(args: argparse.Namespace) -> None:
     """
     checks.number(args.mask_aspect_tolerance, "--mask-aspect-tolerance", 0)
     checks.number(args.synthetic, "--synthetic", 0)
-    checks.output_folder(args.workspace, "--workspace")
+    checks.writable_folder(args.workspace, "--workspace")
     if args.archive is not None:
         checks.output_file(_archive_path(args), "--archive", "workspace.zip")
     folders = [("--zips-dir", args.zips_dir), ("--cbis-dir", args.cbis_dir)]
@@ -207,6 +302,8 @@ def _check_inputs(args: argparse.Namespace) -> None:
         for folder in values or []:
             if not find(folder):
                 raise checks.UserInputError(f"{flag} {folder} holds {lacking} at any depth; {_FOLDER_FIXES[flag]}")
+    if args.csaw_dir:
+        _check_csaw_holdout(args.csaw_holdout, args.csaw_dir)
     if args.cbis_dir is not None and not args.cbis_csv and not find_cbis_csvs(args.cbis_dir):
         raise checks.UserInputError(f"--cbis-dir {args.cbis_dir} holds no CBIS-DDSM description CSV (a CSV with "
                                          "an 'image file path' column); pass them with --cbis-csv")
@@ -217,9 +314,7 @@ def _check_inputs(args: argparse.Namespace) -> None:
             if not zipfile.is_zipfile(z):
                 raise checks.UserInputError(f"{flag} {z} is {checks.describe(z)}, not a zip archive; pass "
                                                  "the downloaded zip, or the extracted folder with its -dir flag")
-    for csv in args.cbis_csv or []:
-        if args.cbis_dir is not None or csv.exists():  # with a zip only, a name that is no file here is skipped
-            read_cbis_csv(_cbis_csv_path(csv, args.cbis_dir))
+    _check_cbis_csvs(args)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -302,7 +397,7 @@ def _source_folders(args: argparse.Namespace, zips: dict[str, list[Path]], works
                 report.error(f"cannot extract {z}: {exc}")
                 continue
             if kind == "cbis":
-                folders.cbis.append((folder, [c for c in args.cbis_csv or [] if c.is_file()]))
+                folders.cbis.append((folder, _cbis_csvs_for(folder, args.cbis_csv or [])))
             elif kind == "tissue":
                 folders.tissue.append(folder)
             else:
@@ -310,13 +405,6 @@ def _source_folders(args: argparse.Namespace, zips: dict[str, list[Path]], works
     if args.cbis_dir:
         folders.cbis.append((args.cbis_dir, [_cbis_csv_path(c, args.cbis_dir) for c in args.cbis_csv or []]))
     return folders
-
-
-def _csaw_holdout(text: str) -> set[str]:
-    """``--csaw-holdout``'s patient ids: comma-separated, blanks dropped; "none" (any case) for no id."""
-    if text.strip().lower() == "none":
-        return set()
-    return {p.strip() for p in text.split(",") if p.strip()}
 
 
 def _collect_samples(args: argparse.Namespace, folders: _Folders, report: Report) -> tuple[list[Sample], list[Sample]]:
@@ -383,6 +471,8 @@ def _write_workspace(args: argparse.Namespace, tissue: list[Sample], lesion: lis
     return 1 if report.errors else 0
 
 
+@common.interruptible("prepare_to_train.py", "images finished so far are kept in the workspace, run it again to "
+                       "continue")
 def main(args: argparse.Namespace | None = None) -> int:
     """Build the workspace. Returns 0 on success, 1 when a source could not be used at all, 2 on bad usage (one line
     on stderr naming the file or flag, what is wrong and the fix, before any work: :func:`_usage_problem`)."""
@@ -403,9 +493,6 @@ def main(args: argparse.Namespace | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     folders = _source_folders(args, zips, workspace, report)
-    if args.cbis_csv and not args.cbis_dir and not folders.cbis:
-        return common.usage_error("--cbis-csv needs --cbis-dir (the folder the CSV's image paths are relative to) or "
-                                  "a CBIS-DDSM zip")
     tissue, lesion = _collect_samples(args, folders, report)  # 2. samples of every source
     return _write_workspace(args, tissue, lesion, report, start)  # 3. images, then the tables and the report
 

@@ -241,6 +241,21 @@ def _check_args(args: argparse.Namespace) -> None:
         raise TrainingInputError(str(error)) from None
 
 
+def _check_outputs(config: TrainConfig) -> None:
+    """The checkpoint folder of each stage trained and the TensorBoard folder can be written
+    (``checks.writable_folder``: not below a file, not read-only), before any table or model is read.
+
+    Raises:
+        TrainingInputError: one line naming the flag, the folder and the fix.
+    """
+    folders = [(f"--stage{stage}-checkpoint-dir", config.stage(stage).checkpoint_dir) for stage in config.stages]
+    try:
+        for flag, folder in [*folders, ("--logdir", config.logdir)]:
+            checks.writable_folder(folder, flag)
+    except checks.UserInputError as error:
+        raise TrainingInputError(str(error)) from None
+
+
 def _optional_path(value) -> Path | None:
     """A path flag's value as a ``Path``; None stays None."""
     return None if value is None else Path(value)
@@ -281,6 +296,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         resume=bool(args.resume), overwrite=bool(args.overwrite), arguments=plain_args(vars(args)))
 
 
+@common.interruptible("cascade_segmentation_model.py", "checkpoints of finished epochs are kept, run it again with "
+                       "--resume to continue (or --overwrite to start over)")
 def main(args: argparse.Namespace | None = None) -> int:
     """Train the stages the flags ask for. Returns 0 on success, 2 for bad input, 3 for a non-finite loss.
 
@@ -297,6 +314,7 @@ def main(args: argparse.Namespace | None = None) -> int:
             if not any(path.is_file() for path in lasts):
                 raise TrainingInputError(f"--resume: nothing to resume from ({', '.join(map(str, lasts))} not found); "
                                          "check --stage1-checkpoint-dir / --stage2-checkpoint-dir, or drop --resume")
+        _check_outputs(config)
         check_inputs(config)
     except (TrainingInputError, RuntimeError) as error:
         return common.usage_error(checks.one_line(error))

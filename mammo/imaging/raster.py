@@ -1,7 +1,8 @@
 """Decoding PNG / JPEG / TIFF / BMP / PGM bytes into a ``(H, W)`` uint8 / uint16 grayscale array.
 
 OpenCV decodes (Pillow is the fallback); colour becomes gray, EXIF orientation is applied, indexed PNGs give their
-gray levels or their palette indices. The grayscale and dtype helpers are shared with the DICOM decoder.
+gray levels or their palette indices, a multi-page TIFF gives its largest page (or the one asked for), with a note.
+The grayscale and dtype helpers are shared with the DICOM decoder.
 """
 
 from __future__ import annotations
@@ -47,53 +48,31 @@ def _finish_dtype(arr: np.ndarray, path: Path, notes: list[str]) -> np.ndarray:
                                "convert the file to an 8- or 16-bit PNG")
 
 
-def _decode_raster(data: bytes, path: Path, fmt: str, notes: list[str]) -> np.ndarray:
-    """Decode PNG/JPEG/TIFF/BMP/PGM bytes with OpenCV (Pillow as a fallback) to (H, W) uint8/uint16."""
+def _decode_raster(data: bytes, path: Path, fmt: str, notes: list[str], page: int | None = None) -> np.ndarray:
+    """Decode PNG/JPEG/TIFF/BMP/PGM bytes with OpenCV (Pillow as a fallback) to (H, W) uint8/uint16.
+
+    ``page``: the page of a multi-page TIFF to read; None reads the largest (see :func:`choose_tiff_page`). Other
+    formats hold one image: ``read_image`` refuses a page other than 0 before calling this.
+    """
     if fmt == "png" and len(data) > 25 and data[25] == 3:  # IHDR colour type 3: indexed colour (PNG spec 11.2.2)
         return _decode_indexed_png(data, path, notes)
-    buf = np.frombuffer(data, dtype=np.uint8)
-    arr = None
-    cv_error = ""
-    try:
-        # IMREAD_UNCHANGED keeps 16-bit data and does not apply EXIF rotation. OpenCV's own warnings on a broken
-        # file ("PNG input buffer is incomplete") would reach the terminal beside our one-line error: errors only.
-        if cv2.utils.logging.getLogLevel() > cv2.utils.logging.LOG_LEVEL_ERROR:
-            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
-        arr = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-    except cv2.error as exc:  # pragma: no cover - OpenCV raises rather than returning None only for odd inputs
-        cv_error = str(exc).strip().splitlines()[-1]
+    page_index, orientation = None, None
+    if fmt == "tiff":
+        pages = tiff_pages(data)
+        page_index = choose_tiff_page(pages, page, path, notes)
+        if page_index is not None:
+            orientation = pages[page_index][2]
+    arr, cv_error = _opencv_decode(data, page_index)
     order = "bgr"
     if arr is None:
-        try:
-            from PIL import Image, UnidentifiedImageError
-
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()
-                if im.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-                    arr = np.array(im, dtype=np.uint16)
-                elif im.mode == "I":
-                    arr = np.array(im)
-                elif im.mode in ("1", "L", "P", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "PA"):
-                    if im.mode in ("P", "PA", "CMYK", "YCbCr"):
-                        im2 = im.convert("RGB")
-                    elif im.mode == "1":
-                        im2 = im.convert("L")
-                    else:
-                        im2 = im
-                    arr = np.array(im2)
-                    order = "rgb"
-                else:
-                    raise ImageReadError(path, f"unsupported {fmt} pixel mode {im.mode!r}")
-        except ImageReadError:
-            raise
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-            detail = f" (OpenCV: {cv_error})" if cv_error else ""
-            raise ImageReadError(path, f"corrupt or unsupported {fmt} file: {exc}{detail}") from exc
+        arr = _pillow_decode(data, path, fmt, page_index, cv_error)
+        order = "rgb"
     try:
         arr = _to_grayscale(arr, notes, order)
     except ValueError as exc:
         raise ImageReadError(path, str(exc)) from exc
-    orientation = exif_orientation(data)
+    if orientation is None:
+        orientation = exif_orientation(data)
     if fmt == "tiff":  # libtiff (OpenCV) and Pillow turn TIFF pixels into the displayed orientation themselves
         if orientation != 1:
             notes.append(f"TIFF Orientation {orientation}: applied by the decoder (outputs are in the displayed "
@@ -101,6 +80,116 @@ def _decode_raster(data: bytes, path: Path, fmt: str, notes: list[str]) -> np.nd
     else:
         arr = apply_exif_orientation(arr, orientation, notes)
     return _finish_dtype(arr, path, notes)
+
+
+def _opencv_decode(data: bytes, page_index: int | None) -> tuple[np.ndarray | None, str]:
+    """OpenCV's decoding of ``data`` as stored (16 bit kept, EXIF not applied): the whole file, or only page
+    ``page_index`` of a multi-page TIFF. ``(None, reason)`` when OpenCV cannot decode it."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    try:
+        # IMREAD_UNCHANGED keeps 16-bit data and does not apply EXIF rotation. OpenCV's own warnings on a broken
+        # file ("PNG input buffer is incomplete") would reach the terminal beside our one-line error: errors only.
+        if cv2.utils.logging.getLogLevel() > cv2.utils.logging.LOG_LEVEL_ERROR:
+            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+        if page_index is None:
+            return cv2.imdecode(buf, cv2.IMREAD_UNCHANGED), ""
+        ok, mats = cv2.imdecodemulti(buf, cv2.IMREAD_UNCHANGED, None, (page_index, page_index + 1))
+        return (mats[0] if ok and len(mats) == 1 else None), ""
+    except cv2.error as exc:  # pragma: no cover - OpenCV raises rather than returning None only for odd inputs
+        return None, str(exc).strip().splitlines()[-1]
+
+
+def _pillow_decode(data: bytes, path: Path, fmt: str, page_index: int | None, cv_error: str) -> np.ndarray:
+    """Pillow's decoding of ``data`` (page ``page_index`` of a multi-page TIFF) when OpenCV cannot: 16-bit modes
+    kept, palette / CMYK / YCbCr as RGB, 1-bit as 8-bit.
+
+    Raises:
+        ImageReadError: a file neither decoder reads, or an unsupported pixel mode.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if page_index is not None:
+                im.seek(page_index)
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+                return np.array(im, dtype=np.uint16)
+            if im.mode == "I":
+                return np.array(im)
+            if im.mode not in ("1", "L", "P", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "PA"):
+                raise ImageReadError(path, f"unsupported {fmt} pixel mode {im.mode!r}")
+            if im.mode in ("P", "PA", "CMYK", "YCbCr"):
+                return np.array(im.convert("RGB"))
+            return np.array(im.convert("L") if im.mode == "1" else im)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+        detail = f" (OpenCV: {cv_error})" if cv_error else ""
+        raise ImageReadError(path, f"corrupt or unsupported {fmt} file: {exc}{detail}") from exc
+
+
+def tiff_pages(data: bytes) -> list[tuple[int, int, int]]:
+    """``(width, height, orientation)`` of each page (image file directory of the main IFD chain, TIFF 6.0
+    section 2) of a TIFF file's bytes, in file order, read from the headers with Pillow (no pixels decoded).
+
+    ``orientation`` is the page's Orientation tag (274), 1 when absent or out of range. An empty list when Pillow
+    cannot parse the file (the decoders then read it as one image).
+    """
+    from PIL import Image
+
+    pages = []
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            for index in range(int(getattr(im, "n_frames", 1))):
+                im.seek(index)
+                tags = getattr(im, "tag_v2", {})
+                orientation = int(tags.get(0x0112, 1)) if hasattr(tags, "get") else 1
+                pages.append((int(im.size[0]), int(im.size[1]), orientation if orientation in range(1, 9) else 1))
+    except Exception:  # noqa: BLE001 - a header Pillow cannot walk: no page list (OpenCV may still decode it)
+        return []
+    return pages
+
+
+#: How many pages a note lists by size before it shortens the list.
+_PAGES_LISTED = 8
+
+
+def choose_tiff_page(pages: list[tuple[int, int, int]], page: int | None, path: Path,
+                     notes: list[str]) -> int | None:
+    """Which page of a TIFF to read, given its :func:`tiff_pages` list and the page the caller asked for.
+
+    A multi-page TIFF often starts with a small preview or thumbnail page before the full-resolution image, and
+    the decoders read the first page: so with ``page`` None the largest page (most pixels; the first of equal
+    ones) is read. Every multi-page file gets a note naming the page count, the pages' sizes, the page read
+    and why.
+
+    Returns:
+        The page index to decode, or None for a one-page file (or one whose pages could not be listed).
+
+    Raises:
+        ImageReadError: ``page`` is beyond the file's pages (the message gives the valid range).
+    """
+    count = len(pages)
+    if count <= 1:
+        if page not in (None, 0):
+            raise ImageReadError(path, f"page {page} asked for, but the TIFF holds one page (page 0); pass page 0")
+        return None
+    if page is not None and not 0 <= page < count:
+        raise ImageReadError(path, f"page {page} asked for, but the TIFF holds {count} pages (0..{count - 1}); pass "
+                                   "a page in that range")
+    areas = [width * height for width, height, _ in pages]
+    if page is None:
+        index = areas.index(max(areas))
+        ties = areas.count(max(areas))
+        why = ("the largest (most pixels" + (f"; the first of {ties} pages of that size" if ties > 1 else "") +
+               "): a small page before it is usually a preview or thumbnail")
+    else:
+        index, why = page, "as asked"
+    sizes = ", ".join(f"{i}: {w}x{h}" for i, (w, h, _) in enumerate(pages[:_PAGES_LISTED]))
+    sizes += " ..." if count > _PAGES_LISTED else ""
+    width, height, _ = pages[index]
+    notes.append(f"multi-page TIFF with {count} pages (width x height: {sizes}): page {index} ({width}x{height} px) "
+                 f"read, {why}; read_image(path, page=N) reads page N")
+    return index
 
 
 #: EXIF Orientation (tag 0x0112, EXIF 2.32 / TIFF 6.0 section 'Orientation') -> (description, transform of the

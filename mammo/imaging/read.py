@@ -30,7 +30,8 @@ class MammogramImage:
         pixel_spacing_mm: ``(row, col)`` pixel spacing in mm when the file states it (DICOM PixelSpacing, else
             ImagerPixelSpacing); None otherwise (PNG/JPEG/TIFF resolution tags are not trusted).
         source_format: "png", "jpeg", "tiff", "bmp", "pgm", "dicom" (or the decoder's guess from the suffix).
-        notes: human-readable remarks on conversions made (colour to gray, frame dropped, DICOM range mapping).
+        notes: human-readable remarks on conversions made (colour to gray, which page / frame of several was read
+            and why, a window ignored, DICOM range mapping).
         view_position: the DICOM ViewPosition ("MLO", "CC", ...) when the file states it; None otherwise.
     """
 
@@ -47,7 +48,7 @@ class MammogramImage:
 _PNG_END = b"IEND\xaeB`\x82"
 
 
-def read_image(path: str | os.PathLike) -> MammogramImage:
+def read_image(path: str | os.PathLike, page: int | None = None) -> MammogramImage:
     """Read a mammogram in any supported format into a grayscale uint8 / uint16 array.
 
     Formats: PNG and TIFF (8 and 16 bit; stored values kept exactly), JPEG, BMP, PGM, and DICOM (a ``.dcm`` /
@@ -60,8 +61,16 @@ def read_image(path: str | os.PathLike) -> MammogramImage:
     (BT.601 luma) and a note is added. An alpha channel is dropped (noted). Non-ASCII paths work: the file is
     read as bytes by Python and decoded in memory.
 
+    Files that hold several images: a multi-page TIFF gives its largest page (most pixels), since a small first
+    page is usually a preview; a multi-frame DICOM gives frame 0, with the window / VOI LUT and rescale of that
+    frame's functional groups. A note names the count and the page read. ``page`` picks another; the command
+    line tools have no flag for it (they read the default page): to process another page, read it here, or save
+    that page as its own file.
+
     Args:
         path: the image file.
+        page: index (from 0) of the TIFF page or DICOM frame to read; None for the default above. A one-image
+            format accepts only None or 0.
 
     Returns:
         MammogramImage with ``pixels`` ``(H, W)`` uint8 or uint16, ``bit_depth`` 8 or 16, pixel spacing in mm
@@ -69,8 +78,13 @@ def read_image(path: str | os.PathLike) -> MammogramImage:
 
     Raises:
         ImageReadError: the file is missing, not a file, empty, corrupt, of an unsupported format or pixel
-            type, or a DICOM without decodable pixel data. The message names the file and the reason.
+            type, a DICOM without decodable pixel data, or ``page`` is beyond the file's pages / frames. The
+            message names the file and the reason.
+        ValueError: ``page`` is not None or an integer >= 0.
     """
+    if page is not None and (isinstance(page, bool) or not isinstance(page, (int, np.integer)) or page < 0):
+        raise ValueError(f"page must be None or an integer >= 0 (a page / frame index), got {page!r}")
+    page = None if page is None else int(page)
     p = Path(path)
     if not p.exists():
         raise ImageReadError(p, "file not found (check the path and the CSV's folder for relative paths)")
@@ -90,12 +104,15 @@ def read_image(path: str | os.PathLike) -> MammogramImage:
     if fmt == "png" and not data.rstrip(b"\x00").endswith(_PNG_END):
         raise ImageReadError(p, "corrupt PNG, truncated (no IEND chunk at its end): an interrupted copy or download? "
                                 "Copy it again")
+    if page not in (None, 0) and fmt not in ("tiff", "dicom"):
+        raise ImageReadError(p, f"page {page} asked for, but a {fmt.upper()} file holds one image (page 0); pass "
+                                "page 0 or none")
     notes: list[str] = []
     spacing, info = None, {}
     if fmt == "dicom":
-        pixels, spacing = _read_dicom(data, p, notes, info)
+        pixels, spacing = _read_dicom(data, p, notes, info, page=page)
     else:
-        pixels = _decode_raster(data, p, fmt, notes)
+        pixels = _decode_raster(data, p, fmt, notes, page=page)
     if pixels.ndim != 2 or pixels.shape[0] < 1 or pixels.shape[1] < 1:
         raise ImageReadError(p, f"expected a 2-D grayscale image, found shape {pixels.shape}")
     return MammogramImage(pixels=np.ascontiguousarray(pixels), path=str(p),

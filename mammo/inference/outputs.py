@@ -73,12 +73,14 @@ FOLDER_FILES = (
 #: background black, adipose yellow, FGT magenta, pectoral muscle blue (distinct for the common colour blindnesses).
 TISSUE_COLORS_RGB = ((0, 0, 0), (240, 200, 60), (220, 40, 150), (60, 120, 255))
 
-#: Columns of ``predictions.csv`` (one row per input; empty cells where a value does not apply).
+#: Columns of ``predictions.csv`` (one row per input; empty cells where a value does not apply). ``input_sha256``:
+#: the SHA-256 of the input file the row's record was made from (its ``provenance``); ``json``: the record, also for a
+#: ``conflict`` (the existing record that was left untouched).
 CSV_COLUMNS = ("input", "status", "reason", "height", "width", "pixel_spacing_row_mm", "pixel_spacing_col_mm",
                "dense_percent", "dense_category", "percent_density", "density_category", "anatomy_changed_fraction",
                "roi_source", "roi_y0", "roi_x0", "roi_y1", "roi_x1",
                "lesion_count", "lesion_max_probability", "lesion_total_area_px", "lesion_total_area_mm2",
-               "tissue_confidence", "adaptive_clahe_used", "seconds", "json")
+               "tissue_confidence", "adaptive_clahe_used", "seconds", "input_sha256", "json")
 
 
 # ----------------------------------------------------------------------------------------- drawing and encoding
@@ -305,11 +307,13 @@ def _row(item: InputItem) -> dict:
     """One ``predictions.csv`` row (:data:`CSV_COLUMNS`) of an input; record cells stay empty when it has none."""
     row = {column: "" for column in CSV_COLUMNS}
     row.update(input=item.relative, status=item.status, reason=item.reason)
+    if item.status == "conflict":
+        row["json"] = (Path(item.relative).parent / f"{item.stem}.json").as_posix()
     record = item.record
     if record:
-        warnings = [note for note in record["input"]["notes"] if note.startswith("warning: ")]
-        if warnings and not item.reason:  # an image done with a warning (record.plausibility_warnings) says so here
-            row["reason"] = "; ".join(warnings)
+        reasons = (record.get("quality") or {}).get("reasons", [])
+        if reasons and not item.reason:  # an image done with a warning or rejected says why (mammo.inference.quality)
+            row["reason"] = "; ".join(reasons)
         spacing = record.get("pixel_spacing_mm") or ["", ""]
         box = record["roi"]["box"]
         lesions = record["lesions"]
@@ -326,6 +330,7 @@ def _row(item: InputItem) -> dict:
                    tissue_confidence=record["tissue"]["confidence"],
                    adaptive_clahe_used=record["preprocessing"]["adaptive_clahe_used"],
                    seconds="" if item.seconds is None else round(item.seconds, 3),
+                   input_sha256=((record.get("provenance") or {}).get("input") or {}).get("sha256", ""),
                    json=(Path(item.relative).parent / f"{item.stem}.json").as_posix())
     return row
 

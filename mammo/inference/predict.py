@@ -27,7 +27,7 @@ from mammo.core import metrics
 from mammo.inference import viewer
 from mammo.inference.outputs import TISSUE_COLORS_RGB, density_text, display_image, write_outputs
 from mammo.cascade.load import LoadedCascade, with_adaptive_clahe
-from mammo.inference.listing import InputItem
+from mammo.inference.listing import InputItem, input_identity
 from mammo.inference.record import Prediction, build_prediction
 
 
@@ -40,7 +40,8 @@ def _timed_read(path: Path) -> tuple[imaging.MammogramImage, float]:
 
 def run_image(loaded: LoadedCascade, path: str | os.PathLike, *, threshold: float = 0.5, min_area_px: int = 1,
               image: imaging.MammogramImage | None = None, read_s: float | None = None,
-              relative_path: str | None = None, prob_encoding: str = "uint8") -> Prediction:
+              relative_path: str | None = None, prob_encoding: str = "uint8",
+              identity: dict | None = None) -> Prediction:
     """Run the cascade on one file and build its record (the arrays are kept for
     :func:`mammo.inference.outputs.write_outputs`).
 
@@ -54,18 +55,22 @@ def run_image(loaded: LoadedCascade, path: str | os.PathLike, *, threshold: floa
         relative_path: the input's name as reported (default: the file name).
         prob_encoding: the ``cancer_prob`` PNG encoding recorded (see
             :data:`mammo.inference.probability.PROB_ENCODINGS`).
+        identity: the file's size, time and SHA-256 (``listing.input_identity``) for the record's ``provenance``;
+            taken here when None.
 
     Raises:
-        imaging.ImageReadError: the file cannot be read.
+        imaging.ImageReadError: the file cannot be read. OSError: its bytes cannot be read for the SHA-256.
     """
     path = Path(path)
     if image is None:
         image, read_s = _timed_read(path)
+    if identity is None:
+        identity = input_identity(path)
     start = time.perf_counter()
     result = loaded.cascade(image.pixels, name=path.name, view_position=image.view_position)
     return build_prediction(loaded, path, image, result, read_s=read_s or 0.0, cascade_s=time.perf_counter() - start,
                             threshold=threshold, min_area_px=min_area_px, relative_path=relative_path,
-                            prob_encoding=prob_encoding)
+                            prob_encoding=prob_encoding, input_identity=identity)
 
 
 def predict_image(loaded: LoadedCascade, path: str | os.PathLike, **kwargs) -> dict:
@@ -79,7 +84,11 @@ def _report(item: InputItem, index: int, total: int) -> None:
         print(f"[{index + 1}/{total}] {item.relative}: FAILED, skipped: {item.reason}", file=sys.stderr, flush=True)
         return
     record = item.record
-    print(f"[{index + 1}/{total}] {item.relative}: density {density_text(record['density'])}, "
+    if item.status == "rejected":  # not a mammogram: no numbers to print
+        print(f"[{index + 1}/{total}] {item.relative}: REJECTED: {item.reason}", file=sys.stderr, flush=True)
+        return
+    verdict = f"WARNING ({item.reason}); " if item.status == "warning" else ""
+    print(f"[{index + 1}/{total}] {item.relative}: {verdict}density {density_text(record['density'])}, "
           f"ROI from {record['roi']['source']}, "
           f"{record['lesions']['count']} lesion candidate(s), max p {record['lesions']['max_probability']:.2f}"
           f"{', adaptive CLAHE used' if record['preprocessing']['adaptive_clahe_used'] else ''}"
@@ -105,11 +114,13 @@ _INPUT_ERRORS = (imaging.ImageReadError, ValueError, TypeError, OSError, Runtime
 
 
 def _read_group(paths: list[Path]) -> list:
-    """Read each file: a list of ``(image, seconds)`` or the exception raised for that file."""
+    """Read each file: a list of ``(image, seconds, identity)`` (``identity``: ``listing.input_identity``, taken just
+    after the read, the bytes then in the page cache) or the exception raised for that file."""
     out = []
     for path in paths:
         try:
-            out.append(_timed_read(path))
+            image, seconds = _timed_read(path)
+            out.append((image, seconds, input_identity(path)))
         except _INPUT_ERRORS as error:
             out.append(error)
     return out
@@ -149,7 +160,9 @@ class _Writes:
     def _settle(self, index: int, item: InputItem, get_record: Callable[[], dict], start: float) -> None:
         try:
             item.record = get_record()
-            item.status, item.seconds = "ok", time.perf_counter() - start
+            item.status, item.seconds = item.record.get("status", "ok"), time.perf_counter() - start
+            if item.status != "ok":  # the quality verdict's reasons (mammo.inference.quality)
+                item.reason = "; ".join((item.record.get("quality") or {}).get("reasons", []))
         except (*_INPUT_ERRORS, FileExistsError) as error:
             _fail(item, error)
         self.progress.done(index, item)
@@ -170,25 +183,26 @@ class _Writes:
 
 def _predict_group(loaded: LoadedCascade, pending: list[InputItem], readable: list, progress: _Progress,
                    **options) -> list[Prediction | None]:
-    """The predictions of one group's readable images (``readable``: ``(index, (image, read_s))`` pairs) in one
+    """The predictions of one group's readable images (``readable``: ``(index, (image, read_s, identity))``) in one
     network call; when that fails, image by image, and an image at fault fails alone (None in its place).
     ``options``: ``threshold``, ``min_area_px`` and ``prob_encoding`` of
     :func:`mammo.inference.record.build_prediction`."""
     try:
         network_start = time.perf_counter()
-        results = loaded.cascade.run_batch([image.pixels for _, (image, _) in readable],
+        results = loaded.cascade.run_batch([image.pixels for _, (image, _, _) in readable],
                                            [pending[i].path.name for i, _ in readable],
-                                           [image.view_position for _, (image, _) in readable])
+                                           [image.view_position for _, (image, _, _) in readable])
         cascade_s = (time.perf_counter() - network_start) / max(1, len(readable))
         return [build_prediction(loaded, pending[i].path, image, result, read_s=read_s, cascade_s=cascade_s,
-                                 relative_path=pending[i].relative, batch_size=len(readable), **options)
-                for (i, (image, read_s)), result in zip(readable, results)]
+                                 relative_path=pending[i].relative, batch_size=len(readable), input_identity=identity,
+                                 **options)
+                for (i, (image, read_s, identity)), result in zip(readable, results)]
     except _INPUT_ERRORS:  # find the image at fault: run the group's images one by one
         predictions = []
-        for i, (image, read_s) in readable:
+        for i, (image, read_s, identity) in readable:
             try:
                 predictions.append(run_image(loaded, pending[i].path, image=image, read_s=read_s,
-                                             relative_path=pending[i].relative, **options))
+                                             relative_path=pending[i].relative, identity=identity, **options))
             except _INPUT_ERRORS as error:
                 _fail(pending[i], error)
                 progress.done(i, pending[i])
@@ -263,8 +277,13 @@ def _distribution(values: list[float]) -> dict | None:
 
 
 def summarize(items: list[InputItem], elapsed_s: float, loaded: LoadedCascade, *, threshold: float,
-              batch_size: int, prefetch: bool, arguments: dict) -> dict:
+              batch_size: int, prefetch: bool, arguments: dict, settings: dict | None = None) -> dict:
     """The run summary (``summary.json``): counts by status, failures with reasons, density and lesion overview.
+
+    The statistics cover exactly the records of ``items`` that hold one: those made now (``ok``) and those kept
+    (``exists``: made from the same file, weights and settings, ``listing.mark_existing``), counted apart under
+    ``records_summarised``; a ``conflict`` (a record made otherwise, left untouched) is listed under ``conflicts``
+    and is in no statistic.
 
     Args:
         items: every input of the run, processed (:func:`process`) or skipped.
@@ -273,11 +292,13 @@ def summarize(items: list[InputItem], elapsed_s: float, loaded: LoadedCascade, *
         threshold: the lesion probability threshold the records used.
         batch_size, prefetch: how the run fed the networks (:func:`process`), reported in words.
         arguments: the run's settings as the command line gave them, recorded as they are under ``arguments``.
+        settings: the settings every summarised record was made with (``record.run_settings``), under ``settings``.
     """
     counts: dict[str, int] = {}
     for item in items:
         counts[item.status] = counts.get(item.status, 0) + 1
-    done = [item for item in items if item.record is not None]
+    # the statistics describe the records of this run and the ones kept; rejected images (not mammograms) are left out
+    done = [item for item in items if item.record is not None and item.record.get("status") != "rejected"]
     densities = [item.record["density"]["percent"] for item in done]
     categories = {c: sum(1 for item in done if item.record["density"]["category"] == c)
                   for c in metrics.DENSITY_CATEGORIES}
@@ -285,14 +306,20 @@ def summarize(items: list[InputItem], elapsed_s: float, loaded: LoadedCascade, *
              if item.record["density"].get("dense_percent") is not None]
     dense_categories = {c: sum(1 for item in done if item.record["density"].get("dense_category") == c)
                         for c in metrics.DENSITY_CATEGORIES}
-    processed = [item.seconds for item in items if item.status == "ok" and item.seconds is not None]
+    processed = [item.seconds for item in items
+                 if item.status in ("ok", "warning", "rejected") and item.seconds is not None]
     return {
         "inputs": len(items),
         "counts": counts,
         "failed": [{"input": item.relative, "reason": item.reason} for item in items if item.status == "failed"],
+        "rejected": [{"input": item.relative, "reason": item.reason} for item in items if item.status == "rejected"],
+        "warnings": [{"input": item.relative, "reason": item.reason} for item in items if item.status == "warning"],
         "not_images": [{"input": item.relative, "reason": item.reason}
                        for item in items if item.status == "not_image"],
         "existing_outputs_kept": [item.relative for item in items if item.status == "exists"],
+        "conflicts": [{"input": item.relative, "reason": item.reason} for item in items if item.status == "conflict"],
+        "records_summarised": {"made_now": sum(1 for item in done if item.status != "exists"),
+                               "kept": sum(1 for item in done if item.status == "exists")},
         "dense_percent": _distribution(dense),
         "dense_categories": dense_categories,
         "density_percent": _distribution(densities),
@@ -306,6 +333,7 @@ def summarize(items: list[InputItem], elapsed_s: float, loaded: LoadedCascade, *
                     + ("; the next group is read and the last one written in background threads" if prefetch else ""),
         "device": loaded.device, "backend": loaded.backend,
         "checkpoints": loaded.identities,
+        "settings": None if settings is None else dict(settings),
         "arguments": dict(arguments),
     }
 

@@ -3,9 +3,10 @@
 What lives here: the record's layout (:data:`RECORD_SPEC`, :data:`COMPONENT_SPEC`, :data:`RECORD_SCHEMA_VERSION`)
 and its check (:func:`validate_record`); the measurements it holds -- tissue areas in pixels and mm^2
 (:func:`tissue_summary`), percent density and its category with their source and caveat (:func:`density_summary`),
-lesion components (:func:`lesion_components`), the ROI sentence (:func:`roi_explanation`), size plausibility
-warnings (:func:`plausibility_warnings`) and the plain-language findings; and :func:`build_prediction`, which turns
-one cascade result into a :class:`Prediction` (the record plus the arrays the outputs are drawn from).
+lesion components (:func:`lesion_components`), the ROI sentence (:func:`roi_explanation`), the quality verdict
+(:mod:`mammo.inference.quality`) and the plain-language findings; what made a record (its ``provenance``:
+the input file's identity and :func:`run_settings`); and :func:`build_prediction`, which turns one cascade result
+into a :class:`Prediction` (the record plus the arrays the outputs are drawn from).
 
 Nothing here reads or writes files: running the cascade on files is :mod:`mammo.inference.predict`, writing PNG /
 JSON / CSV and drawing is :mod:`mammo.inference.outputs`; the probability PNG's encodings are
@@ -30,13 +31,15 @@ from mammo.core import labels
 from mammo.core import metrics
 from mammo.imaging import roi
 from mammo.cascade.load import LoadedCascade
+from mammo.inference import quality
 from mammo.inference.probability import encoding_text
 
 
 
 #: Version of the JSON record layout (:data:`RECORD_SPEC`); bump when fields change meaning.
-RECORD_SCHEMA_VERSION = 3  # 2: outputs.dicom_seg; 3: outputs.dense_mask, density.dense_category, anatomy,
-#                              preprocessing.working_scale (older records, without them, still validate)
+RECORD_SCHEMA_VERSION = 5  # 2: outputs.dicom_seg; 3: outputs.dense_mask, density.dense_category, anatomy,
+#                              preprocessing.working_scale; 4: provenance; 5: status ok / warning / rejected and
+#                              quality (older records, without them, still validate)
 
 #: Connectivity of lesion components (``cv2.connectedComponentsWithStats``): 8 (diagonal neighbours join).
 LESION_CONNECTIVITY = 8
@@ -74,12 +77,23 @@ _CHECKPOINT_SPEC = {"path": str, "sha256_16": str, "stage": int, "epoch": (int, 
                     "best_metric": (float, int, _NoneType), "metric_name": (str, _NoneType), "input_size": list}
 _FLOAT = (float, int)
 
+#: ``record["provenance"]``: what made the record, so that a rerun into the same folder can tell whether the record
+#: still answers for its input. ``input``: the input file's size in bytes, modification time (UTC, ISO 8601) and the
+#: SHA-256 of its bytes (``mammo.inference.listing.input_identity``); ``settings``: the run's settings that change the
+#: outputs (:func:`run_settings`). The weights are the record's ``checkpoints`` (``sha256_16`` of each stage file).
+PROVENANCE_SPEC: dict[str, Any] = {
+    "input": {"size_bytes": int, "modified_utc": str, "sha256": str},
+    "settings": {"lesion_threshold": _FLOAT, "min_lesion_area_px": int, "tta": bool, "adaptive_clahe": str,
+                 "anatomy": bool, "prob_encoding": str},
+}
+
 #: The documented fields of ``<stem>.json``: name -> type (or tuple of types, or a nested spec). Units: pixels
 #: unless the name says ``_mm`` / ``_mm2`` / ``_s``; boxes are half-open ``[y0, y1) x [x0, x1)`` in the input
 #: image's own pixel coordinates and orientation.
 RECORD_SPEC: dict[str, Any] = {
     "schema_version": int,
-    "status": str,  # "ok"
+    "status": str,  # "ok", "warning" (check before use: quality.reasons) or "rejected" (not a mammogram)
+    "quality": (dict, _NoneType),  # mammo.inference.quality.Verdict: status, reasons, measures
     "input": {"path": str, "relative_path": str, "source_format": str, "bit_depth": int, "notes": list},
     "image_size": {"height": int, "width": int},
     "pixel_spacing_mm": (list, _NoneType),  # [row, col] in mm, or null when the file does not state it
@@ -106,6 +120,8 @@ RECORD_SPEC: dict[str, Any] = {
     "checkpoints": {"stage1": _CHECKPOINT_SPEC, "stage2": _CHECKPOINT_SPEC},
     "runtime": {"device": str, "backend": str, "batch_size": int, "created_utc": str, "versions": dict},
     "findings": list,  # plain-language sentences
+    # what made the record (PROVENANCE_SPEC); records of schema versions 1-3 have none and still validate
+    "provenance": PROVENANCE_SPEC,
 }
 
 #: Fields of each entry of ``record["lesions"]["components"]`` (largest component first).
@@ -114,11 +130,6 @@ COMPONENT_SPEC: dict[str, Any] = {
     "max_probability": _FLOAT, "mean_probability": _FLOAT, "centroid_yx": list,
 }
 
-#: Plausibility limits of a mammogram's size: the smallest side in pixels (public full-field mammograms are 2000-4000
-#: px; the DDSM tissue and CDD-CESM sets are resized to 480-512 px), and the largest height/width ratio (breast
-#: images are about 1.2-2.0; 4 leaves room for strips of film). Outside them results are computed but flagged.
-MIN_PLAUSIBLE_SIDE_PX = 128
-MAX_PLAUSIBLE_ASPECT = 4.0
 
 
 # ------------------------------------------------------------------------------------------------- measurements
@@ -261,18 +272,6 @@ def roi_explanation(source: str, rule: "roi.RoiRule | float") -> str:
     return "No breast tissue was predicted: the ROI is the whole image."
 
 
-def plausibility_warnings(height: int, width: int) -> list[str]:
-    """Warnings for an image size that is unlikely to be a mammogram (see :data:`MIN_PLAUSIBLE_SIDE_PX`)."""
-    warnings = []
-    if min(height, width) < MIN_PLAUSIBLE_SIDE_PX:
-        warnings.append(f"image is only {width} x {height} px (W x H), below {MIN_PLAUSIBLE_SIDE_PX} px on a side: "
-                        "probably not a mammogram, or a thumbnail; results are unreliable")
-    if max(height, width) > MAX_PLAUSIBLE_ASPECT * min(height, width):
-        warnings.append(f"image aspect ratio {max(height, width) / min(height, width):.1f} exceeds "
-                        f"{MAX_PLAUSIBLE_ASPECT:g}: probably not a whole mammogram; results are unreliable")
-    return warnings
-
-
 def _findings(record: dict) -> list[str]:
     height, width = record["image_size"]["height"], record["image_size"]["width"]
     density, roi, lesions = record["density"], record["roi"], record["lesions"]
@@ -318,13 +317,27 @@ class Prediction:
     result: cascade.CascadeResult
 
 
+def run_settings(loaded: LoadedCascade, *, threshold: float, min_area_px: int, prob_encoding: str) -> dict:
+    """The settings of a run that change its outputs (``record["provenance"]["settings"]``, :data:`PROVENANCE_SPEC`):
+    the lesion threshold and smallest component (pixels), test-time augmentation, the adaptive CLAHE mode ("off" /
+    "on" / "auto"), the anatomy rules on or off (from ``loaded.cascade``) and the probability PNG's encoding. The
+    device, backend, batch size and the optional files are not settings: they do not change the values."""
+    model = loaded.cascade
+    return {"lesion_threshold": float(threshold), "min_lesion_area_px": int(min_area_px), "tta": bool(model.tta),
+            "adaptive_clahe": str(model.adaptive_clahe), "anatomy": bool(getattr(model, "anatomy", True)),
+            "prob_encoding": str(prob_encoding)}
+
+
 def build_prediction(loaded: LoadedCascade, path: Path, image: imaging.MammogramImage, result: cascade.CascadeResult,
                      *, read_s: float, cascade_s: float, threshold: float = 0.5, min_area_px: int = 1,
-                     relative_path: str | None = None, prob_encoding: str = "uint8", batch_size: int = 1) -> Prediction:
+                     relative_path: str | None = None, prob_encoding: str = "uint8", batch_size: int = 1,
+                     input_identity: dict | None = None) -> Prediction:
     """The JSON record of one image from its cascade result (see :func:`mammo.inference.predict.run_image` for the
     arguments).
 
     ``cascade_s`` is the cascade's seconds for this image (its share of the batch when ``batch_size`` > 1).
+    ``input_identity`` (the file's size, modification time and SHA-256, ``mammo.inference.listing.input_identity``)
+    makes the record's ``provenance`` with :func:`run_settings`; without it the record has no ``provenance``.
     """
     start = time.perf_counter()
     height, width = image.pixels.shape
@@ -363,12 +376,16 @@ def build_prediction(loaded: LoadedCascade, path: Path, image: imaging.Mammogram
     }
     if loaded.notes:
         record["input"]["notes"] += loaded.notes
-    warnings = plausibility_warnings(height, width)
-    record["input"]["notes"] += [f"warning: {text}" for text in warnings]
-    record["findings"] = _findings(record) + [f"Warning: {text}." for text in warnings]
+    verdict = quality.result_verdict(quality.image_verdict(image.pixels), record["anatomy"])
+    record["status"], record["quality"] = verdict.status, verdict.to_dict()
+    prefix = {"warning": "Warning", "rejected": "Rejected"}.get(verdict.status, "")
+    record["findings"] = _findings(record) + [f"{prefix}: {text}." for text in verdict.reasons]
     timings = {"read": read_s, **result.timings_s, "cascade_total": cascade_s,
                "postprocess": time.perf_counter() - start}
     record["timings_s"] = {k: round(float(v), 4) for k, v in timings.items()}
+    if input_identity is not None:
+        record["provenance"] = {"input": dict(input_identity), "settings": run_settings(
+            loaded, threshold=threshold, min_area_px=min_area_px, prob_encoding=prob_encoding)}
     return Prediction(record, image, result)
 
 
@@ -406,7 +423,8 @@ def validate_record(record: dict) -> list[str]:
     """Check a record (e.g. a loaded ``<stem>.json``) against :data:`RECORD_SPEC` and :data:`COMPONENT_SPEC`.
 
     Also checks the values that must hold: box inside the image, density category matching the percent, lesion
-    count equal to the listed components when below the listing limit.
+    count equal to the listed components when below the listing limit. A record without ``provenance`` (written
+    before schema version 4) is valid; one with it is checked against :data:`PROVENANCE_SPEC`.
 
     Returns:
         The problems found, as sentences (empty when the record is valid).
@@ -421,7 +439,10 @@ def validate_record(record: dict) -> list[str]:
                   "outputs": {"dense_mask": None, **(record.get("outputs") or {})},
                   "density": {"dense_category": None, **(record.get("density") or {})},
                   "preprocessing": {"working_scale": 1.0, **(record.get("preprocessing") or {})}}
-    _check(record, RECORD_SPEC, "record", problems)
+    if isinstance(record.get("schema_version"), int) and record["schema_version"] < 5:  # before the quality verdict
+        record = {"quality": None, **record}
+    spec = RECORD_SPEC if "provenance" in record else {k: v for k, v in RECORD_SPEC.items() if k != "provenance"}
+    _check(record, spec, "record", problems)  # a record without provenance (before schema 4) is valid
     if problems:
         return problems
     for i, component in enumerate(record["lesions"]["components"]):

@@ -84,6 +84,21 @@ def partial_tissue_label(image8: np.ndarray, masks: dict[str, np.ndarray]) -> np
     return label
 
 
+def patient_of(stem: str) -> str:
+    """The CSAW-S patient id of an image stem: the part before the first ``_`` (``"002_1"`` -> ``"002"``), spelled as
+    the file names spell it (leading zeros kept)."""
+    return stem.split("_")[0]
+
+
+def csaw_patients(root: Path) -> list[str]:
+    """The patient ids of the PNG images in ``root / "images"`` (:func:`patient_of`), sorted; empty when there is
+    no such folder."""
+    images = root / "images"
+    if not images.is_dir():
+        return []
+    return sorted({patient_of(p.stem) for p in images.iterdir() if p.suffix.lower() == ".png"})
+
+
 def csaw_samples(root: Path, holdout: set[str], report: Report, source: str = "csaw-s") -> list[Sample]:
     """Samples of a CSAW-S folder (``images/`` + ``masks/``), with partial tissue labels.
 
@@ -110,7 +125,7 @@ def csaw_samples(root: Path, holdout: set[str], report: Report, source: str = "c
         if missing:
             report.skip(source, image_path.name, f"missing mask(s) {', '.join(missing)} in {masks}")
             continue
-        patient = stem.split("_")[0]
+        patient = patient_of(stem)
         try:
             view = "MLO" if imaging.read_mask(mask_paths["pectoral_muscle"], "binary").any() else "CC"
         except (imaging.ImageReadError, ValueError) as error:
