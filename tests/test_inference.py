@@ -597,6 +597,28 @@ def test_implausible_image_sizes_are_rejected(loaded, tissue_image, tmp_path):
         assert validate_record(record) == []
 
 
+def test_a_rejected_image_gets_its_record_only_and_no_numbers_in_the_table(checkpoint_dir, tissue_image, tmp_path):
+    """Issue 21: an all-black frame is rejected: exit 1, only <stem>.json (status and reasons), no maps, and its
+    predictions.csv row carries the verdict without density or lesion numbers; a rerun keeps the verdict."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copyfile(tissue_image, folder / "film.png")
+    imaging.write_png(folder / "black.png", np.zeros((1024, 800), np.uint8))
+    out = tmp_path / "out"
+    for run in range(2):  # the second run keeps both records (same file, weights, settings)
+        assert ci.main(_args(checkpoint_dir, "--image-dir", str(folder), "--output-dir", str(out),
+                             "--no-visualization", "--backend", "torch")) == 1
+        assert sorted(p.name for p in out.glob("black*")) == ["black.json"]
+        record = json.loads((out / "black.json").read_text(encoding="utf-8"))
+        assert record["status"] == "rejected" and "nearly uniform" in record["quality"]["reasons"][0]
+        table = sorted(out.glob("predictions*.csv"))[-1]
+        with table.open(encoding="utf-8", newline="") as stream:
+            rows = {row["input"]: row for row in csv.DictReader(stream)}
+        assert rows["black.png"]["status"] == "rejected" and "nearly uniform" in rows["black.png"]["reason"]
+        assert rows["black.png"]["dense_percent"] == rows["black.png"]["lesion_count"] == ""
+        assert rows["film.png"]["status"] == ("ok" if run == 0 else "exists") and rows["film.png"]["dense_percent"]
+
+
 def test_progress_lines_keep_the_input_order_with_read_ahead_and_write_behind(checkpoint_dir, tissue_image, tmp_path,
                                                                                monkeypatch):
     """With the reader and writer threads, a file that fails to read is known while the image ahead of it is still

@@ -26,7 +26,7 @@ import pytest
 
 from mammo.cascade import load
 from mammo.cli import infer as ci
-from mammo.inference import listing
+from mammo.inference import folder_lock, listing
 from mammo.inference.record import validate_record
 
 NAMES = ("A_0002_1.RIGHT_MLO.png", "A_0003_1.RIGHT_MLO.png")
@@ -97,7 +97,7 @@ def test_records_say_what_made_them_and_older_records_still_validate(checkpoint_
     assert row["input_sha256"] == made["input"]["sha256"]
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["settings"] == made["settings"] and summary["conflicts"] == []
-    assert not (out / ci.LOCK_NAME).exists()  # the lock is gone after the run
+    assert not (out / folder_lock.LOCK_NAME).exists()  # the lock is gone after the run
 
 
 # ------------------------------------------------------------------------------------------------------ reruns
@@ -201,12 +201,12 @@ def test_a_second_run_into_a_folder_in_use_is_refused_before_any_model_loads(che
     inputs, out = _folder(tissue_dir, tmp_path / "in", NAMES[:1]), tmp_path / "out"
     out.mkdir()
     owner = {"pid": os.getpid(), "host": socket.gethostname(), "started_utc": "2024-01-01T00:00:00+00:00"}
-    (out / ci.LOCK_NAME).write_text(json.dumps(owner), encoding="utf-8")  # a live run (this very process)
+    (out / folder_lock.LOCK_NAME).write_text(json.dumps(owner), encoding="utf-8")  # a live run (this very process)
     assert ci.main(_args(checkpoint_dir, "--image-dir", str(inputs), "--output-dir", str(out))) == 2
     line = _one_error_line(capsys)
     assert "in use" in line and str(os.getpid()) in line and str(out) in line
-    assert json.loads((out / ci.LOCK_NAME).read_text(encoding="utf-8")) == owner  # the other run's lock stays
-    assert sorted(p.name for p in out.iterdir()) == [ci.LOCK_NAME]
+    assert json.loads((out / folder_lock.LOCK_NAME).read_text(encoding="utf-8")) == owner  # the other run's lock stays
+    assert sorted(p.name for p in out.iterdir()) == [folder_lock.LOCK_NAME]
 
 
 def test_a_lock_left_by_a_dead_process_is_taken_over_with_a_note(checkpoint_dir, tissue_dir, tmp_path, capsys):
@@ -215,11 +215,11 @@ def test_a_lock_left_by_a_dead_process_is_taken_over_with_a_note(checkpoint_dir,
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     owner = {"pid": dead.pid, "host": socket.gethostname(), "started_utc": "2024-01-01T00:00:00+00:00"}
-    (out / ci.LOCK_NAME).write_text(json.dumps(owner), encoding="utf-8")
+    (out / folder_lock.LOCK_NAME).write_text(json.dumps(owner), encoding="utf-8")
     assert ci.main(_args(checkpoint_dir, "--image-dir", str(inputs), "--output-dir", str(out))) == 0
     err = capsys.readouterr().err
     assert "took over" in err and str(dead.pid) in err
-    assert not (out / ci.LOCK_NAME).exists() and _rows(out / "predictions.csv")[NAMES[0]]["status"] == "ok"
+    assert not (out / folder_lock.LOCK_NAME).exists() and _rows(out / "predictions.csv")[NAMES[0]]["status"] == "ok"
 
 
 def test_the_lock_is_released_when_the_run_fails_and_no_empty_folder_is_left(checkpoint_dir, tissue_dir, tmp_path,

@@ -78,10 +78,7 @@ torchrun shares), :mod:`mammo.inference.record` (the per-image measurements and 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import os
-import socket
 import sys
 import textwrap
 import time
@@ -91,7 +88,7 @@ from mammo.weights import checkpoints
 from mammo.cli import common
 from mammo.inference import predict
 from mammo.cascade import load
-from mammo.inference import listing
+from mammo.inference import folder_lock, listing
 from mammo.weights import release
 from mammo.inference import outputs
 from mammo.inference import probability
@@ -110,6 +107,10 @@ def _outputs_epilog(width: int = 78) -> str:
             lines.append("outputs of a folder run (--image-dir), beside them:")
         lines.append(f"  {pattern}")
         lines += textwrap.wrap(text, width, initial_indent="      ", subsequent_indent="      ")
+    lines.append("each record's status: ok, warning (check before use: quality.reasons) or rejected (not a "
+                 "mammogram);")
+    lines.append("exit status: 0 all done (warnings included), 1 some inputs failed, were rejected or conflict with")
+    lines.append("  existing outputs, 2 a usage error or an output folder that cannot be written, 130 interrupted")
     return "\n".join(lines)
 
 
@@ -180,10 +181,12 @@ def _print_summary(summary: dict, csv_path: Path | None, summary_path: Path | No
     if summary["dense_percent"]:
         d = summary["dense_percent"]
         cats = ", ".join(f"{k}: {v}" for k, v in summary["dense_categories"].items())
+        left_out = "; rejected images left out" if summary["rejected"] else ""
         print(f"  percent density (dense pixels / breast): mean {d['mean']:.1f} %, median {d['median']:.1f} % (range "
-              f"{d['min']:.1f}-{d['max']:.1f} %); categories {cats}; rejected images left out")
-    print(f"  images with lesion candidates (p >= {summary['lesion_threshold']:g}): "
-          f"{summary['images_with_lesion_candidates']}")
+              f"{d['min']:.1f}-{d['max']:.1f} %); categories {cats}{left_out}")
+    if summary["records_summarised"]["made_now"] + summary["records_summarised"]["kept"]:
+        print(f"  images with lesion candidates (p >= {summary['lesion_threshold']:g}): "
+              f"{summary['images_with_lesion_candidates']}")
     if summary["mean_s_per_processed_image"] is not None:
         print(f"  time: {summary['elapsed_s']:.1f} s in all, {summary['mean_s_per_processed_image']:.2f} s per "
               f"processed image ({summary['device']}, {summary['backend']})")
@@ -198,7 +201,7 @@ def _print_summary(summary: dict, csv_path: Path | None, summary_path: Path | No
     for entry in summary["warnings"]:
         print(f"  WARNING {entry['input']}: {entry['reason']}")
     for entry in summary["conflicts"]:
-        print(f"  NOT TOUCHED {entry['input']}: {entry['reason']}")
+        print(f"  CONFLICT {entry['input']}: {entry['reason']}")
     for entry in summary["not_images"]:
         print(f"  not an image, skipped: {entry['input']}")
     if csv_path:
@@ -243,9 +246,14 @@ def _resolve_weights(args) -> tuple[Path, Path]:
 
 
 def _shipped_weights_notes(args, paths: tuple[Path, Path]) -> list[str]:
-    """One line per stage that runs the shipped default model (``release.default_weights_note``)."""
-    return [release.default_weights_note(path, stage) for stage, path in enumerate(paths, 1)
-            if not getattr(args, f"stage{stage}_weights") and not args.checkpoint_dir]
+    """The lines saying which stages run the shipped default model (``release.default_weights_note``): one line for
+    both when their provenance is the same (it is printed once per run), else one per stage."""
+    notes = [release.default_weights_note(path, stage) for stage, path in enumerate(paths, 1)
+             if not getattr(args, f"stage{stage}_weights") and not args.checkpoint_dir]
+    if len(notes) == 2 and notes[0].partition(" (")[2] == notes[1].partition(" (")[2]:
+        first, _, details = notes[0].partition(" (")
+        return [f"{first} + {release.display_path(paths[1])} ({details}"]
+    return notes
 
 
 def _torchrun_context():
@@ -278,123 +286,14 @@ def _process_device(device: str, ctx) -> tuple[str, int | None]:
     torch.set_num_threads(threads)
     return ("cpu" if device == "auto" else device), threads
 
-# ------------------------------------------------------------------------------------------- the output folder
-#: The lock file a run holds in its output folder (hidden: never listed as an input); JSON with the owner's ``pid``,
-#: ``host``, ``started_utc`` and ``command``.
-LOCK_NAME = ".cascade_inference.lock"
-
-
-def _read_owner(path: Path) -> dict | None:
-    """The owner written in a lock file, or None when it cannot be read (gone, empty, not JSON)."""
-    try:
-        owner = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return owner if isinstance(owner, dict) else None
-
-
-def _process_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs on this machine (``os.kill(pid, 0)``; True where that cannot be asked)."""
-    if os.name == "nt":  # signal 0 is not a probe on Windows
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: it runs, as another user
-        return True
-    return True
-
-
-def _stale(owner: dict | None) -> bool:
-    """Whether a lock's owner is a process of this host that no longer runs (its lock may be taken over)."""
-    return (owner is not None and isinstance(owner.get("pid"), int) and owner.get("host") == socket.gethostname()
-            and not _process_alive(owner["pid"]))
-
-
-def _in_use(folder: Path, path: Path, owner: dict | None) -> str:
-    """The one-line refusal of a second run into ``folder``."""
-    who = (f"process {owner.get('pid')} on {owner.get('host')}, started {owner.get('started_utc')}" if owner else
-           f"its lock file {path} cannot be read")
-    return (f"--output-dir {folder} is in use by another run ({who}); wait for it to finish or choose another "
-            f"--output-dir (if no run is using the folder, delete {path})")
-
-
-def _take_over(folder: Path, path: Path, owner: dict) -> None:
-    """Move aside the stale lock ``path`` of ``owner`` (a new lock of a live run, moved by a race, is put back)."""
-    aside = path.with_name(f"{path.name}.{os.getpid()}.stale")
-    try:
-        os.replace(path, aside)
-    except FileNotFoundError:  # another run took it over first
-        return
-    if _read_owner(aside) == owner:
-        print(f"note: took over the lock of --output-dir {folder}: it was left by process {owner['pid']} on "
-              f"{owner['host']} (started {owner.get('started_utc')}), which no longer runs", file=sys.stderr)
-    else:
-        try:
-            os.link(aside, path)
-        except OSError:
-            pass
-    aside.unlink(missing_ok=True)
-
-
-class _FolderLock:
-    """This run's lock of its output folder (:func:`_lock_output_dir`); :meth:`release` removes it."""
-
-    def __init__(self, path: Path, owner: dict, created: list[Path]):
-        self.path, self.owner, self.created = path, owner, created
-
-    def release(self) -> None:
-        """Remove the lock file (when it is still this run's) and the folders this run created, if still empty."""
-        if _read_owner(self.path) == self.owner:
-            self.path.unlink(missing_ok=True)
-        for folder in reversed(self.created):
-            try:
-                folder.rmdir()
-            except OSError:  # not empty: the run wrote there
-                break
-
-
-def _lock_output_dir(folder: Path) -> _FolderLock:
-    """Make ``folder`` and take its lock: ``LOCK_NAME`` created atomically (``O_CREAT | O_EXCL``) with this process's
-    id, host and start time. A lock of a process of this host that no longer runs is taken over with a note.
-
-    Raises:
-        checks.UserInputError: the folder cannot be made or written, or another run holds it (one line).
-    """
-    created = [place for place in (folder, *folder.parents) if not place.exists()][::-1]
-    path = folder / LOCK_NAME
-    owner = {"pid": os.getpid(), "host": socket.gethostname(),
-             "started_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-             "command": " ".join(sys.argv)[:1000]}
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
-            try:
-                handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = _read_owner(path)
-                if not _stale(holder):
-                    raise checks.UserInputError(_in_use(folder, path, holder)) from None
-                _take_over(folder, path, holder)
-                continue
-            with os.fdopen(handle, "w", encoding="utf-8") as stream:
-                stream.write(json.dumps(owner) + "\n")
-            return _FolderLock(path, owner, created)
-    except OSError as error:
-        raise checks.UserInputError(f"--output-dir {folder} cannot be written ({error.strerror or error}); choose a "
-                                    "folder you can write to") from None
-    raise checks.UserInputError(_in_use(folder, path, _read_owner(path)))
-
-
-def _claim_output_dir(output_dir: Path, ctx) -> tuple[_FolderLock | None, str | None]:
+def _claim_output_dir(output_dir: Path, ctx) -> tuple[folder_lock.FolderLock | None, str | None]:
     """``(lock, problem)``: rank 0 (or the single process) takes the output folder's lock; under torchrun the outcome
     is sent to every rank, so that all stop when it is refused and none of them asks for the lock (the processes of
     one torchrun run are one run). ``problem``: the one-line refusal, or None."""
     lock, problem = None, None
     if ctx is None or ctx.rank == 0:
         try:
-            lock = _lock_output_dir(output_dir)
+            lock = folder_lock.lock_output_dir(output_dir)
         except checks.UserInputError as error:
             problem = str(error)
     if ctx is not None:
@@ -458,7 +357,9 @@ def _mark_existing(args: argparse.Namespace, mine: list[listing.InputItem], load
     if args.overwrite:
         return
     for item in listing.mark_existing(mine, loaded.identities, _settings(args, loaded)):
-        if item.status == "exists":
+        if listing.verdict(item) == "rejected":
+            print(f"{item.relative}: outputs exist, skipped; REJECTED: {listing.verdict_reason(item)}", file=sys.stderr)
+        elif item.status == "exists":
             print(f"{item.relative}: outputs exist, skipped (same file, weights and settings; pass --overwrite to "
                   "redo)")
         elif item.status == "conflict":
@@ -549,7 +450,7 @@ def _load_and_run(args: argparse.Namespace, paths: tuple[Path, Path], device: st
     items, elapsed, reports = _run(args, items, loaded, ctx)
     if reports:
         _report_run(args, items, elapsed, loaded, output_dir)
-    return 1 if any(item.status in ("failed", "conflict", "rejected") for item in items) else 0
+    return 1 if any(listing.verdict(item) in ("failed", "conflict", "rejected") for item in items) else 0
 
 
 @common.interruptible("cascade_inference.py", "finished images are kept, run it again to continue (they are skipped)")

@@ -205,6 +205,22 @@ def _judge_existing(item: InputItem, json_path: Path, identities: dict, settings
     return "exists", "outputs exist, made from the same file, weights and settings (pass --overwrite to redo)", record
 
 
+def verdict(item: InputItem) -> str:
+    """The status an input is reported with: its own, except that a kept record (``exists``) keeps the verdict it was
+    made with when that is ``warning`` or ``rejected`` (a rerun must not turn a rejected image into a plain row)."""
+    if item.status == "exists" and item.record and item.record.get("status") in ("warning", "rejected"):
+        return item.record["status"]
+    return item.status
+
+
+def verdict_reason(item: InputItem) -> str:
+    """The reason reported beside :func:`verdict`: a kept warning or rejection gives its quality reasons."""
+    if verdict(item) != item.status:
+        reasons = "; ".join((item.record.get("quality") or {}).get("reasons", []))
+        return f"kept from an earlier run: {reasons}"
+    return item.reason
+
+
 def mark_existing(items: list[InputItem], identities: dict, settings: dict) -> list[InputItem]:
     """Judge each pending item whose ``<stem>.json`` exists, by what made that record (its ``provenance``).
 

@@ -29,7 +29,7 @@ from mammo import imaging
 from mammo.core import labels
 from mammo.core import metrics
 from mammo.core.fileio import atomic_write_bytes, json_safe
-from mammo.inference.listing import InputItem
+from mammo.inference.listing import InputItem, verdict, verdict_reason
 from mammo.inference.probability import encode_probability, encoding_text
 from mammo.inference.record import Prediction, lesion_mask
 
@@ -233,6 +233,11 @@ def write_outputs(prediction: Prediction, out_dir: str | os.PathLike, stem: str,
     if paths["json"].exists() and not overwrite:
         raise FileExistsError(f"{paths['json']} exists; pass --overwrite to replace it")
     result, record = prediction.result, prediction.record
+    if record.get("status") == "rejected":  # not a mammogram: the record alone (its reasons), no maps to misread
+        record["outputs"] = {key: (path.name if key == "json" else None) for key, path in paths.items()}
+        record["timings_s"]["write"] = round(time.perf_counter() - start, 4)
+        write_json(paths["json"], record)
+        return record
     imaging.write_png(paths["tissue_seg"], result.tissue_classes.astype(np.uint8), palette=TISSUE_COLORS_RGB)
     if color_map:
         imaging.write_png(paths["tissue_seg_color"], colorize_tissue(result.tissue_classes, bgr=True))
@@ -306,10 +311,12 @@ def density_text(density: dict) -> str:
 def _row(item: InputItem) -> dict:
     """One ``predictions.csv`` row (:data:`CSV_COLUMNS`) of an input; record cells stay empty when it has none."""
     row = {column: "" for column in CSV_COLUMNS}
-    row.update(input=item.relative, status=item.status, reason=item.reason)
+    row.update(input=item.relative, status=verdict(item), reason=verdict_reason(item))
     if item.status == "conflict":
         row["json"] = (Path(item.relative).parent / f"{item.stem}.json").as_posix()
     record = item.record
+    if record and verdict(item) == "rejected":  # not a mammogram: its numbers are not reported in the table
+        return row
     if record:
         reasons = (record.get("quality") or {}).get("reasons", [])
         if reasons and not item.reason:  # an image done with a warning or rejected says why (mammo.inference.quality)

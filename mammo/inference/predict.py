@@ -27,7 +27,7 @@ from mammo.core import metrics
 from mammo.inference import viewer
 from mammo.inference.outputs import TISSUE_COLORS_RGB, density_text, display_image, write_outputs
 from mammo.cascade.load import LoadedCascade, with_adaptive_clahe
-from mammo.inference.listing import InputItem, input_identity
+from mammo.inference.listing import InputItem, input_identity, verdict, verdict_reason
 from mammo.inference.record import Prediction, build_prediction
 
 
@@ -312,8 +312,10 @@ def summarize(items: list[InputItem], elapsed_s: float, loaded: LoadedCascade, *
         "inputs": len(items),
         "counts": counts,
         "failed": [{"input": item.relative, "reason": item.reason} for item in items if item.status == "failed"],
-        "rejected": [{"input": item.relative, "reason": item.reason} for item in items if item.status == "rejected"],
-        "warnings": [{"input": item.relative, "reason": item.reason} for item in items if item.status == "warning"],
+        "rejected": [{"input": item.relative, "reason": verdict_reason(item)}
+                     for item in items if verdict(item) == "rejected"],
+        "warnings": [{"input": item.relative, "reason": verdict_reason(item)}
+                     for item in items if verdict(item) == "warning"],
         "not_images": [{"input": item.relative, "reason": item.reason}
                        for item in items if item.status == "not_image"],
         "existing_outputs_kept": [item.relative for item in items if item.status == "exists"],
