@@ -589,6 +589,9 @@ _INTERRUPTED = [
     ("onnx_backend", "export_stages", lambda f, o: ["--stage1-weights", f["stage1"], "--output-dir", o / "onnx"],
      "--overwrite"),
     ("benchmark", "_usage_problem", lambda f, o: ["--quick", "--output", o / "b.json"], "nothing was written"),
+    ("cascade_inference", "_load_and_run", lambda f, o: ["--image", f["image"], "--stage1-weights", f["stage1"],
+                                                          "--stage2-weights", f["stage2"], "--output-dir", o / "pred"],
+     "finished images are kept"),
 ]
 
 
