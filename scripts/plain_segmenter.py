@@ -16,7 +16,8 @@ time, with nothing overlapped:
 
 The weights are random, seeded (``--seed``; no download): speed does not depend on them. ``benchmark.py`` runs this
 script as a whole process (start-up included) and takes the per-image time by difference between two folder sizes
-(see ``throughput.py``). Prints the number of images written; exit status 0, or 2 when ``IMAGE_DIR`` holds no image.
+(see ``mammo/bench/throughput.py``). Prints the number of images written; exit status 0, or 2 when ``IMAGE_DIR``
+holds no image.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """A user's paths and numbers, checked before any work: one-line errors that name the file, what is wrong and the fix.
 
-The scripts' ``main`` functions (through ``training.py`` and ``scoring.py`` where the work lives) check every path
-flag with these functions before they start, so that a wrong file costs a line on stderr and exit code 2, not a
-traceback or an hour of training first:
+The scripts' ``main`` functions (through :mod:`mammo.training.inputs` and :mod:`mammo.evaluation.cases` where the
+work lives) check every path flag with these functions before they start, so that a wrong file costs a line on stderr
+and exit code 2, not a traceback or an hour of training first:
 
 - :func:`input_file`, :func:`input_folder`: exists, and is a file / a folder (the message says what it is instead:
   :func:`describe`);

@@ -1,7 +1,7 @@
 """Command line: export the cascade's stage checkpoints to ONNX and check PyTorch / ONNX Runtime parity.
 
-The export and the parity check are ``onnx_export.py``; running an exported file (or a checkpoint) under ONNX Runtime is
-``runners.py``. Usage::
+The export is :mod:`mammo.weights.onnx_export`, the parity check :mod:`mammo.weights.export`; running an exported file
+(or a checkpoint) under ONNX Runtime is :mod:`mammo.weights.runners`. Usage::
 
     python onnx_backend.py --stage1-weights checkpoints/stage1/best_stage1.pth \\
         --stage2-weights checkpoints/stage2/best_stage2.pth --output-dir onnx/

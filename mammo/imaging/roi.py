@@ -1,7 +1,7 @@
 """The stage-2 region of interest (ROI): a box grown from stage 1's FGT, and pasting values back into a full image.
 
-The cascade (``cascade.py``), stage-2 training crops (``roi_crops.py``) and the per-image record all take the ROI
-from :func:`fgt_roi_box`, so training and inference crop the same way.
+The cascade (:mod:`mammo.cascade.pipeline`), stage-2 training crops (:mod:`mammo.training.roi_crops`) and the
+per-image record all take the ROI from :func:`fgt_roi_box`, so training and inference crop the same way.
 """
 
 from __future__ import annotations

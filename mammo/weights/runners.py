@@ -3,7 +3,7 @@
 A *runner* is a logits function ``(N, 1, H, W)`` float32 in [0, 1] -> ``(N, C, H, W)`` float32 logits at the same
 size; its ``backend`` ("torch" / "onnxruntime"), ``device`` and ``amp`` attributes say how it runs.
 :func:`load_runner` makes one from a ``.pth`` checkpoint or an ``.onnx`` file; :func:`make_runner` does the same from
-a checkpoint dict. The cascade (``cascade.py``), stage-2 training crops (``roi_crops.py``), inference, evaluation and
+a checkpoint dict. The cascade (:mod:`mammo.cascade.pipeline`), stage-2 training crops (:mod:`mammo.training.roi_crops`), inference, evaluation and
 the benchmark all use these.
 
 Backends (:data:`BACKENDS`, the ``--backend`` flag): "torch", "onnxruntime" (on the CPU, intra-op threads only, see
