@@ -77,7 +77,8 @@ def _run(command: list[str], log: Path) -> None:
         raise SystemExit(f"error: the command above failed (exit {done.returncode}); see {log}")
 
 
-def _held_out_csaw(table, fold_dir: Path) -> str | None:
+def _held_out_csaw(table) -> str | None:
+    """The CSAW-S patients of a fold's test rows, comma-separated, as ``evaluate.py --csaw-patients`` takes them."""
     test = table[(table["split"] == crossval.TEST) & (table.get("source", "") == "csaw-s")]
     patients = sorted({str(p).replace("CSAW_", "") for p in test["patient_id"]})
     return ",".join(patients) or None
@@ -104,7 +105,7 @@ def run_fold(args: argparse.Namespace, fold: int, table, out: Path) -> dict:
         command = [python, "evaluate.py", "--tissue-csv", str(table_csv), "--split", crossval.TEST,
                    "--stage1-weights", str(checkpoint), "--density-dir", str(data / "vindr_density_dev"),
                    "--output-dir", str(evaluation), "--no-plots", *shlex.split(args.evaluate_flags)]
-        patients = _held_out_csaw(table, fold_dir)
+        patients = _held_out_csaw(table)
         if patients:
             command += ["--csaw-dir", str(data / "csaw_s_dev"), "--csaw-patients", patients]
         _run(command, fold_dir / f"{args.tag}.log")

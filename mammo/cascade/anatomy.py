@@ -21,7 +21,8 @@ widest there). The view comes from :func:`view_of` (DICOM ``ViewPosition``, a vi
 image itself; the result says which won).
 
 Adding a fact (the nipple on the skin line, the skin line itself): write a function ``(AnatomyState) -> str | None``
-that edits ``state.classes`` through :meth:`AnatomyState.reassign` and returns its note, and add it to :data:`RULES`.
+that edits ``state.classes`` through :meth:`AnatomyState.reassign` and returns its note, and add it to
+:data:`BREAST_RULES` (facts of the breast alone) or :data:`VIEW_RULES` (facts that depend on the view).
 """
 
 from __future__ import annotations
@@ -176,14 +177,20 @@ def one_breast(state: AnatomyState) -> str | None:
     return "anatomy: " + "; ".join(parts)
 
 
+def _chest_wall_tolerance_px(breast: np.ndarray) -> int:
+    """How far from the breast's chest-wall edge a region may start and still touch the chest wall, pixels
+    (:data:`CHEST_WALL_TOLERANCE_FRACTION` of the breast's width, at least 1)."""
+    cols = np.flatnonzero(breast.any(axis=0))
+    return max(1, int(round(CHEST_WALL_TOLERANCE_FRACTION * (cols[-1] - cols[0] + 1))))
+
+
 def _chest_wall_pectoral(pectoral: np.ndarray, breast: np.ndarray) -> np.ndarray:
     """The pectoral component that touches the chest wall (left) in the top part of the breast; empty if none."""
     if not pectoral.any() or not breast.any():
         return np.zeros_like(pectoral)
-    rows, cols = np.flatnonzero(breast.any(axis=1)), np.flatnonzero(breast.any(axis=0))
+    rows = np.flatnonzero(breast.any(axis=1))
     top, height = rows[0], rows[-1] - rows[0] + 1
-    left, width = cols[0], cols[-1] - cols[0] + 1
-    wall = left + max(1, int(round(CHEST_WALL_TOLERANCE_FRACTION * width)))
+    wall = int(np.flatnonzero(breast.any(axis=0))[0]) + _chest_wall_tolerance_px(breast)
     count, labels, stats = _components(pectoral)
     best, best_area = 0, 0
     for index in range(1, count):
@@ -232,19 +239,17 @@ def _capped_from_top(region: np.ndarray, max_area_px: float) -> np.ndarray:
 
 
 def pectoral_on_mlo(state: AnatomyState) -> str | None:
-    """On an MLO view: one muscle region at the top of the chest wall, narrowing downwards, at most
-    :data:`MAX_PECTORAL_FRACTION` of the breast; other pectoral pixels become adipose or FGT."""
+    """On an MLO view: one muscle region at the top of the chest wall, each row running from the chest wall without
+    holes, at most :data:`MAX_PECTORAL_FRACTION` of the breast; other pectoral pixels become adipose or FGT."""
     if state.view.name != "MLO":
         return None
     pectoral, breast = state.classes == PECTORAL, state.breast
     if not pectoral.any():
         return None
-    cols = np.flatnonzero(breast.any(axis=0))
-    tolerance = max(1, int(round(CHEST_WALL_TOLERANCE_FRACTION * (cols[-1] - cols[0] + 1))))
     keep = _chest_wall_pectoral(pectoral, breast)
     if keep.any():
         gap = max(1, int(GAP_FRACTION * np.count_nonzero(breast.any(axis=1))))
-        keep = _rows_from_chest_wall(keep, breast, tolerance, gap) & breast
+        keep = _rows_from_chest_wall(keep, breast, _chest_wall_tolerance_px(breast), gap) & breast
     breast_px = int(breast.sum())
     if keep.any():
         keep = _capped_from_top(keep, MAX_PECTORAL_FRACTION * breast_px)
@@ -285,8 +290,11 @@ def pectoral_on_cc(state: AnatomyState) -> str | None:
             f"pectoral; kept {_percent(int(keep.sum()), breast_px)} (a CC view shows at most a crescent)")
 
 
-#: The rules, in the order they run (the breast first: the muscle rules measure the breast).
-RULES: tuple[Callable[[AnatomyState], str | None], ...] = (one_breast, pectoral_on_mlo, pectoral_on_cc)
+#: The rules, in the order they run: those of the breast first (the others measure the breast, and the view is read
+#: from the reconciled breast), then those that depend on the view.
+BREAST_RULES: tuple[Callable[[AnatomyState], str | None], ...] = (one_breast,)
+VIEW_RULES: tuple[Callable[[AnatomyState], str | None], ...] = (pectoral_on_mlo, pectoral_on_cc)
+RULES = BREAST_RULES + VIEW_RULES
 
 
 @dataclass
@@ -301,7 +309,7 @@ class Reconciled:
 
 
 def reconcile(probs: np.ndarray, *, view_position: str | None = None, file_name: str | None = None) -> Reconciled:
-    """Stage 1's probabilities -> a tissue map that obeys :data:`RULES`.
+    """Stage 1's probabilities -> a tissue map that obeys :data:`RULES` (the breast rules, then the view rules).
 
     Args:
         probs: ``(4, H, W)`` float32 softmax of stage 1 at the map's size, orientation-normalised frame (chest wall on
@@ -313,11 +321,8 @@ def reconcile(probs: np.ndarray, *, view_position: str | None = None, file_name:
     """
     classes = probs.argmax(axis=0).astype(np.uint8)
     state = AnatomyState(classes, probs, View("CC", "unknown"))
-    notes = [note for note in (one_breast(state),) if note]
+    notes = [note for note in (rule(state) for rule in BREAST_RULES) if note]
     state.view = view_of(state.classes, view_position=view_position, file_name=file_name)
-    for rule in RULES[1:]:
-        note = rule(state)
-        if note:
-            notes.append(note)
+    notes += [note for note in (rule(state) for rule in VIEW_RULES) if note]
     breast_px = max(int(state.breast.sum()), 1)
     return Reconciled(state.classes, state.view, notes, sum(state.changed_px.values()) / breast_px)

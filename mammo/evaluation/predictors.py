@@ -156,6 +156,7 @@ class CascadePredictions:
                                        stage2_name=str(stage2_weights) if stage2_weights else None,
                                        anatomy=anatomy)
         self.seconds: list[float] = []
+        self._last: tuple = (None, None)  # (image path, TissueAndRoi) of the last tissue(): dense_tissue() reuses it
         self.preprocess_config = self.cascade.preprocess_config  # the image the network sees (dense-tissue split)
 
     def tissue(self, case: Case, pixels: np.ndarray) -> np.ndarray:
@@ -170,7 +171,7 @@ class CascadePredictions:
     def dense_tissue(self, case: Case, pixels: np.ndarray, tissue: np.ndarray) -> np.ndarray:
         """The cascade's dense-tissue mask of the image :meth:`tissue` ran on last (``(H, W)`` bool, as inference
         writes it); ``tissue`` is not used."""
-        path, found = getattr(self, "_last", (None, None))
+        path, found = self._last
         if path != case.image_path:
             found = self.cascade.tissue_and_roi(pixels, name=Path(case.image_path).name)
         return found.dense_at_input(tissue)
